@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# What exists so far, end to end: validate responses and lay out their parallel topology.
+set -u
+NPR=$(realpath "${1:-$(command -v npr)}")
+cd "$(dirname "$0")"
+echo "== npr check good.txt (well-formed two-branch block)"; $NPR check good.txt; echo "exit $?"
+echo; echo "== npr check bad.txt (a step and the takeaway are missing)"; $NPR check bad.txt; echo "exit $?"
+echo; echo "== npr check --json bad.txt"; $NPR check --json bad.txt; echo
+echo; echo "== npr topology tiny.txt (positions; steps 1 and 2 share positions and cannot see each other)"
+$NPR topology tiny.txt

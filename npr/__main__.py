@@ -1,0 +1,3 @@
+from npr.cli import main
+
+main()
