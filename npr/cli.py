@@ -54,8 +54,6 @@ def check(
     raise typer.Exit(0 if resp.valid else 1)
 
 
-
-
 @app.command("topology")
 def topology_cmd(
     file: str = typer.Argument("-", help="Response to lay out ('-' reads standard input)."),

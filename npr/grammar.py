@@ -18,14 +18,13 @@ from npr.tags import (
     GUIDELINE,
     GUIDELINE_END,
     NEXT_PHASE,
-    OPEN,
     PLAN,
     PLAN_END,
     STEP,
     STEP_END,
+    TAGS,
     TAKEAWAY,
     TAKEAWAY_END,
-    TAGS,
 )
 
 # Penalty of each violation kind; the format score is driven by the worst one.

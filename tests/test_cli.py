@@ -1,0 +1,57 @@
+"""`npr check` and `npr topology` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def npr(*args, stdin=None):
+    return subprocess.run(
+        [sys.executable, "-m", "npr", *args], input=stdin, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_check_exit_codes_and_json():
+    good = npr("check", str(EXAMPLES / "good.txt"))
+    assert good.returncode == 0 and good.stdout.startswith("valid")
+    bad = npr("check", "--json", str(EXAMPLES / "bad.txt"))
+    assert bad.returncode == 1
+    out = json.loads(bad.stdout)
+    assert set(out) == {"valid", "format_score", "blocks", "violations", "answer"}
+    assert out["valid"] is False and -2 < out["format_score"] < 0
+    assert out["blocks"] == [{"plans": 2, "steps": 1}] and out["answer"] == "12"
+    assert {"missing_takeaway", "count_mismatch"} <= {v["kind"] for v in out["violations"]}
+    assert all(set(v) == {"kind", "message", "position"} for v in out["violations"])
+
+
+def test_check_reads_stdin():
+    r = npr("check", "--json", "-", stdin="no tags here \\boxed{1}")
+    assert r.returncode == 1
+    assert json.loads(r.stdout)["violations"][0]["kind"] == "no_block"
+
+
+def test_usage_errors_exit_2():
+    missing = npr("check", "/nonexistent/response.txt")
+    assert missing.returncode == 2 and "no such file" in missing.stderr
+    assert npr("check", "--bogus").returncode == 2
+
+
+def test_help_lists_commands():
+    r = npr("--help")
+    assert r.returncode == 0 and "check" in r.stdout and "topology" in r.stdout
+
+
+def test_topology_view():
+    r = npr("topology", str(EXAMPLES / "tiny.txt"))
+    assert r.returncode == 0
+    rows = [line.split() for line in r.stdout.splitlines() if line[:4].strip().isdigit() and len(line.split()) == 4]
+    steps = [(int(pos), seg) for _, pos, seg, tok in rows if tok == "<step>"]
+    assert steps[0][0] == steps[1][0] and steps[0][1] == "0.0" and steps[1][1] == "0.1"
+    assert "visibility" in r.stdout
+    bad = npr("topology", "-", stdin="<guideline><step>1: x</step>")
+    assert bad.returncode == 1 and "not executable" in bad.stdout
