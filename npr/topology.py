@@ -189,4 +189,6 @@ def block_mask(topo: Topology, block_size: int = 128):
     def mask_mod(b, h, q, kv):
         return visible(topo, b, q, kv)
 
-    return create_block_mask(mask_mod, B, None, L, L, device=topo.doc.device, BLOCK_SIZE=block_size)
+    # compiled on GPU so the L x L mask is never materialised; eager on CPU (tests)
+    compile_ = topo.doc.is_cuda
+    return create_block_mask(mask_mod, B, None, L, L, device=topo.doc.device, BLOCK_SIZE=block_size, _compile=compile_)
