@@ -1,0 +1,102 @@
+"""Paged KV memory shared by all requests: pages, segments and reference counts (DESIGN §4).
+
+A segment is a run of tokens of one trajectory (the prompt and main line, or one step)
+whose keys and values live in pool pages. A live branch holds a reference to every
+segment of its context, so a prefix shared by k sibling steps is stored once and freed
+when the last branch that sees it is done. Pages go back to the free list exactly once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+class PoolFull(RuntimeError):
+    """Not enough free pages; the scheduler waits or preempts."""
+
+
+@dataclass(eq=False)
+class Segment:
+    pages: list[int] = field(default_factory=list)
+    length: int = 0  # tokens with a slot (written or about to be written this step)
+    refs: int = 0
+    freed: bool = False
+
+
+class KVPool:
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        num_pages: int,
+        page_size: int = 16,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ):
+        if num_pages < 1 or page_size < 1:
+            raise ValueError(f"KV pool needs at least one page of at least one token (got {num_pages}x{page_size})")
+        self.page_size, self.num_pages = page_size, num_pages
+        shape = (num_layers, num_pages * page_size, num_kv_heads, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.free: list[int] = list(range(num_pages - 1, -1, -1))
+        self.live: set[int] = set()  # ids of segments holding pages, for leak checks
+
+    @staticmethod
+    def pages_for_budget(gb: float, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype) -> int:
+        per_page = 2 * num_layers * page_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+        return max(1, int(gb * 2**30 // per_page))
+
+    @property
+    def free_pages(self) -> int:
+        return len(self.free)
+
+    def pages_needed(self, seg: Segment, n: int) -> int:
+        """Pages to allocate before `n` more tokens fit in `seg`."""
+        spare = len(seg.pages) * self.page_size - seg.length
+        return max(0, -(-(n - spare) // self.page_size))
+
+    def append(self, seg: Segment, n: int) -> list[int]:
+        """Reserve slots for `n` more tokens of `seg`; all or nothing."""
+        need = self.pages_needed(seg, n)
+        if need > len(self.free):
+            raise PoolFull(f"need {need} pages, {len(self.free)} free")
+        for _ in range(need):
+            seg.pages.append(self.free.pop())
+        self.live.add(id(seg))
+        slots = [self.slot(seg, i) for i in range(seg.length, seg.length + n)]
+        seg.length += n
+        return slots
+
+    def slot(self, seg: Segment, i: int) -> int:
+        return seg.pages[i // self.page_size] * self.page_size + i % self.page_size
+
+    def slots(self, seg: Segment) -> list[int]:
+        ps = self.page_size
+        return [p * ps + o for p in seg.pages for o in range(ps)][: seg.length]
+
+    def acquire(self, segs: list[Segment]) -> None:
+        for s in segs:
+            if s.freed:
+                raise RuntimeError("acquiring a freed segment")
+            s.refs += 1
+
+    def release(self, segs: list[Segment]) -> None:
+        for s in segs:
+            if s.refs <= 0:
+                raise RuntimeError("segment released more often than acquired")
+            s.refs -= 1
+            if s.refs == 0:
+                if s.freed:
+                    raise RuntimeError("segment freed twice")
+                self.free.extend(reversed(s.pages))
+                s.pages, s.freed = [], True
+                self.live.discard(id(s))
+
+    def check(self) -> None:
+        """Invariant check for tests: no page is both free and owned, none is free twice."""
+        if len(set(self.free)) != len(self.free) or len(self.free) > self.num_pages:
+            raise RuntimeError("a page was freed twice")

@@ -1,0 +1,50 @@
+"""Per-request decoding settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+FINISH_REASONS = ("stop", "length", "path_length", "invalid_schema", "repetition", "aborted")
+MODES = ("parallel", "sequential")
+
+
+@dataclass
+class SamplingParams:
+    """How one request is decoded.
+
+    `max_tokens` bounds the tokens generated over all branches together, `max_path_tokens`
+    the critical path (None: same as max_tokens). Log-probs are recorded from the model's
+    untempered distribution, the one the trainer recomputes.
+    """
+
+    mode: str = "parallel"
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+    max_tokens: int = 1024
+    max_path_tokens: int | None = None
+    repetition_penalty: float = 1.02  # applied inside steps only (paper: 1.02)
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] | None = None  # None: the tokenizer's EOS
+    enforce_structure: bool = True  # mask tag tokens that would break the schema
+    max_plans: int = 8
+    repetition_limit: int = 8  # finish with "repetition" after this many repeats of a short pattern
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.max_tokens < 1 or self.max_plans < 1:
+            raise ValueError("top_k must be >= 0, max_tokens and max_plans >= 1")
+        if self.max_path_tokens is not None and self.max_path_tokens < 1:
+            raise ValueError("max_path_tokens must be >= 1")
+        if self.repetition_penalty <= 0:
+            raise ValueError("repetition_penalty must be > 0")
+
+    @property
+    def path_budget(self) -> int:
+        return self.max_tokens if self.max_path_tokens is None else self.max_path_tokens

@@ -1,0 +1,128 @@
+"""Requests, branches and runs while decoding, and the `Completion` handed back."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from npr.engine.kv_pool import Segment
+from npr.engine.params import SamplingParams
+from npr.engine.structure import TagState
+
+
+@dataclass(eq=False)
+class Run:
+    """The tokens of one segment (main line or one step) and what was recorded for each."""
+
+    index: int  # creation order = canonical order of the trajectory
+    key: tuple[int, int]  # (block, step) for steps, (block before it, -1) for main runs: seeds the noise
+    seg: Segment = field(default_factory=Segment)
+    tokens: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    forced: list[bool] = field(default_factory=list)
+    offset: int = 0  # prompt tokens at the start (first run only)
+    computed: int = 0  # tokens whose keys/values are in the pool
+
+    def add(self, token: int, position: int, logprob: float, forced: bool) -> None:
+        self.tokens.append(token)
+        self.positions.append(position)
+        self.logprobs.append(logprob)
+        self.forced.append(forced)
+
+
+@dataclass(eq=False)
+class Block:
+    index: int
+    plans: int
+    prefix: list[Run]  # context shared by the steps
+    steps: list[Run] = field(default_factory=list)
+    paths: list[int] = field(default_factory=list)  # critical path at the end of each step
+    ended: int = 0
+    held: bool = False  # the block holds references on prefix and steps until the join
+
+
+@dataclass(eq=False)
+class Branch:
+    """A live decoding stream: writes `run`, attends over `context` (ancestors, then `run`)."""
+
+    req: Request
+    run: Run
+    context: list[Run]
+    state: TagState
+    path: int  # completion tokens on this root-to-here path
+    block: Block | None = None
+    step: int = -1
+    done: bool = False  # its last token is sampled; it retires once that token is in the pool
+
+    @property
+    def pending(self) -> int:
+        return len(self.run.tokens) - self.run.computed
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    replay: list[list[int]] | None = None  # per-run token targets instead of sampling (benchmarks, tests)
+    runs: list[Run] = field(default_factory=list)
+    branches: list[Branch] = field(default_factory=list)
+    blocks: list[Block] = field(default_factory=list)
+    total: int = 0  # completion tokens over all branches
+    max_path: int = 0
+    finish_reason: str | None = None
+    error: str | None = None
+    refused: Counter = field(default_factory=Counter)
+    preemptions: int = 0
+    started: float = 0.0
+    ended: float = 0.0
+
+    def reset(self) -> None:
+        """Forget all progress (after a preemption): it decodes again from the prompt, same seed."""
+        self.runs, self.branches, self.blocks = [], [], []
+        self.total = self.max_path = 0
+        self.refused = Counter()
+        self.preemptions += 1
+
+
+@dataclass
+class Completion:
+    request_id: int
+    prompt_ids: list[int]
+    token_ids: list[int]  # canonical order: main line, then each block's steps in order, ...
+    text: str
+    logprobs: list[float]  # of each token under the model (0.0 where forced)
+    forced: list[bool]  # True where the engine wrote the token (fork/join), not the model
+    positions: list[int]  # position ids of the completion tokens (DESIGN §3)
+    blocks: list[dict]  # {"plans": k, "branches": [[start, end), ...]} spans in token_ids
+    finish_reason: str
+    stats: dict
+    error: str | None = None
+
+
+def completion(req: Request, decode) -> Completion:
+    ids, lps, forced, pos, spans = [], [], [], [], {}
+    for run in req.runs:
+        start = len(ids)
+        ids += run.tokens[run.offset :]
+        lps += run.logprobs[run.offset :]
+        forced += run.forced[run.offset :]
+        pos += run.positions[run.offset :]
+        spans[run.index] = [start, len(ids)]
+    blocks = [{"plans": b.plans, "branches": [spans[r.index] for r in b.steps]} for b in req.blocks]
+    stats = {
+        "total_tokens": req.total,
+        "critical_path_tokens": req.max_path,
+        "blocks": len(req.blocks),
+        "branches": sum(len(b.steps) for b in req.blocks),
+        "parallel_blocks": sum(len(b.steps) >= 2 for b in req.blocks),
+        "refused_forks": dict(req.refused),
+        "preemptions": req.preemptions,
+        "wall_time": (req.ended or time.perf_counter()) - req.started,
+    }
+    return Completion(
+        req.id, list(req.prompt), ids, decode(ids), lps, forced, pos, blocks, req.finish_reason, stats, req.error
+    )
