@@ -119,7 +119,8 @@ class Topology:
         return Topology(*(t.to(device) for t in (self.position_ids, self.block, self.branch, self.doc)))
 
 
-Trajectory = tuple[Sequence[int], int]  # (token ids, prompt length)
+# (token ids, prompt length), or (token ids, Layout) when the layout is known already (the engine's)
+Trajectory = tuple[Sequence[int], "int | Layout"]
 
 
 def collate(
@@ -132,7 +133,7 @@ def collate(
 
     A flat list of (ids, prompt_len) pairs means one trajectory per row.
     """
-    if rows and isinstance(rows[0], tuple) and rows[0] and isinstance(rows[0][1], int):
+    if rows and isinstance(rows[0], tuple) and isinstance(rows[0][1], (int, Layout)):
         rows = [[r] for r in rows]
     width = max([sum(len(ids) for ids, _ in row) for row in rows] + [pad_to or 0])
     shape = (len(rows), width)
@@ -143,8 +144,10 @@ def collate(
     doc = torch.full(shape, -1, dtype=torch.long)
     for r, row in enumerate(rows):
         at, nblocks = 0, 0
-        for d, (ids, prompt_len) in enumerate(row):
-            lay = layout(ids, tag_ids, prompt_len)
+        for d, (ids, known) in enumerate(row):
+            lay = known if isinstance(known, Layout) else layout(ids, tag_ids, known)
+            if len(lay.positions) != len(ids):
+                raise ValueError(f"layout of {len(lay.positions)} tokens given for {len(ids)} ids")
             sl = slice(at, at + len(ids))
             input_ids[r, sl] = torch.as_tensor(list(ids), dtype=torch.long)
             pos[r, sl] = torch.as_tensor(lay.positions)

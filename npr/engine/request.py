@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from npr.engine.kv_pool import Segment
 from npr.engine.params import SamplingParams
 from npr.engine.structure import TagState
+from npr.topology import Layout
 
 
 @dataclass(eq=False)
@@ -101,10 +102,12 @@ class Completion:
     finish_reason: str
     stats: dict
     error: str | None = None
+    layout: Layout | None = None  # topology of prompt + completion as decoded (also when truncated)
 
 
 def completion(req: Request, decode) -> Completion:
     ids, lps, forced, pos, spans = [], [], [], [], {}
+    block, branch = [], []
     for run in req.runs:
         start = len(ids)
         ids += run.tokens[run.offset :]
@@ -112,6 +115,9 @@ def completion(req: Request, decode) -> Completion:
         forced += run.forced[run.offset :]
         pos += run.positions[run.offset :]
         spans[run.index] = [start, len(ids)]
+        is_step = run.key[1] >= 0
+        block += [run.key[0] if is_step else -1] * (len(ids) - start)
+        branch += [run.key[1] if is_step else -1] * (len(ids) - start)
     blocks = [{"plans": b.plans, "branches": [spans[r.index] for r in b.steps]} for b in req.blocks]
     stats = {
         "total_tokens": req.total,
@@ -123,6 +129,9 @@ def completion(req: Request, decode) -> Completion:
         "preemptions": req.preemptions,
         "wall_time": (req.ended or time.perf_counter()) - req.started,
     }
+    n = len(req.prompt)
+    complete = all(b.ended == b.plans and len(req.runs) > b.steps[-1].index + 1 for b in req.blocks)
+    lay = Layout(list(range(n)) + pos, [-1] * n + block, [-1] * n + branch, complete)
     return Completion(
-        req.id, list(req.prompt), ids, decode(ids), lps, forced, pos, blocks, req.finish_reason, stats, req.error
+        req.id, list(req.prompt), ids, decode(ids), lps, forced, pos, blocks, req.finish_reason, stats, req.error, lay
     )

@@ -1,0 +1,180 @@
+"""The engine against Hugging Face `generate`, the trainer-side topology, and its own invariants."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import bias_tags, make_model, make_tokenizer
+
+from npr import grammar
+from npr.engine import FINISH_REASONS, LLM, SamplingParams
+from npr.modeling import token_logprobs, topology_forward
+from npr.tags import TAGS
+from npr.tokens import add_npr_tokens
+from npr.topology import collate, executable, layout
+
+PROMPTS = ["the plan is", "x + y = z so", "Let us try small cases first", "1: 2: 3:"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    t = make_tokenizer()
+    add_npr_tokens(t)
+    return t
+
+
+@pytest.fixture(scope="module")
+def biased(tok):
+    return bias_tags(make_model("qwen3", len(tok)), tok, 4.0)
+
+
+def greedy(**kw):
+    base = dict(temperature=0, max_tokens=24, repetition_penalty=1.0, enforce_structure=False, repetition_limit=1000)
+    return SamplingParams(**(base | kw))
+
+
+@pytest.mark.parametrize("family", ["qwen3", "llama"])
+def test_sequential_greedy_equals_hf_generate(tok, family):
+    model = make_model(family, len(tok))
+    llm = LLM(model, tok, num_pages=64, page_size=4)
+    outs = llm.generate(PROMPTS, greedy(mode="sequential"))
+    for p, o in zip(PROMPTS, outs):
+        ids = torch.tensor([tok.encode(p)])
+        ref = model.generate(ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id)
+        ref = ref[0, ids.shape[1] :].tolist()
+        assert o.token_ids == ref[: len(o.token_ids)]
+        assert o.finish_reason == ("length" if len(ref) == 24 and tok.eos_token_id not in ref else "stop")
+    assert llm.pool.free_pages == llm.pool.num_pages
+
+
+def check_parity(model, tok, outs, atol=1e-4):
+    tags = add_npr_tokens(tok)
+    worst = 0.0
+    for o in outs:
+        full = o.prompt_ids + o.token_ids
+        n = len(o.prompt_ids)
+        if executable(full, tags, n) is None:  # complete: the engine's layout is the trainer's
+            assert layout(full, tags, n) == o.layout
+        ids, topo = collate([(full, o.layout)], tags)
+        with torch.no_grad():
+            lp = token_logprobs(topology_forward(model, ids, topo).logits, ids)[0, n - 1 :]
+        sampled = ~torch.tensor(o.forced, dtype=torch.bool)
+        if sampled.any():
+            worst = max(worst, (lp - torch.tensor(o.logprobs))[sampled].abs().max().item())
+    assert worst <= atol
+    return worst
+
+
+def test_parallel_logprobs_equal_trainer_logprobs(tok, biased):
+    llm = LLM(biased, tok, num_pages=512, page_size=4)
+    outs = llm.generate(PROMPTS * 2, SamplingParams(max_tokens=200, seed=5))
+    assert sum(o.stats["parallel_blocks"] for o in outs) >= 4  # the test exercises real forks
+    check_parity(biased, tok, outs)
+    for o in outs:  # forced tokens are exactly <step> + "i:" and <takeaway>
+        forced = [t for t, f in zip(o.token_ids, o.forced) if f]
+        tags = add_npr_tokens(tok)
+        assert forced.count(tags["<step>"]) == o.stats["branches"]
+        assert all(t in (tags["<step>"], tags["<takeaway>"]) or t not in tags.values() for t in forced)
+        for b in o.blocks:
+            assert len(b["branches"]) == b["plans"]
+            for i, (s, e) in enumerate(b["branches"]):
+                text = tok.decode(o.token_ids[s + 1 : e])
+                assert text.startswith(f"{i + 1}:")
+    assert llm.pool.free_pages == llm.pool.num_pages
+
+
+def test_branches_run_concurrently(tok, biased):
+    """Sibling steps advance in the same forward passes: the critical path is shorter than the total."""
+    llm = LLM(biased, tok, num_pages=512, page_size=4)
+    outs = llm.generate(PROMPTS, SamplingParams(max_tokens=200, seed=11))
+    multi = [o for o in outs if o.stats["parallel_blocks"]]
+    assert multi
+    for o in multi:
+        assert o.stats["critical_path_tokens"] < o.stats["total_tokens"]
+
+
+def test_same_seed_same_output_whatever_the_batch(tok, biased):
+    llm = LLM(biased, tok, num_pages=512, page_size=4)
+    sp = SamplingParams(max_tokens=120, seed=7, temperature=0.9, top_p=0.95, top_k=50)
+    alone = llm.generate([PROMPTS[0]], sp)[0]
+    crowd = llm.generate([PROMPTS[1], PROMPTS[0], PROMPTS[2]], [SamplingParams(max_tokens=60, seed=1), sp, sp])[1]
+    assert alone.token_ids == crowd.token_ids and alone.finish_reason == crowd.finish_reason
+    other = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=120, seed=8, temperature=0.9))[0]
+    assert other.token_ids != alone.token_ids
+
+
+def test_tiny_pool_preempts_and_matches_large_pool(tok, biased):
+    sp = [SamplingParams(max_tokens=80, seed=s) for s in range(8)]
+    big = LLM(biased, tok, num_pages=1024, page_size=4).generate(PROMPTS * 2, sp)
+    small = LLM(biased, tok, num_pages=40, page_size=4)
+    got = small.generate(PROMPTS * 2, sp)
+    assert sum(o.stats["preemptions"] for o in got) > 0  # the pool really was too small
+    for a, b in zip(big, got):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+    assert small.pool.free_pages == small.pool.num_pages and not small.pool.live
+
+
+def test_pool_too_small_for_one_request_aborts_cleanly(tok, biased):
+    llm = LLM(biased, tok, num_pages=3, page_size=2)
+    o = llm.generate(["Let us try small cases first and compare both results"], SamplingParams(seed=0))[0]
+    assert o.finish_reason == "aborted" and "KV pool" in o.error
+    assert llm.pool.free_pages == llm.pool.num_pages
+
+
+@pytest.mark.parametrize("max_tokens, max_path", [(40, None), (200, 30), (13, 13), (90, 25)])
+def test_budgets_are_never_exceeded(tok, biased, max_tokens, max_path):
+    llm = LLM(biased, tok, num_pages=512, page_size=4)
+    sp = SamplingParams(max_tokens=max_tokens, max_path_tokens=max_path, seed=3)
+    for o in llm.generate(PROMPTS * 2, sp):
+        assert len(o.token_ids) == o.stats["total_tokens"] <= max_tokens
+        assert o.stats["critical_path_tokens"] <= (max_path or max_tokens)
+        assert o.finish_reason in FINISH_REASONS
+
+
+def test_critical_path_is_the_longest_branch_path(tok, biased):
+    llm = LLM(biased, tok, num_pages=512, page_size=4)
+    for o in llm.generate(PROMPTS, SamplingParams(max_tokens=150, seed=2)):
+        path = len(o.token_ids) - sum(e - s for b in o.blocks for s, e in b["branches"])
+        path += sum(max(e - s for s, e in b["branches"]) for b in o.blocks)
+        assert o.stats["critical_path_tokens"] == path
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_fuzz_structure_never_crashes(tok, seed):
+    g = torch.Generator().manual_seed(seed)
+    bias = {t: float(torch.rand((), generator=g) * 8) for t in TAGS}
+    model = bias_tags(make_model("qwen3", len(tok), seed=seed), tok, bias)
+    llm = LLM(model, tok, num_pages=256, page_size=4)
+    tags = add_npr_tokens(tok)
+    for mode in ("parallel", "sequential"):
+        for enforce in (True, False):
+            sp = SamplingParams(mode=mode, enforce_structure=enforce, max_tokens=100, seed=seed, max_plans=3)
+            for o in llm.generate(PROMPTS, sp):
+                assert o.finish_reason in FINISH_REASONS
+                r = grammar.parse_ids(o.token_ids, tags, tok.decode)  # the grammar can judge it
+                assert -2.0 < r.format_score <= 0.0
+                if enforce and o.finish_reason == "stop":
+                    assert executable(o.token_ids, tags) is None, o.text
+                    assert all(len(b.plans) <= 3 for b in r.blocks)
+                if mode == "parallel" and not enforce and o.finish_reason == "invalid_schema":
+                    assert o.error
+    assert llm.pool.free_pages == llm.pool.num_pages
+
+
+def test_unsupported_model_is_a_clear_error(tok):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    model = T5ForConditionalGeneration(T5Config(vocab_size=len(tok), d_model=32, d_ff=64, num_layers=1, num_heads=2))
+    with pytest.raises(ValueError, match="T5ForConditionalGeneration.*encoder-decoder"):
+        LLM(model, tok, num_pages=8)
+    sliding = make_model("qwen3", len(tok))
+    sliding.config.use_sliding_window, sliding.config.sliding_window = True, 8
+    with pytest.raises(ValueError, match="sliding-window"):
+        LLM(sliding, tok, num_pages=8)
+
+
+def test_bad_params_are_clear_errors():
+    with pytest.raises(ValueError, match="mode"):
+        SamplingParams(mode="tree")
+    with pytest.raises(ValueError, match="top_p"):
+        SamplingParams(top_p=0)
