@@ -87,5 +87,114 @@ def topology_cmd(
         print("note: the response ends inside a block (truncated)")
 
 
+@app.command()
+def generate(
+    model: str = typer.Option(..., "--model", help="Local model directory (Hugging Face format, safetensors)."),
+    prompt: list[str] = typer.Option(..., "--prompt", help="Prompt text; repeat the option for a batch."),
+    mode: str = typer.Option("parallel", help="parallel (fork/join branches) or sequential (one stream)."),
+    max_tokens: int = typer.Option(1024, help="Token budget over all branches."),
+    max_path_tokens: int = typer.Option(None, help="Critical-path budget (default: --max-tokens)."),
+    temperature: float = typer.Option(0.7),
+    top_p: float = typer.Option(0.95),
+    top_k: int = typer.Option(0),
+    seed: int = typer.Option(None, help="Sampling seed (same seed, same output)."),
+    chat: bool = typer.Option(True, help="Wrap the prompt in the tokenizer's chat template when it has one."),
+    enforce: bool = typer.Option(True, help="Mask tag tokens that would break the schema."),
+    tree: bool = typer.Option(False, "--tree", help="Also print the branch tree."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
+    trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the checkpoint."),
+) -> None:
+    """Decode prompts with the NPR engine and print the answers."""
+    from npr.engine import LLM, SamplingParams, load
+
+    try:
+        sp = SamplingParams(
+            mode=mode, max_tokens=max_tokens, max_path_tokens=max_path_tokens, temperature=temperature,
+            top_p=top_p, top_k=top_k, seed=seed, enforce_structure=enforce,
+        )  # fmt: skip
+        lm, tok = load(model, trust_remote_code=trust_remote_code)
+        llm = LLM(lm, tok)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+    if chat and getattr(tok, "chat_template", None):
+        prompt = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                  for p in prompt]  # fmt: skip
+    for out in llm.generate(prompt, sp, progress=len(prompt) > 1):
+        answer = grammar.last_boxed(out.text)
+        if as_json:
+            print(json.dumps({"text": out.text, "answer": answer, "finish_reason": out.finish_reason,
+                              "stats": out.stats, "blocks": out.blocks}))  # fmt: skip
+            continue
+        print(out.text)
+        print(f"\n-- answer: {answer}  finish: {out.finish_reason}  " + _stats_line(out.stats))
+        if tree:
+            print(_tree(out, tok))
+
+
+def _stats_line(stats: dict) -> str:
+    return (f"tokens: {stats['total_tokens']}  critical path: {stats['critical_path_tokens']}  "
+            f"blocks: {stats['blocks']}  branches: {stats['branches']}  time: {stats['wall_time']:.2f}s")  # fmt: skip
+
+
+def _tree(out, tok) -> str:
+    lines = ["branch tree:"]
+    for i, b in enumerate(out.blocks):
+        lines.append(f"  block {i}: {b['plans']} plans")
+        for j, (s, e) in enumerate(b["branches"]):
+            text = tok.decode(out.token_ids[s:e]).replace("\n", " ")
+            lines.append(f"    step {j + 1} [{s}:{e}) {e - s} tokens: {text[:70]}{'...' if len(text) > 70 else ''}")
+    return "\n".join(lines)
+
+
+bench_app = typer.Typer(help="Benchmarks that print figures (ratios measured side by side in one run).")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("engine")
+def bench_engine_cmd(
+    model: str = typer.Option(None, "--model", help="Local model directory (its tokenizer must have the tags)."),
+    config: str = typer.Option(
+        "tiny", help="Random model shape when no --model: tiny, qwen3-0.6b-shape, qwen3-4b-shape."
+    ),
+    dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU)."),
+    requests: int = typer.Option(8, help="Requests decoded together."),
+    plans: int = typer.Option(4, help="Parallel steps per block."),
+    step_tokens: int = typer.Option(48, help="Tokens per step."),
+    blocks: int = typer.Option(2, help="Blocks per trajectory."),
+    kv_cache_gb: float = typer.Option(None, help="KV pool size (default 0.25 GB)."),
+    hf: bool = typer.Option(True, help="Also time Hugging Face generate on the flat sequences."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Parallel vs sequential engine decoding vs HF generate on identical token ids."""
+    import torch
+
+    from npr import bench
+    from npr.engine import load
+
+    cuda = torch.cuda.is_available()
+    dt = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
+    if dtype not in dt:
+        raise typer.BadParameter(f"unknown dtype {dtype!r}", param_hint="--dtype")
+    try:
+        if model:
+            lm, tok = load(model, dtype=dt[dtype])
+        else:
+            lm = bench.random_model(config, dt[dtype], "cuda" if cuda else "cpu")
+            tok = bench.word_tokenizer(lm.config.vocab_size)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+    res = bench.bench_engine(lm, tok, requests, plans, step_tokens, blocks, kv_cache_gb=kv_cache_gb, hf_generate=hf)
+    if as_json:
+        keys = ("parallel_tps", "sequential_tps", "hf_generate_tps", "ideal_speedup", "speedup",
+                "parity_max_abs_logprob_diff")  # fmt: skip
+        print(json.dumps({k: res[k] for k in keys}))
+        return
+    name = model or config
+    print(f"engine benchmark: {name}, {dt[dtype]}, {'cuda' if cuda else 'cpu'}; {requests} requests x {blocks} blocks"
+          f" x {plans} steps of {step_tokens} tokens ({res['tokens']} tokens)")  # fmt: skip
+    for k, v in res.items():
+        print(f"  {k:30s} {v:.4g}" if isinstance(v, float) else f"  {k:30s} {v}")
+
+
 def main() -> None:
     app()

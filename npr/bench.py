@@ -1,0 +1,181 @@
+"""`npr bench engine`: parallel vs sequential decoding vs HF `generate` on one structured workload.
+
+Both engine modes replay the same trajectories (tokens are forced from a target instead of
+sampled; the model still runs every forward), so they decode identical token ids and the
+wall-clock ratio is the speedup that parallel branches buy. Random-weight models of real
+shapes stand in for checkpoints that cannot be downloaded here.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import torch
+
+from npr.tags import TAGS
+
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=False),
+    "qwen3-0.6b-shape": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                             num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    "qwen3-4b-shape": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                           num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+}  # fmt: skip
+
+
+def word_tokenizer(vocab_size: int):
+    """A word-level tokenizer whose vocabulary fills `vocab_size`: tags, labels "i:", filler words."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<eos>", *TAGS, *(f"{i}:" for i in range(1, 33))]
+    words += [f"w{i}" for i in range(vocab_size - len(words))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
+    fast.add_tokens(list(TAGS), special_tokens=True)
+    return fast
+
+
+def random_model(shape: str, dtype=torch.float32, device="cpu", seed: int = 0):
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown --config {shape!r}; choose from {', '.join(SHAPES)}")
+    torch.manual_seed(seed)
+    cfg = Qwen3Config(**SHAPES[shape], max_position_embeddings=32768)
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = Qwen3ForCausalLM(cfg).to(dtype)
+    return model.eval()
+
+
+def workload(tok, n: int, plans: int, step_tokens: int, blocks: int, prompt_tokens: int, seed: int = 0):
+    """(prompt ids, canonical completion ids) pairs: `blocks` blocks of `plans` steps, then an answer."""
+    rng = random.Random(seed)
+    vocab = tok.get_vocab()
+    words = [i for w, i in vocab.items() if w.startswith("w")] or list(range(100, 200))
+    t = {x: vocab[x] for x in TAGS}
+
+    def text(m):
+        return [rng.choice(words) for _ in range(m)]
+
+    def label(i):
+        return tok.encode(f"{i}:", add_special_tokens=False)
+
+    out = []
+    for _ in range(n):
+        ids = text(8)
+        for _ in range(blocks):
+            ids += [t["<guideline>"]]
+            for i in range(plans):
+                ids += [t["<plan>"], *label(i + 1), *text(6), t["</plan>"]]
+            ids += [t["</guideline>"]]
+            for i in range(plans):
+                ids += [t["<step>"], *label(i + 1), *text(step_tokens), t["</step>"]]
+            ids += [t["<takeaway>"], *text(8), t["</takeaway>"]]
+        out.append((text(prompt_tokens), ids + text(6)))
+    return out
+
+
+def runs_of(prompt: list[int], completion: list[int], tag_ids: dict) -> list[list[int]]:
+    """Split a canonical completion into the engine's runs (main line, each step, ...), in order."""
+    from npr.topology import layout
+
+    lay = layout(prompt + completion, tag_ids, len(prompt))
+    runs, key = [], None
+    for i, tok in enumerate(completion):
+        k = (lay.block[len(prompt) + i], lay.branch[len(prompt) + i])
+        if k != key:
+            runs.append([])
+            key = k
+        runs[-1].append(tok)
+    return runs
+
+
+def bench_engine(
+    model,
+    tok,
+    requests: int = 8,
+    plans: int = 4,
+    step_tokens: int = 48,
+    blocks: int = 2,
+    prompt_tokens: int = 32,
+    kv_cache_gb: float | None = None,
+    hf_generate: bool = True,
+) -> dict:
+    from npr.engine import LLM, SamplingParams
+    from npr.modeling import token_logprobs, topology_forward
+    from npr.tags import tag_ids
+    from npr.topology import collate
+
+    tags = tag_ids(tok)
+    work = workload(tok, requests, plans, step_tokens, blocks, prompt_tokens)
+    llm = LLM(model, tok, kv_cache_gb=kv_cache_gb, max_num_seqs=max(256, requests * plans))
+    dev = llm.device
+
+    def sync():
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+
+    def run(mode):
+        sp = SamplingParams(mode=mode, max_tokens=10**6, enforce_structure=False, repetition_limit=10**6)
+        replay = [runs_of(p, c, tags) if mode == "parallel" else [c] for p, c in work]
+        sync()
+        t0 = time.perf_counter()
+        outs = llm.generate([p for p, _ in work], sp, replay=replay)
+        sync()
+        return outs, time.perf_counter() - t0
+
+    run("parallel")  # warm-up (allocator, kernels)
+    par, t_par = run("parallel")
+    seq, t_seq = run("sequential")
+    for (_, c), a, b in zip(work, par, seq):
+        if a.token_ids != c or b.token_ids != c:
+            raise RuntimeError("replay diverged: the two modes did not decode the target token ids")
+    total = sum(len(c) for _, c in work)
+    path = sum(o.stats["critical_path_tokens"] for o in par)
+    result = {
+        "requests": requests,
+        "tokens": total,
+        "parallel_s": t_par,
+        "sequential_s": t_seq,
+        "parallel_tps": total / t_par,
+        "sequential_tps": total / t_seq,
+        "ideal_speedup": total / path,
+        "speedup": t_seq / t_par,
+    }
+    # log-prob parity of the parallel trajectories with the trainer-side topology forward
+    worst = 0.0
+    for o in par[:2]:
+        full = o.prompt_ids + o.token_ids
+        ids, topo = collate([(full, o.layout)], tags)
+        with torch.no_grad():
+            lp = token_logprobs(topology_forward(model, ids.to(dev), topo).logits, ids.to(dev))[
+                0, len(o.prompt_ids) - 1 :
+            ]
+        sampled = ~torch.tensor(o.forced)
+        worst = max(worst, (lp.float().cpu() - torch.tensor(o.logprobs))[sampled].abs().max().item())
+    result["parity_max_abs_logprob_diff"] = worst
+    result["hf_generate_tps"] = _hf_generate_tps(model, work) if hf_generate else None
+    return result
+
+
+def _hf_generate_tps(model, work) -> float:
+    """Hugging Face `generate` on the flat sequences: batch of prompts, fixed new-token count, greedy."""
+    dev = next(model.parameters()).device
+    n_new = max(len(c) for _, c in work)
+    width = max(len(p) for p, _ in work)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in work], device=dev)  # left-padded
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in work], device=dev)
+    kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    model.generate(ids[:, :width], attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    model.generate(ids, attention_mask=mask, **kw)
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return len(work) * n_new / (time.perf_counter() - t0)
