@@ -4,7 +4,8 @@ The engine packs the new tokens of every scheduled group (a branch's chunk of to
 into one row, sets a `Batch` describing where their keys/values go and what each group
 sees, and runs the model. In every layer the function below writes the new keys/values
 into the pool, gathers each group's context (its segments' slots, padded) and runs one
-batched SDPA. Positions come in as `position_ids`, so RoPE stays in the model.
+batched SDPA per bucket of groups with equal chunk length
+(decode steps form one bucket). Positions come in as `position_ids`, so RoPE stays in the model.
 """
 
 from __future__ import annotations
@@ -20,12 +21,18 @@ NAME = "npr_paged"
 
 
 @dataclass
+class Bucket:
+    """Groups with the same number of new tokens n, attended in one batched SDPA call."""
+
+    context: torch.Tensor  # [G, C] pool slots of each group's context (right-padded)
+    mask: torch.Tensor | None  # [G, 1, n, C] bool, None when nothing is padded and n == 1
+    queries: torch.Tensor  # [G, n] index of each query among the T new tokens
+
+
+@dataclass
 class Batch:
     slot_mapping: torch.Tensor  # [T] pool slot of each new token
-    context: torch.Tensor  # [G, C] pool slots of each group's context (padded)
-    mask: torch.Tensor  # [G, 1, Q, C] bool: query j of group g may attend context c
-    queries: torch.Tensor  # [G, Q] index into the T new tokens (padded with 0)
-    valid: torch.Tensor  # [G, Q] bool: real query
+    buckets: list[Bucket]
 
 
 class _State:
@@ -38,22 +45,23 @@ STATE = _State()
 
 
 def paged_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    pool, b = STATE.pool, STATE.batch
-    if pool is None or b is None:
+    pool, batch = STATE.pool, STATE.batch
+    if pool is None or batch is None:
         raise RuntimeError("npr_paged attention used outside the NPR engine")
     STATE.calls += 1
     layer = module.layer_idx
-    k_new = key[0].transpose(0, 1)  # [T, Hkv, D]
-    v_new = value[0].transpose(0, 1)
-    pool.k[layer].index_copy_(0, b.slot_mapping, k_new.to(pool.k.dtype))
-    pool.v[layer].index_copy_(0, b.slot_mapping, v_new.to(pool.v.dtype))
-    k = pool.k[layer][b.context].transpose(1, 2)  # [G, Hkv, C, D]
-    v = pool.v[layer][b.context].transpose(1, 2)
-    q = query[0].transpose(0, 1)[b.queries].transpose(1, 2)  # [G, H, Q, D]
-    out = F.scaled_dot_product_attention(
-        q, k.to(q.dtype), v.to(q.dtype), attn_mask=b.mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]
-    )
-    out = out.transpose(1, 2)[b.valid]  # [T, H, D] in packed order (groups are contiguous)
+    pool.k[layer].index_copy_(0, batch.slot_mapping, key[0].transpose(0, 1).to(pool.k.dtype))
+    pool.v[layer].index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1).to(pool.v.dtype))
+    q_all = query[0].transpose(0, 1)  # [T, H, D]
+    out = torch.empty_like(q_all)
+    for bk in batch.buckets:
+        k = pool.k[layer][bk.context].transpose(1, 2).to(q_all.dtype)  # [G, Hkv, C, D]
+        v = pool.v[layer][bk.context].transpose(1, 2).to(q_all.dtype)
+        q = q_all[bk.queries].transpose(1, 2)  # [G, H, n, D]
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bk.mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]
+        )
+        out[bk.queries.flatten()] = o.transpose(1, 2).flatten(0, 1)
     return out[None], None
 
 

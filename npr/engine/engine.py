@@ -203,34 +203,29 @@ class LLM:
     def _forward(self, groups: list[Branch]) -> torch.Tensor:
         """Run the pending tokens of every group; return logits [n, V] of the groups still decoding."""
         dev = self.device
-        ids, pos, slots, contexts, sizes = [], [], [], [], []
+        ids, pos, sizes = [], [], []
         for b in groups:
-            run, n = b.run, b.pending
+            run = b.run
             ids += run.tokens[run.computed :]
             pos += run.positions[run.computed :]
-            slots += [self.pool.slot(run.seg, i) for i in range(run.computed, len(run.tokens))]
-            contexts.append([s for r in b.context for s in self.pool.slots(r.seg)])
-            sizes.append(n)
-        G, Q, C = len(groups), max(sizes), max(len(c) for c in contexts)
-        context = torch.zeros(G, C, dtype=torch.long)
-        queries = torch.zeros(G, Q, dtype=torch.long)
-        lengths = torch.tensor([len(c) for c in contexts])
+            sizes.append(b.pending)
+        slots = torch.cat([b.run.seg.slots[b.run.computed :] for b in groups])
         ns = torch.tensor(sizes)
-        at = 0
-        for g, (c, n) in enumerate(zip(contexts, sizes)):
-            context[g, : len(c)] = torch.tensor(c)
-            queries[g, :n] = torch.arange(at, at + n)
-            at += n
-        j = torch.arange(Q)
-        valid = j[None, :] < ns[:, None]
-        limit = (lengths - ns)[:, None] + j[None, :]  # query j of group g sees context [0, limit]
-        mask = torch.arange(C)[None, None, :] <= limit[:, :, None]
-        mask &= valid[:, :, None]
-        mask[:, :, 0] |= ~valid  # padded queries look at one slot: no NaN rows
+        starts = torch.cumsum(ns, 0) - ns
+        buckets = []
+        for n in sorted(set(sizes)):
+            members = [g for g, size in enumerate(sizes) if size == n]
+            contexts = [torch.cat([r.seg.slots for r in groups[g].context]) for g in members]
+            lengths = torch.tensor([len(c) for c in contexts])
+            context = torch.nn.utils.rnn.pad_sequence(contexts, batch_first=True)
+            queries = starts[members][:, None] + torch.arange(n)[None, :]
+            mask = None
+            if n > 1 or (lengths != lengths[0]).any():
+                limit = (lengths - n)[:, None] + torch.arange(n)[None, :]  # query j sees context [0, limit]
+                mask = (torch.arange(context.shape[1])[None, None, :] <= limit[:, :, None])[:, None].to(dev)
+            buckets.append(attention.Bucket(context.to(dev), mask, queries.to(dev)))
         attention.STATE.pool = self.pool
-        attention.STATE.batch = Batch(
-            torch.tensor(slots, device=dev), context.to(dev), mask[:, None].to(dev), queries.to(dev), valid.to(dev)
-        )
+        attention.STATE.batch = Batch(slots.to(dev), buckets)
         last = (torch.cumsum(ns, 0) - 1)[[not b.done for b in groups]]
         cfg = self.model.config
         prev = cfg._attn_implementation

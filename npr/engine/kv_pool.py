@@ -23,6 +23,12 @@ class Segment:
     length: int = 0  # tokens with a slot (written or about to be written this step)
     refs: int = 0
     freed: bool = False
+    buf: torch.Tensor = field(default_factory=lambda: torch.zeros(16, dtype=torch.long))  # slots, grown by doubling
+
+    @property
+    def slots(self) -> torch.Tensor:
+        """Pool slot of each token of the segment, in order."""
+        return self.buf[: self.length]
 
 
 class KVPool:
@@ -59,24 +65,26 @@ class KVPool:
         spare = len(seg.pages) * self.page_size - seg.length
         return max(0, -(-(n - spare) // self.page_size))
 
-    def append(self, seg: Segment, n: int) -> list[int]:
-        """Reserve slots for `n` more tokens of `seg`; all or nothing."""
+    def append(self, seg: Segment, n: int) -> torch.Tensor:
+        """Reserve slots for `n` more tokens of `seg` (all or nothing); return them."""
         need = self.pages_needed(seg, n)
         if need > len(self.free):
             raise PoolFull(f"need {need} pages, {len(self.free)} free")
         for _ in range(need):
             seg.pages.append(self.free.pop())
         self.live.add(id(seg))
-        slots = [self.slot(seg, i) for i in range(seg.length, seg.length + n)]
+        ps, at = self.page_size, seg.length
+        if at + n > len(seg.buf):
+            grown = torch.zeros(max(2 * len(seg.buf), at + n), dtype=torch.long)
+            grown[:at] = seg.buf[:at]
+            seg.buf = grown
+        if n == 1:  # decode: one slot, no tensor arithmetic
+            seg.buf[at] = seg.pages[at // ps] * ps + at % ps
+        else:
+            idx = torch.arange(at, at + n)
+            seg.buf[at : at + n] = torch.tensor(seg.pages, dtype=torch.long)[idx // ps] * ps + idx % ps
         seg.length += n
-        return slots
-
-    def slot(self, seg: Segment, i: int) -> int:
-        return seg.pages[i // self.page_size] * self.page_size + i % self.page_size
-
-    def slots(self, seg: Segment) -> list[int]:
-        ps = self.page_size
-        return [p * ps + o for p in seg.pages for o in range(ps)][: seg.length]
+        return seg.buf[at : at + n]
 
     def acquire(self, segs: list[Segment]) -> None:
         for s in segs:
