@@ -1,4 +1,4 @@
-"""`npr check` and `npr topology` as a user runs them."""
+"""The `npr` command line as a user runs it."""
 
 from __future__ import annotations
 
@@ -55,3 +55,42 @@ def test_topology_view():
     assert "visibility" in r.stdout
     bad = npr("topology", "-", stdin="<guideline><step>1: x</step>")
     assert bad.returncode == 1 and "not executable" in bad.stdout
+
+
+def test_generate_and_tree(tmp_path):
+    from conftest import bias_tags, make_model, make_tokenizer
+
+    from npr.tokens import add_npr_tokens
+
+    tok = make_tokenizer()
+    add_npr_tokens(tok)
+    model = bias_tags(make_model("qwen3", len(tok)), tok, 4.0)
+    model.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    args = ["generate", "--model", str(tmp_path), "--prompt", "the plan is", "--seed", "3", "--max-tokens", "120"]
+    r = npr(*args, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["finish_reason"] in ("stop", "length", "path_length", "repetition")
+    assert out["stats"]["total_tokens"] <= 120
+    again = json.loads(npr(*args, "--json").stdout)
+    assert again["text"] == out["text"]  # same seed, same output
+    tree = npr(*args, "--tree")
+    assert tree.returncode == 0 and "-- answer:" in tree.stdout
+    if out["blocks"]:
+        assert "branch tree:" in tree.stdout and "step 1" in tree.stdout
+    seq = json.loads(npr(*args, "--json", "--mode", "sequential").stdout)
+    assert seq["stats"]["branches"] == 0
+    bad = npr("generate", "--model", str(tmp_path / "nope"), "--prompt", "x")
+    assert bad.returncode == 2 and "not found" in bad.stderr
+
+
+def test_bench_engine_json():
+    r = npr("bench", "engine", "--config", "tiny", "--requests", "2", "--step-tokens", "8", "--blocks", "1", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    keys = {"parallel_tps", "sequential_tps", "hf_generate_tps", "ideal_speedup", "speedup",
+            "parity_max_abs_logprob_diff"}  # fmt: skip
+    assert set(res) == keys
+    assert res["ideal_speedup"] > 1.2 and res["parity_max_abs_logprob_diff"] <= 1e-4
+    assert all(res[k] > 0 for k in ("parallel_tps", "sequential_tps", "hf_generate_tps", "speedup"))
