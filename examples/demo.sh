@@ -8,3 +8,6 @@ echo; echo "== npr check bad.txt (a step and the takeaway are missing)"; $NPR ch
 echo; echo "== npr check --json bad.txt"; $NPR check --json bad.txt; echo
 echo; echo "== npr topology tiny.txt (positions; steps 1 and 2 share positions and cannot see each other)"
 $NPR topology tiny.txt
+
+echo; echo "== npr bench engine --config tiny (random tiny Qwen3; parallel vs sequential vs HF generate)"
+$NPR bench engine --config tiny

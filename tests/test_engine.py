@@ -178,3 +178,22 @@ def test_bad_params_are_clear_errors():
         SamplingParams(mode="tree")
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
+
+
+def test_stop_strings_ids_and_repetition(tok):
+    model = make_model("qwen3", len(tok))
+    llm = LLM(model, tok, num_pages=128, page_size=4)
+    free = llm.generate([PROMPTS[2]], greedy(mode="sequential", max_tokens=30))[0]
+    assert len(free.token_ids) >= 10
+    stop_id = free.token_ids[6]
+    by_id = llm.generate([PROMPTS[2]], greedy(mode="sequential", stop_token_ids=[stop_id]))[0]
+    assert by_id.finish_reason == "stop" and by_id.token_ids == free.token_ids[: free.token_ids.index(stop_id) + 1]
+    word = tok.decode(free.token_ids[5:7])
+    by_text = llm.generate([PROMPTS[2]], greedy(mode="sequential", stop=[word]))[0]
+    assert by_text.finish_reason == "stop" and word in by_text.text and len(by_text.token_ids) <= 7
+    # one ordinary token made overwhelmingly likely: the engine ends the loop itself
+    loop = bias_tags(make_model("qwen3", len(tok)), tok, 0.0)
+    with torch.no_grad():
+        loop.get_output_embeddings().bias[tok.encode(" the", add_special_tokens=False)[0]] = 50.0
+    out = LLM(loop, tok, num_pages=128).generate([PROMPTS[0]], SamplingParams(max_tokens=200, seed=0))[0]
+    assert out.finish_reason == "repetition" and len(out.token_ids) < 40

@@ -67,7 +67,13 @@ class LLM:
         layers, kv_heads, head_dim = model_shape(model)
         dtype = next(model.parameters()).dtype
         if num_pages is None:
-            gb = DEFAULT_KV_GB if kv_cache_gb is None else kv_cache_gb
+            gb = kv_cache_gb
+            if gb is None:  # GPU: most of what the weights left free; CPU: a small fixed pool
+                gb = (
+                    0.6 * torch.cuda.mem_get_info(self.device)[0] / 2**30
+                    if self.device.type == "cuda"
+                    else DEFAULT_KV_GB
+                )
             num_pages = KVPool.pages_for_budget(gb, layers, kv_heads, head_dim, page_size, dtype)
         self.pool = KVPool(layers, kv_heads, head_dim, num_pages, page_size, dtype, self.device)
         self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
