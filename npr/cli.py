@@ -196,5 +196,30 @@ def bench_engine_cmd(
         print(f"  {k:30s} {v:.4g}" if isinstance(v, float) else f"  {k:30s} {v}")
 
 
+@app.command()
+def base(
+    out: Path = typer.Option(Path("runs/base"), "--out", help="Where the base checkpoint is written (and cached)."),
+    rebuild: bool = typer.Option(False, help="Train again even if a finished build with this recipe exists."),
+    steps: int = typer.Option(None, help="Training steps (default: the recipe's)."),
+    report: bool = typer.Option(True, help="Measure accuracy and format validity on the test split."),
+    problems: int = typer.Option(100, help="Test problems for the report."),
+) -> None:
+    """Build the default world's tiny base model (Countdown, Qwen3 architecture) in a few CPU minutes."""
+    import dataclasses
+
+    from npr.world.base import Recipe, build_base
+
+    recipe = Recipe() if steps is None else dataclasses.replace(Recipe(), steps=steps)
+    path, rep, reused = build_base(out, recipe, rebuild=rebuild)
+    how = "reused" if reused else f"trained in {rep['seconds']:.0f}s"
+    print(f"base model: {path} ({how}; loss {rep['loss_first']:.2f} -> {rep['loss_last']:.2f})")
+    if report:
+        from npr.world.base import measure_base
+
+        for name, r in measure_base(path, problems).items():
+            print(f"  {name:26s} avg@{r['k']} {r['avg@k']:.3f}  best@{r['k']} {r['best@k']:.3f}  "
+                  f"format-valid {r['format_valid']:.3f}  tokens {r['tokens']:.0f}")  # fmt: skip
+
+
 def main() -> None:
     app()

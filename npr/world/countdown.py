@@ -1,0 +1,227 @@
+"""Countdown: reach a target from given numbers with + - * /, each number used exactly once.
+
+The default world's task family. Problems are generated from a random chain of operations
+(so each has a solution), difficulty is the count and range of the numbers, and answers
+are checked exactly: the expression is parsed by a small recursive-descent parser over
+fractions (never `eval`), with limits on length, nesting and magnitude so no input can
+hang or blow up the checker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from fractions import Fraction
+
+OPS = "+-*/"
+MAX_CHARS = 256
+MAX_DEPTH = 16
+MAX_ABS = 10**9
+
+
+@dataclass(frozen=True)
+class Level:
+    numbers: int  # how many numbers
+    low: int
+    high: int  # numbers drawn from [low, high]
+    max_target: int
+
+
+LEVELS = {
+    1: Level(3, 1, 6, 40),
+    2: Level(3, 1, 10, 60),
+    3: Level(4, 1, 6, 60),
+    4: Level(4, 1, 10, 100),
+}
+
+
+class ExpressionError(ValueError):
+    pass
+
+
+def _apply(a: Fraction, op: str, b: Fraction) -> Fraction:
+    if op == "+":
+        r = a + b
+    elif op == "-":
+        r = a - b
+    elif op == "*":
+        r = a * b
+    else:
+        if b == 0:
+            raise ExpressionError("division by zero")
+        r = a / b
+    if abs(r) > MAX_ABS or r.denominator > MAX_ABS:
+        raise ExpressionError("value too large")
+    return r
+
+
+_TOKEN = re.compile(r"\s*(?:(\d+)|([-+*/()]))")
+
+
+def evaluate(expr: str) -> tuple[Fraction, list[int]]:
+    """Value of an arithmetic expression and the integers it uses, or ExpressionError."""
+    if len(expr) > MAX_CHARS:
+        raise ExpressionError(f"expression longer than {MAX_CHARS} characters")
+    tokens, pos, text = [], 0, expr.replace("×", "*").replace("÷", "/")
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        m = _TOKEN.match(text, pos)
+        if not m:
+            raise ExpressionError(f"unexpected character {text[pos:].strip()[:1]!r} at {pos}")
+        if m.group(1) is not None:
+            if len(m.group(1)) > 9:
+                raise ExpressionError("number too large")
+            tokens.append(int(m.group(1)))
+        else:
+            tokens.append(m.group(2))
+        pos = m.end()
+    used: list[int] = []
+    at = 0
+
+    def peek():
+        return tokens[at] if at < len(tokens) else None
+
+    def expr_(depth):
+        nonlocal at
+        value = term(depth)
+        while peek() in ("+", "-"):
+            op = tokens[at]
+            at += 1
+            value = _apply(value, op, term(depth))
+        return value
+
+    def term(depth):
+        nonlocal at
+        value = factor(depth)
+        while peek() in ("*", "/"):
+            op = tokens[at]
+            at += 1
+            value = _apply(value, op, factor(depth))
+        return value
+
+    def factor(depth):
+        nonlocal at
+        if depth > MAX_DEPTH:
+            raise ExpressionError(f"nesting deeper than {MAX_DEPTH}")
+        t = peek()
+        if t == "(":
+            at += 1
+            value = expr_(depth + 1)
+            if peek() != ")":
+                raise ExpressionError("missing )")
+            at += 1
+            return value
+        if isinstance(t, int):
+            at += 1
+            used.append(t)
+            return Fraction(t)
+        raise ExpressionError("expected a number or (" if t is None else f"unexpected {t!r}")
+
+    if not tokens:
+        raise ExpressionError("empty expression")
+    value = expr_(0)
+    if at != len(tokens):
+        raise ExpressionError(f"unexpected {tokens[at]!r}")
+    return value, used
+
+
+def check(expr: str | None, numbers: list[int], target: int) -> bool:
+    """True when `expr` uses each number exactly once and equals `target`."""
+    if not expr:
+        return False
+    try:
+        value, used = evaluate(expr)
+    except ExpressionError:
+        return False
+    return value == target and Counter(used) == Counter(numbers)
+
+
+# ---- generation ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Move:
+    a: int
+    op: str
+    b: int
+    result: int
+
+
+def chain_value(first: int, moves: list[tuple[str, int]]) -> list[Move] | None:
+    """Apply ops left to right; None when an intermediate is negative, fractional or huge."""
+    out, cur = [], first
+    for op, b in moves:
+        if op == "/" and (b == 0 or cur % b):
+            return None
+        r = {"+": cur + b, "-": cur - b, "*": cur * b, "/": cur // b if b else 0}[op]
+        if r < 0 or r > 1000:
+            return None
+        out.append(Move(cur, op, b, r))
+        cur = r
+    return out
+
+
+def chain_expression(moves: list[Move]) -> str:
+    expr = str(moves[0].a)
+    for i, m in enumerate(moves):
+        expr = f"{expr} {m.op} {m.b}" if i == 0 else f"( {expr} ) {m.op} {m.b}"
+    return expr
+
+
+def random_chain(numbers: list[int], rng: random.Random) -> list[Move] | None:
+    order = numbers[:]
+    rng.shuffle(order)
+    return chain_value(order[0], [(rng.choice(OPS), b) for b in order[1:]])
+
+
+def make_problem(level: int, rng: random.Random) -> dict:
+    lv = LEVELS[level]
+    while True:
+        numbers = [rng.randint(lv.low, lv.high) for _ in range(lv.numbers)]
+        moves = random_chain(numbers, rng)
+        if moves and 1 <= moves[-1].result <= lv.max_target and len({m.op for m in moves}) > 1:
+            break
+    target = moves[-1].result
+    nums = " ".join(map(str, numbers))
+    return {
+        "problem": f"use {nums} to make {target}",
+        "answer": chain_expression(moves),
+        "numbers": numbers,
+        "target": target,
+        "level": level,
+        "task": "countdown",
+    }
+
+
+SPLITS = {"train": range(2, 10), "validation": range(1, 2), "test": range(0, 1)}
+
+
+def bucket(problem: str) -> int:
+    """Which tenth of the problem space a problem falls in: 0 test, 1 validation, 2-9 train."""
+    return int(hashlib.sha256(problem.encode()).hexdigest(), 16) % 10
+
+
+def split(name: str, n: int, levels=(1, 2, 3), seed: int = 0) -> list[dict]:
+    """A fixed split: the same seed gives the same problems. Splits are disjoint by construction
+    (a problem's split is a hash of its text); validation and test hold no duplicates, train may
+    repeat a problem (it samples the task distribution)."""
+    if name not in SPLITS:
+        raise ValueError(f"unknown split {name!r}; choose from {', '.join(SPLITS)}")
+    rng = random.Random(f"countdown-{seed}-{name}")
+    out, seen = [], set()
+    for _ in range(200 * n + 1000):
+        if len(out) == n:
+            break
+        p = make_problem(levels[len(out) % len(levels)], rng)
+        if bucket(p["problem"]) not in SPLITS[name] or (name != "train" and p["problem"] in seen):
+            continue
+        seen.add(p["problem"])
+        p["id"] = f"{name}-{len(out)}"
+        out.append(p)
+    else:
+        raise ValueError(f"levels {levels} have too few distinct problems for {n} {name} problems")
+    return out
