@@ -9,5 +9,11 @@ echo; echo "== npr check --json bad.txt"; $NPR check --json bad.txt; echo
 echo; echo "== npr topology tiny.txt (positions; steps 1 and 2 share positions and cannot see each other)"
 $NPR topology tiny.txt
 
+echo; echo "== npr base (the default world's tiny base model: built once in a few CPU minutes, then reused)"
+$NPR base --out ../runs/base
+echo; echo "== npr generate on it, NPR instruction, parallel engine"
+$NPR generate --model ../runs/base --seed 0 --max-tokens 200 --tree \
+  --prompt "solve in parallel : write a guideline of plans , one step per plan , compare them in a takeaway , then box the answer . use 3 5 2 to make 16"
+
 echo; echo "== npr bench engine --config tiny (random tiny Qwen3; parallel vs sequential vs HF generate)"
 $NPR bench engine --config tiny
