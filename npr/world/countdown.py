@@ -85,23 +85,17 @@ def evaluate(expr: str) -> tuple[Fraction, list[int]]:
     def peek():
         return tokens[at] if at < len(tokens) else None
 
-    def expr_(depth):
-        nonlocal at
-        value = term(depth)
-        while peek() in ("+", "-"):
-            op = tokens[at]
-            at += 1
-            value = _apply(value, op, term(depth))
-        return value
+    def binary(sub, ops):  # one precedence level: sub (op sub)*
+        def parse(depth):
+            nonlocal at
+            value = sub(depth)
+            while peek() in ops:
+                op = tokens[at]
+                at += 1
+                value = _apply(value, op, sub(depth))
+            return value
 
-    def term(depth):
-        nonlocal at
-        value = factor(depth)
-        while peek() in ("*", "/"):
-            op = tokens[at]
-            at += 1
-            value = _apply(value, op, factor(depth))
-        return value
+        return parse
 
     def factor(depth):
         nonlocal at
@@ -121,6 +115,8 @@ def evaluate(expr: str) -> tuple[Fraction, list[int]]:
             return Fraction(t)
         raise ExpressionError("expected a number or (" if t is None else f"unexpected {t!r}")
 
+    term = binary(factor, ("*", "/"))
+    expr_ = binary(term, ("+", "-"))
     if not tokens:
         raise ExpressionError("empty expression")
     value = expr_(0)
