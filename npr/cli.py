@@ -221,5 +221,72 @@ def base(
                   f"format-valid {r['format_valid']:.3f}  tokens {r['tokens']:.0f}")  # fmt: skip
 
 
+@app.command("grade")
+def grade_cmd(
+    file: str = typer.Argument("-", help="Response to grade ('-' reads standard input)."),
+    reference: str = typer.Option(..., "--reference", help="The reference answer."),
+    options: list[str] = typer.Option(None, "--option", help="Multiple choice: the options, in order (A, B, ...)."),
+) -> None:
+    """Grade a response's final answer against a reference: prints correct/incorrect, exits 0/1."""
+    from npr.grading import choice_correct, extract_answer, math_equal
+
+    text = _read(file)
+    ok = (
+        choice_correct(text, reference.strip().upper(), options)
+        if options
+        else math_equal(extract_answer(text), reference)
+    )
+    print("correct" if ok else "incorrect")
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., "--model", help="Local model directory (Hugging Face format, safetensors)."),
+    bench: str = typer.Option(
+        ...,
+        "--bench",
+        help="Benchmarks, comma-separated: aime24, aime25, amc23, hmmt25, "
+        "math500, gpqa, countdown, or NAME=PATH for a file of your own.",
+    ),  # fmt: skip
+    n: int = typer.Option(4, "--n", help="Samples per problem (k)."),
+    mode: str = typer.Option("parallel", help="parallel or sequential decoding."),
+    out: Path = typer.Option(Path("runs/eval"), "--out", help="Output folder (rerun with the same folder to resume)."),
+    limit: int = typer.Option(None, help="Only the first N problems of each benchmark."),
+    temperature: float = typer.Option(1.0, help="Paper default 1.0."),
+    top_p: float = typer.Option(0.7, help="Paper default 0.7."),
+    max_tokens: int = typer.Option(2048, help="Token budget per response (all branches)."),
+    max_path_tokens: int = typer.Option(None, help="Critical-path budget per response."),
+    compare_sequential: bool = typer.Option(False, help="Also decode sequentially in the same run; report speedup."),
+    kv_cache_gb: float = typer.Option(None, help="KV pool size."),
+    trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the checkpoint."),
+) -> None:
+    """Evaluate a model on benchmarks: accuracy, format validity, parallelism, tokens, speed."""
+    from rich.progress import Progress
+
+    from npr.data import DataError, load_benchmark
+    from npr.engine import LLM, SamplingParams, load
+    from npr.evaluate import run_eval
+
+    benches = [b.strip() for b in bench.split(",") if b.strip()]
+    try:
+        SamplingParams(mode=mode, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+        for b in benches:
+            load_benchmark(b, 1)
+        lm, tok = load(model, trust_remote_code=trust_remote_code)
+        llm = LLM(lm, tok, kv_cache_gb=kv_cache_gb)
+    except (ValueError, DataError, FileNotFoundError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+    sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
+                "max_path_tokens": max_path_tokens}  # fmt: skip
+    with Progress(transient=True) as bar:
+        task = bar.add_task("evaluating", total=None)
+        res = run_eval(llm, benches, out, n, mode, limit, sampling, compare_sequential,
+                       progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+    print((out / "report.md").read_text())
+    print(f"wrote {out}/results.json, samples.jsonl, report.md, accuracy.png, tokens.png")
+    del res
+
+
 def main() -> None:
     app()

@@ -1,0 +1,181 @@
+"""Problem sets: load JSON, JSONL, Parquet or Hugging Face datasets into one record shape.
+
+A record is {"id", "problem", "answer", "grader", ...}: `grader` is "math", "choice"
+(with "options") or "countdown". Field names are detected (problem/question/ORZ prompt;
+answer/final_answer) or given. Every error names the file, the record and the field.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PROBLEM_FIELDS = ("problem", "question", "prompt", "input")
+ANSWER_FIELDS = ("answer", "final_answer", "solution_answer", "target")
+
+
+class DataError(ValueError):
+    pass
+
+
+def benchmarks_dir() -> Path:
+    """Where the shipped benchmark files are: $NPR_BENCHMARKS, else ../shared/data/benchmarks of the repo."""
+    env = os.environ.get("NPR_BENCHMARKS")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "benchmarks"
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """Rows of a .json (list or {"data": [...]}), .jsonl, .parquet file or a saved HF dataset dir."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    try:
+        if path.is_dir():
+            from datasets import load_from_disk
+
+            ds = load_from_disk(str(path))
+            ds = ds[next(iter(ds))] if hasattr(ds, "keys") else ds
+            return [dict(r) for r in ds]
+        if path.suffix == ".jsonl":
+            rows = []
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+                if line.strip():
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
+            return rows
+        if path.suffix == ".json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+            if isinstance(data, dict) and isinstance(data.get("data"), list):
+                data = data["data"]
+            if not isinstance(data, list):
+                raise DataError(f"{path}: expected a list of records, got {type(data).__name__}")
+            return data
+        if path.suffix == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_table(path).to_pylist()
+    except ImportError as e:
+        raise DataError(f"{path}: reading it needs {e.name} (pip install {e.name})") from None
+    raise DataError(f"{path}: unknown format {path.suffix!r} (use .json, .jsonl, .parquet or a dataset dir)")
+
+
+def _text(value, where: str) -> str:
+    if isinstance(value, list):  # ORZ conversation: [{"from": "user", "value": ...}, ...]
+        turns = [t for t in value if isinstance(t, dict) and t.get("from", t.get("role")) in ("user", "human")]
+        if not turns:
+            raise DataError(f"{where}: conversation has no user turn")
+        value = turns[0].get("value", turns[0].get("content"))
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise DataError(f"{where}: expected text, got {type(value).__name__}")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def _pick(row: dict, given: str | None, candidates, where: str) -> tuple[str, object]:
+    if given:
+        if given not in row:
+            raise DataError(f"{where}: missing field {given!r}")
+        return given, row[given]
+    for f in candidates:
+        if f in row:
+            return f, row[f]
+    raise DataError(
+        f"{where}: none of the fields {', '.join(candidates)} (name one with --problem-field/--answer-field)"
+    )
+
+
+def records(
+    path: str | Path,
+    grader: str = "math",
+    problem_field: str | None = None,
+    answer_field: str | None = None,
+    name: str | None = None,
+) -> list[dict]:
+    """Load a file into problem records for `grader`."""
+    name = name or Path(path).stem
+    out = []
+    for i, row in enumerate(read_rows(path)):
+        where = f"{path}: record {i}"
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object, got {type(row).__name__}")
+        pf, pv = _pick(row, problem_field, PROBLEM_FIELDS, where)
+        af, av = _pick(row, answer_field, ANSWER_FIELDS, where)
+        rec = {
+            "id": f"{name}-{row.get('id', row.get('problem_idx', i))}",
+            "problem": _text(pv, f"{where}, field {pf!r}"),
+        }
+        if grader == "choice":
+            # options as the question letters them ("A. ..."), else the "options" field
+            listed = _lettered_options(rec["problem"])
+            options = listed if len(listed) >= 2 else row.get("options")
+            if not isinstance(options, list) or not options:
+                raise DataError(f"{where}: field 'options' must be a non-empty list")
+            letter = av[0] if isinstance(av, list) and av else av
+            if not isinstance(letter, str) or len(letter.strip()) != 1:
+                raise DataError(f"{where}, field {af!r}: expected an option letter, got {av!r}")
+            rec |= {"answer": letter.strip().upper(), "options": [str(o) for o in options]}
+        else:
+            rec["answer"] = _text(av, f"{where}, field {af!r}")
+        rec["grader"] = grader
+        out.append(rec)
+    return out
+
+
+def _lettered_options(text: str) -> list[str]:
+    """The last run of lines "A. ...", "B. ...", ... in a question."""
+    found = re.findall(r"^([A-Z])\. (.+)$", text, re.MULTILINE)
+    starts = [i for i, (letter, _) in enumerate(found) if letter == "A"]
+    if not starts:
+        return []
+    run = []
+    for letter, option in found[starts[-1] :]:
+        if ord(letter) - ord("A") != len(run):
+            break
+        run.append(option)
+    return run
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    files: tuple[str, ...]
+    grader: str = "math"
+    fields: dict = field(default_factory=dict)
+
+
+BENCHMARKS = {
+    "aime24": Benchmark(("aime24_orz_format.json",)),
+    "aime25": Benchmark(("aime25-I.jsonl", "aime25-II.jsonl")),
+    "amc23": Benchmark(("amc23.json",)),
+    "hmmt25": Benchmark(("hmmt_feb_2025.json",)),
+    "math500": Benchmark(("math500.json",)),
+    "gpqa": Benchmark(("gpqa_diamond.json",), grader="choice"),
+    "countdown": Benchmark((), grader="countdown"),  # the default world's test split
+}
+
+
+def load_benchmark(name: str, limit: int | None = None) -> list[dict]:
+    """Problems of a registered benchmark, or of `NAME=PATH` (a file added on the command line)."""
+    if "=" in name:
+        name, path = name.split("=", 1)
+        rows = records(path, name=name)
+    elif name not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)} (or NAME=PATH)")
+    elif name == "countdown":
+        from npr.world import countdown
+
+        rows = [dict(p, grader="countdown") for p in countdown.split("test", limit or 200)]
+    else:
+        b = BENCHMARKS[name]
+        rows = []
+        for f in b.files:
+            rows += records(benchmarks_dir() / f, b.grader, name=Path(f).stem if len(b.files) > 1 else name, **b.fields)
+    return rows[:limit] if limit else rows

@@ -1,0 +1,209 @@
+"""`npr eval`: sample k responses per problem with the engine, grade them, report the metrics.
+
+Samples are appended to DIR/samples.jsonl as they finish, so a rerun with the same DIR
+skips what is done; a sample whose grading fails is recorded with its error and the run
+goes on. DIR/results.json, DIR/report.md and PNG plots are rewritten at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+from npr import grammar, metrics
+from npr.data import load_benchmark
+from npr.grading import grade
+from npr.prompts import prompt_ids
+
+CHUNK = 64  # prompts per engine call: progress is saved between chunks
+
+
+def _key(s: dict) -> tuple:
+    return (s["bench"], s["mode"], s["problem_id"], s["sample"])
+
+
+def _read_samples(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash: that sample is redone
+    return out
+
+
+def sample_record(bench: str, mode: str, problem: dict, j: int, out, tokenizer) -> dict:
+    """Grade one completion and describe it (one line of samples.jsonl)."""
+    rec = {
+        "bench": bench,
+        "mode": mode,
+        "problem_id": problem["id"],
+        "sample": j,
+        "prompt": problem["problem"],
+        "reference": problem["answer"],
+        "response": out.text,
+        "finish_reason": out.finish_reason,
+        "tree": out.blocks,
+        "total_tokens": out.stats["total_tokens"],
+        "critical_path_tokens": out.stats["critical_path_tokens"],
+        "parallel_blocks": out.stats["parallel_blocks"],
+        "refused_forks": out.stats["refused_forks"],
+        "wall_time": out.stats["wall_time"],
+    }
+    try:
+        parsed = grammar.parse(out.text)
+        wellformed = [len(b.plans) == len(b.steps) > 0 and b.complete for b in parsed.blocks]
+        rec["format_valid"] = parsed.valid
+        rec["wellformed_blocks"] = sum(wellformed)
+        forked = out.stats["blocks"] if mode == "parallel" else 0
+        rec["forked_wellformed_blocks"] = sum(wellformed[:forked])
+        rec["answer"] = parsed.answer
+        rec["correct"] = grade(problem, out.text)
+    except Exception as e:  # recorded, not fatal
+        rec["error"] = f"{type(e).__name__}: {e}"
+    if out.error:
+        rec["engine_error"] = out.error
+    return rec
+
+
+def run_eval(
+    llm,
+    benches: list[str],
+    out_dir: str | Path,
+    n: int = 4,
+    mode: str = "parallel",
+    limit: int | None = None,
+    sampling: dict | None = None,
+    compare_sequential: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict:
+    from npr.engine import SamplingParams
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "samples.jsonl"
+    kept = _read_samples(path)
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    if len(kept) != len(text.splitlines()) or (text and not text.endswith("\n")):
+        tmp = path.with_suffix(".tmp")  # drop lines cut by a crash before appending again
+        tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in kept), encoding="utf-8")
+        tmp.replace(path)
+    done = {_key(s) for s in kept}
+    modes = [mode] + (["sequential"] if compare_sequential and mode != "sequential" else [])
+    sampling = {"temperature": 1.0, "top_p": 0.7, "max_tokens": 2048} | (sampling or {})
+    timing_path = out_dir / "timing.json"
+    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
+    problems = {b: load_benchmark(b, limit) for b in benches}
+    todo_total = sum(len(ps) * n for ps in problems.values()) * len(modes)
+    finished = len(done)
+    with path.open("a", encoding="utf-8") as f:
+        for bench, ps in problems.items():
+            for m in modes:
+                todo = [(p, j) for p in ps for j in range(n) if (bench, m, p["id"], j) not in done]
+                for c in range(0, len(todo), CHUNK):
+                    chunk = todo[c : c + CHUNK]
+                    params = [
+                        SamplingParams(mode=m, seed=zlib.crc32(f"{p['id']}/{j}".encode()), **sampling) for p, j in chunk
+                    ]
+                    t0 = time.perf_counter()
+                    outs = llm.generate([prompt_ids(llm.tokenizer, p) for p, _ in chunk], params)
+                    timing[f"{bench}/{m}"] = timing.get(f"{bench}/{m}", 0.0) + time.perf_counter() - t0
+                    for (p, j), o in zip(chunk, outs):
+                        f.write(json.dumps(sample_record(bench, m, p, j, o, llm.tokenizer), ensure_ascii=False) + "\n")
+                    f.flush()
+                    timing_path.write_text(json.dumps(timing))
+                    finished += len(chunk)
+                    if progress:
+                        progress(finished, todo_total)
+    results = summarize_run(_read_samples(path), timing, benches, modes)
+    write_outputs(out_dir, results)
+    return results
+
+
+def summarize_run(samples: list[dict], timing: dict, benches: list[str], modes: list[str]) -> dict:
+    results: dict = {"benchmarks": {}}
+    for b in benches:
+        per = {}
+        for m in modes:
+            mine = [s for s in samples if s["bench"] == b and s["mode"] == m]
+            per[m] = metrics.summarize(mine, timing.get(f"{b}/{m}"))
+        if "parallel" in per and "sequential" in per and per["parallel"].get("wall_time_s"):
+            per["speedup"] = per["sequential"]["wall_time_s"] / per["parallel"]["wall_time_s"]
+        results["benchmarks"][b] = per
+    return results
+
+
+def write_outputs(out_dir: Path, results: dict) -> None:
+    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (out_dir / "report.md").write_text(report_markdown(results))
+    plot(out_dir, results)
+
+
+ROWS = [
+    ("avg@k", "{:.3f}"),
+    ("best@k", "{:.3f}"),
+    ("pass@1", "{:.3f}"),
+    ("format_valid_rate", "{:.3f}"),
+    ("parallel_trigger_rate", "{:.3f}"),
+    ("genuine_parallel_rate", "{:.3f}"),
+    ("mean_total_tokens", "{:.1f}"),
+    ("mean_critical_path_tokens", "{:.1f}"),
+    ("token_parallelism", "{:.2f}"),
+    ("tokens_per_s", "{:.1f}"),
+    ("wall_time_s", "{:.1f}"),
+]
+
+
+def report_markdown(results: dict) -> str:
+    cols = [(b, m) for b, per in results["benchmarks"].items() for m in per if m != "speedup"]
+    lines = ["# NPR evaluation", "", "| metric | " + " | ".join(f"{b} ({m})" for b, m in cols) + " |"]
+    lines.append("|---" * (len(cols) + 1) + "|")
+    for key, fmt in ROWS:
+        vals = [results["benchmarks"][b][m].get(key) for b, m in cols]
+        lines.append(f"| {key} | " + " | ".join("-" if v is None else fmt.format(v) for v in vals) + " |")
+    k = {results["benchmarks"][b][m]["k"] for b, m in cols}
+    lines += ["", f"k = {', '.join(map(str, sorted(k)))} samples per problem."]
+    for b, per in results["benchmarks"].items():
+        if "speedup" in per:
+            lines.append(f"- {b}: wall-clock speedup of parallel over sequential decoding: {per['speedup']:.2f}x")
+    lines += ["", "Metric definitions: README.md, section Metrics (DESIGN §6)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(out_dir: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [(b, m) for b, per in results["benchmarks"].items() for m in per if m != "speedup"]
+    labels = [f"{b}\n{m}" for b, m in cols]
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(cols)), 3.5))
+    avg = [results["benchmarks"][b][m]["avg@k"] for b, m in cols]
+    best = [results["benchmarks"][b][m]["best@k"] for b, m in cols]
+    x = range(len(cols))
+    ax.bar([i - 0.2 for i in x], avg, 0.4, label="avg@k")
+    ax.bar([i + 0.2 for i in x], best, 0.4, label="best@k")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "accuracy.png", dpi=100)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(max(4, 1.6 * len(cols)), 3.5))
+    total = [results["benchmarks"][b][m]["mean_total_tokens"] for b, m in cols]
+    path = [results["benchmarks"][b][m]["mean_critical_path_tokens"] for b, m in cols]
+    ax.bar([i - 0.2 for i in x], total, 0.4, label="total tokens")
+    ax.bar([i + 0.2 for i in x], path, 0.4, label="critical path")
+    ax.set_xticks(list(x), labels)
+    ax.set_ylabel("tokens per response")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_dir / "tokens.png", dpi=100)
+    plt.close(fig)

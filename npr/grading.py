@@ -1,0 +1,142 @@
+"""Final-answer extraction and grading: math (math-verify), multiple choice, Countdown.
+
+Math equivalence runs math-verify (gold first) in a worker process with a wall-clock
+timeout, so it works from any thread or process and a pathological answer (a tower of
+exponents, deeply nested LaTeX) is killed and graded incorrect instead of hanging the
+run. Model output is never evaluated as code.
+"""
+
+from __future__ import annotations
+
+import atexit
+import re
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from multiprocessing import get_context
+
+from npr.grammar import last_boxed
+
+MAX_ANSWER_CHARS = 1000  # longer "answers" are not answers
+_ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*:?\s*(.+?)(?:\.\s|\.?$|\n)", re.IGNORECASE)
+_FBOX = re.compile(r"\\fbox\{")
+
+
+def extract_answer(text: str) -> str | None:
+    r"""The response's final answer.
+
+    1. the content of the last `\boxed{...}` (braces nested), else of the last `\fbox{...}`;
+    2. else the text after the last "answer is" / "answer:" up to the end of its sentence or line;
+    3. else None.
+    """
+    boxed = last_boxed(text)
+    if boxed is None and "\\fbox{" in text:
+        boxed = last_boxed(_FBOX.sub(r"\\boxed{", text))
+    if boxed is not None:
+        return boxed.strip()
+    hits = _ANSWER_IS.findall(text[-4000:])
+    if hits:
+        return hits[-1].strip().strip("$").strip()
+    return None
+
+
+# ---- math ----------------------------------------------------------------------------------
+
+
+def _verify(pred: str, gold: str) -> bool:
+    import logging
+
+    from math_verify import parse, verify
+
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # our process timeout replaces theirs
+    gold_parsed = parse(f"\\boxed{{{gold}}}", parsing_timeout=None)
+    pred_parsed = parse(f"\\boxed{{{pred}}}", parsing_timeout=None)
+    if not gold_parsed or not pred_parsed:
+        return False
+    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
+
+
+class _Worker:
+    """One grading process; replaced when a call times out."""
+
+    def __init__(self):
+        self.pool: ProcessPoolExecutor | None = None
+
+    def run(self, fn, *args, timeout: float):
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
+        future = self.pool.submit(fn, *args)
+        try:
+            return future.result(timeout=timeout)
+        except FutureTimeout:
+            self.kill()
+            raise
+
+    def kill(self):
+        if self.pool is not None:
+            for p in list(getattr(self.pool, "_processes", {}).values()):
+                p.kill()
+            self.pool.shutdown(wait=False, cancel_futures=True)
+            self.pool = None
+
+
+_WORKER = _Worker()
+atexit.register(_WORKER.kill)
+
+
+def math_equal(pred: str | None, gold: str, timeout: float = 10.0) -> bool:
+    """Whether `pred` equals `gold` mathematically (math-verify, gold first); False on timeout."""
+    if pred is None or not pred.strip() or len(pred) > MAX_ANSWER_CHARS:
+        return False
+    if pred.strip() == str(gold).strip():
+        return True
+    try:
+        return bool(_WORKER.run(_verify, pred, str(gold), timeout=timeout))
+    except FutureTimeout:
+        return False
+    except Exception:  # a parser crash on odd input is a wrong answer, not a failed run
+        return False
+
+
+# ---- multiple choice -----------------------------------------------------------------------
+
+_LETTER = re.compile(r"^\(?([A-Z])\)?(?:[.):]|\s|$)")
+
+
+def choice_of(answer: str | None, options: list[str]) -> str | None:
+    """The option letter an extracted answer names: a letter ("B", "(B)", "B. text") or an option's text."""
+    if not answer:
+        return None
+    a = re.sub(r"\\text\{([^}]*)\}", r"\1", answer).strip()
+    m = _LETTER.match(a)
+    if m and ord(m.group(1)) - ord("A") < max(len(options), 1):
+        return m.group(1)
+    norm = _norm(a)
+    for i, opt in enumerate(options):
+        if norm and norm == _norm(opt):
+            return chr(ord("A") + i)
+    return None
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"[\s$.]+", " ", s).strip().lower()
+
+
+def choice_correct(text: str, letter: str, options: list[str]) -> bool:
+    return choice_of(extract_answer(text), options) == letter
+
+
+# ---- one entry point -----------------------------------------------------------------------
+
+
+def grade(problem: dict, response: str, timeout: float = 10.0) -> bool:
+    """Grade a response against a loaded problem record (its "grader" field picks the rule)."""
+    kind = problem.get("grader", "math")
+    if kind == "math":
+        return math_equal(extract_answer(response), problem["answer"], timeout)
+    if kind == "choice":
+        return choice_correct(response, problem["answer"], problem.get("options") or [])
+    if kind == "countdown":
+        from npr.world.countdown import check
+
+        return check(extract_answer(response), problem["numbers"], problem["target"])
+    raise ValueError(f"unknown grader {kind!r} for problem {problem.get('id')}")

@@ -1,0 +1,32 @@
+"""The instructions models are prompted with."""
+
+from __future__ import annotations
+
+NPR_INSTRUCTION = """Solve the problem by reasoning in parallel. Use this structure, repeated as often as needed:
+<guideline><plan>1: a short plan</plan><plan>2: another plan</plan>...</guideline>
+<step>1: carry out plan 1 on its own</step><step>2: carry out plan 2 on its own</step>...
+<takeaway>compare the steps and draw the conclusion</takeaway>
+Write each step as if you could not see the other steps. End with the final answer in \\boxed{}."""
+
+CHOICE_SUFFIX = "Put the letter of the correct option in \\boxed{}."
+
+
+def user_message(problem: dict) -> str:
+    """The user turn for a problem record (see npr.data)."""
+    if problem.get("grader") == "countdown":
+        from npr.world.corpus import user_prompt
+
+        return user_prompt(problem, parallel=True)
+    text = f"{NPR_INSTRUCTION}\n\n{problem['problem']}"
+    return f"{text}\n\n{CHOICE_SUFFIX}" if problem.get("grader") == "choice" else text
+
+
+def prompt_ids(tokenizer, problem: dict) -> list[int]:
+    """Token ids of the prompt: the chat template when the tokenizer has one, else the raw message."""
+    msg = user_message(problem)
+    if getattr(tokenizer, "chat_template", None):
+        msg = tokenizer.apply_chat_template(
+            [{"role": "user", "content": msg}], tokenize=False, add_generation_prompt=True
+        )
+        return tokenizer.encode(msg, add_special_tokens=False)
+    return tokenizer.encode(msg)

@@ -1,0 +1,74 @@
+"""Loaders on every shipped benchmark and on broken files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from npr.data import BENCHMARKS, DataError, load_benchmark, records
+
+SIZES = {"aime24": 30, "aime25": 30, "amc23": 40, "hmmt25": 30, "math500": 500, "gpqa": 198}
+
+
+@pytest.mark.parametrize("name", list(SIZES))
+def test_shipped_benchmarks_load(name):
+    rows = load_benchmark(name)
+    assert len(rows) == SIZES[name]
+    assert len({r["id"] for r in rows}) == len(rows)
+    for r in rows:
+        assert r["problem"].strip() and str(r["answer"]).strip() and r["grader"] == BENCHMARKS[name].grader
+    if name == "gpqa":
+        assert all(r["answer"] in "ABCD" and len(r["options"]) == 4 for r in rows)
+    assert load_benchmark(name, limit=3) == rows[:3]
+
+
+def test_countdown_and_user_files(tmp_path):
+    assert len(load_benchmark("countdown", 5)) == 5
+    p = tmp_path / "mine.jsonl"
+    p.write_text('{"q": "1+1?", "a": 2}\n{"q": "2+2?", "a": 4.0}\n')
+    rows = records(p, problem_field="q", answer_field="a")
+    assert [r["answer"] for r in rows] == ["2", "4"]
+    (tmp_path / "ok.json").write_text(json.dumps([{"question": "x?", "answer": "1"}]))
+    assert load_benchmark(f"mine={tmp_path / 'ok.json'}")[0]["id"] == "mine-0"
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist([{"problem": "a?", "answer": "1"}, {"problem": "b?", "answer": "2"}]), path)
+    assert [r["answer"] for r in records(path)] == ["1", "2"]
+
+
+@pytest.mark.parametrize(
+    "content, suffix, message",
+    [
+        (None, ".json", "no such file"),
+        ("[{", ".json", "not valid JSON"),
+        ('{"a": 1}', ".json", "expected a list"),
+        ('{"problem": "x", "answer": "1"}\nnot json\n', ".jsonl", "line 2 is not valid JSON"),
+        ('[{"problem": "x"}]', ".json", "record 0: none of the fields answer"),
+        ('[{"problem": "x", "answer": "1"}, {"problem": ["?"], "answer": "2"}]', ".json", "record 1, field 'problem'"),
+        ('[{"problem": {"a": 1}, "answer": "2"}]', ".json", "expected text, got dict"),
+        ("[3]", ".json", "record 0: expected an object"),
+        ("a,b", ".csv", "unknown format"),
+    ],
+)
+def test_broken_files_name_file_record_and_field(tmp_path, content, suffix, message):
+    path = tmp_path / f"bad{suffix}"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(DataError, match=message) as e:
+        records(path)
+    assert str(path) in str(e.value)
+
+
+def test_missing_named_field_and_unknown_benchmark(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text(json.dumps([{"problem": "x", "answer": "1"}]))
+    with pytest.raises(DataError, match="record 0: missing field 'ans'"):
+        records(p, answer_field="ans")
+    with pytest.raises(DataError, match="unknown benchmark 'nope'"):
+        load_benchmark("nope")
