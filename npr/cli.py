@@ -253,6 +253,8 @@ def eval_cmd(
     mode: str = typer.Option("parallel", help="parallel or sequential decoding."),
     out: Path = typer.Option(Path("runs/eval"), "--out", help="Output folder (rerun with the same folder to resume)."),
     limit: int = typer.Option(None, help="Only the first N problems of each benchmark."),
+    problem_field: str = typer.Option(None, help="Problem field of NAME=PATH files (default: detected)."),
+    answer_field: str = typer.Option(None, help="Answer field of NAME=PATH files (default: detected)."),
     temperature: float = typer.Option(1.0, help="Paper default 1.0."),
     top_p: float = typer.Option(0.7, help="Paper default 0.7."),
     max_tokens: int = typer.Option(2048, help="Token budget per response (all branches)."),
@@ -272,7 +274,7 @@ def eval_cmd(
     try:
         SamplingParams(mode=mode, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         for b in benches:
-            load_benchmark(b, 1)
+            load_benchmark(b, 1, problem_field, answer_field)
         lm, tok = load(model, trust_remote_code=trust_remote_code)
         llm = LLM(lm, tok, kv_cache_gb=kv_cache_gb)
     except (ValueError, DataError, FileNotFoundError, OSError) as e:
@@ -281,7 +283,7 @@ def eval_cmd(
                 "max_path_tokens": max_path_tokens}  # fmt: skip
     with Progress(transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
-        res = run_eval(llm, benches, out, n, mode, limit, sampling, compare_sequential,
+        res = run_eval(llm, benches, out, n, mode, limit, sampling, compare_sequential, (problem_field, answer_field),
                        progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
     print((out / "report.md").read_text())
     print(f"wrote {out}/results.json, samples.jsonl, report.md, accuracy.png, tokens.png")

@@ -162,13 +162,19 @@ BENCHMARKS = {
 }
 
 
-def load_benchmark(name: str, limit: int | None = None) -> list[dict]:
-    """Problems of a registered benchmark, or of `NAME=PATH` (a file added on the command line)."""
-    if "=" in name:
+def load_benchmark(
+    name: str, limit: int | None = None, problem_field: str | None = None, answer_field: str | None = None
+) -> list[dict]:
+    """Problems of a registered benchmark, of `NAME=PATH` (a file of your own; field names may be
+    given) or of `hf:DATASET[:SPLIT]` (a Hugging Face hub dataset, when online)."""
+    fields = {"problem_field": problem_field, "answer_field": answer_field}
+    if name.startswith("hf:"):
+        rows = _hub(name[3:], **fields)
+    elif "=" in name:
         name, path = name.split("=", 1)
-        rows = records(path, name=name)
+        rows = records(path, name=name, **fields)
     elif name not in BENCHMARKS:
-        raise DataError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)} (or NAME=PATH)")
+        raise DataError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)} (or NAME=PATH, hf:DATASET)")
     elif name == "countdown":
         from npr.world import countdown
 
@@ -177,5 +183,23 @@ def load_benchmark(name: str, limit: int | None = None) -> list[dict]:
         b = BENCHMARKS[name]
         rows = []
         for f in b.files:
-            rows += records(benchmarks_dir() / f, b.grader, name=Path(f).stem if len(b.files) > 1 else name, **b.fields)
+            stem = Path(f).stem if len(b.files) > 1 else name
+            rows += records(benchmarks_dir() / f, b.grader, name=stem, **b.fields)
     return rows[:limit] if limit else rows
+
+
+def _hub(spec: str, **fields) -> list[dict]:
+    import tempfile
+
+    try:
+        from datasets import load_dataset
+    except ImportError:
+        raise DataError(
+            "hub datasets need the `datasets` package (pip install 'native-parallel-reasoner[hf]')"
+        ) from None
+    name, _, split = spec.partition(":")
+    ds = load_dataset(name, split=split or "test")
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "rows.jsonl"
+        path.write_text("".join(json.dumps(dict(r), default=str) + "\n" for r in ds))
+        return records(path, name=name.split("/")[-1], **fields)

@@ -80,6 +80,7 @@ def run_eval(
     limit: int | None = None,
     sampling: dict | None = None,
     compare_sequential: bool = False,
+    fields: tuple[str | None, str | None] = (None, None),
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     from npr.engine import SamplingParams
@@ -98,7 +99,7 @@ def run_eval(
     sampling = {"temperature": 1.0, "top_p": 0.7, "max_tokens": 2048} | (sampling or {})
     timing_path = out_dir / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
-    problems = {b: load_benchmark(b, limit) for b in benches}
+    problems = {b: load_benchmark(b, limit, *fields) for b in benches}
     todo_total = sum(len(ps) * n for ps in problems.values()) * len(modes)
     finished = len(done)
     with path.open("a", encoding="utf-8") as f:

@@ -31,6 +31,7 @@ def test_countdown_and_user_files(tmp_path):
     assert [r["answer"] for r in rows] == ["2", "4"]
     (tmp_path / "ok.json").write_text(json.dumps([{"question": "x?", "answer": "1"}]))
     assert load_benchmark(f"mine={tmp_path / 'ok.json'}")[0]["id"] == "mine-0"
+    assert load_benchmark(f"mine={p}", None, "q", "a")[1]["problem"] == "2+2?"
 
 
 def test_parquet(tmp_path):
