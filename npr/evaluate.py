@@ -1,8 +1,8 @@
 """`npr eval`: sample k responses per problem with the engine, grade them, report the metrics.
 
 Samples are appended to DIR/samples.jsonl as they finish, so a rerun with the same DIR
-skips what is done; a sample whose grading fails is recorded with its error and the run
-goes on. DIR/results.json, DIR/report.md and PNG plots are rewritten at the end.
+skips what is done; a sample that fails (generation or grading) is recorded with its
+error, the run goes on, and a rerun retries it. DIR/results.json, DIR/report.md and PNG plots are rewritten at the end.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def _read_samples(path: Path) -> list[dict]:
     return out
 
 
-def sample_record(bench: str, mode: str, problem: dict, j: int, out, tokenizer) -> dict:
+def sample_record(bench: str, mode: str, problem: dict, j: int, out) -> dict:
     """Grade one completion and describe it (one line of samples.jsonl)."""
     rec = {
         "bench": bench,
@@ -88,10 +88,10 @@ def run_eval(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "samples.jsonl"
-    kept = _read_samples(path)
+    kept = [x for x in _read_samples(path) if "error" not in x]  # failed samples are retried
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     if len(kept) != len(text.splitlines()) or (text and not text.endswith("\n")):
-        tmp = path.with_suffix(".tmp")  # drop lines cut by a crash before appending again
+        tmp = path.with_suffix(".tmp")  # drop failed samples and lines cut by a crash
         tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in kept), encoding="utf-8")
         tmp.replace(path)
     done = {_key(s) for s in kept}
@@ -112,10 +112,18 @@ def run_eval(
                         SamplingParams(mode=m, seed=zlib.crc32(f"{p['id']}/{j}".encode()), **sampling) for p, j in chunk
                     ]
                     t0 = time.perf_counter()
-                    outs = llm.generate([prompt_ids(llm.tokenizer, p) for p, _ in chunk], params)
+                    try:
+                        outs = llm.generate([prompt_ids(llm.tokenizer, p) for p, _ in chunk], params)
+                    except Exception as e:  # recorded per sample; the run goes on (a rerun retries them)
+                        outs = [None] * len(chunk)
+                        failure = f"{type(e).__name__}: {e}"
                     timing[f"{bench}/{m}"] = timing.get(f"{bench}/{m}", 0.0) + time.perf_counter() - t0
                     for (p, j), o in zip(chunk, outs):
-                        f.write(json.dumps(sample_record(bench, m, p, j, o, llm.tokenizer), ensure_ascii=False) + "\n")
+                        if o is None:
+                            rec = {"bench": bench, "mode": m, "problem_id": p["id"], "sample": j, "error": failure}
+                        else:
+                            rec = sample_record(bench, m, p, j, o)
+                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     f.flush()
                     timing_path.write_text(json.dumps(timing))
                     finished += len(chunk)

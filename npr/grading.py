@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import re
+import threading
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from multiprocessing import get_context
@@ -60,8 +61,13 @@ class _Worker:
 
     def __init__(self):
         self.pool: ProcessPoolExecutor | None = None
+        self.lock = threading.Lock()  # one call at a time: a timeout kills the pool under nobody else
 
     def run(self, fn, *args, timeout: float):
+        with self.lock:
+            return self._run(fn, *args, timeout=timeout)
+
+    def _run(self, fn, *args, timeout: float):
         if self.pool is None:
             self.pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
         future = self.pool.submit(fn, *args)

@@ -95,3 +95,11 @@ def test_grade_cli():
     assert bad.returncode == 1 and bad.stdout.strip() == "incorrect"
     mc = run("\\boxed{B}", "--reference", "B", "--option", "x", "--option", "y")
     assert mc.returncode == 0
+
+
+def test_timeouts_work_from_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(2) as pool:
+        ok, slow = pool.submit(math_equal, "\\frac{1}{2}", "0.5"), pool.submit(math_equal, "9^{9^{9^{9}}}", "1", 3)
+        assert ok.result(timeout=60) is True and slow.result(timeout=60) is False
