@@ -15,5 +15,8 @@ echo; echo "== npr generate on it, NPR instruction, parallel engine"
 $NPR generate --model ../runs/base --seed 0 --max-tokens 200 --tree \
   --prompt "solve in parallel : write a guideline of plans , one step per plan , compare them in a takeaway , then box the answer . use 3 5 2 to make 16"
 
+echo; echo "== npr eval on the Countdown test split: parallel vs sequential decoding, same run"
+$NPR eval --model ../runs/base --bench countdown --limit 20 --n 4 --max-tokens 256 --compare-sequential --out ../runs/eval
+
 echo; echo "== npr bench engine --config tiny (random tiny Qwen3; parallel vs sequential vs HF generate)"
 $NPR bench engine --config tiny
