@@ -116,9 +116,10 @@ def generate(
         llm = LLM(lm, tok)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise typer.BadParameter(str(e)) from None
-    if chat and getattr(tok, "chat_template", None):
-        prompt = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-                  for p in prompt]  # fmt: skip
+    if chat:
+        from npr.prompts import chat_ids
+
+        prompt = [chat_ids(tok, p) for p in prompt]
     for out in llm.generate(prompt, sp, progress=len(prompt) > 1):
         answer = grammar.last_boxed(out.text)
         if as_json:

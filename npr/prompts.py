@@ -21,12 +21,16 @@ def user_message(problem: dict) -> str:
     return f"{text}\n\n{CHOICE_SUFFIX}" if problem.get("grader") == "choice" else text
 
 
-def prompt_ids(tokenizer, problem: dict) -> list[int]:
-    """Token ids of the prompt: the chat template when the tokenizer has one, else the raw message."""
-    msg = user_message(problem)
+def chat_ids(tokenizer, message: str) -> list[int]:
+    """Token ids of a user turn: the chat template (with the assistant cue) when the tokenizer has one."""
     if getattr(tokenizer, "chat_template", None):
-        msg = tokenizer.apply_chat_template(
-            [{"role": "user", "content": msg}], tokenize=False, add_generation_prompt=True
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
         )
-        return tokenizer.encode(msg, add_special_tokens=False)
-    return tokenizer.encode(msg)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode(message)
+
+
+def prompt_ids(tokenizer, problem: dict) -> list[int]:
+    """Token ids of the prompt for a problem record."""
+    return chat_ids(tokenizer, user_message(problem))

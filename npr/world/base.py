@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from npr.prompts import chat_ids
 from npr.world import corpus, countdown
 from npr.world.tokenizer import build_tokenizer
 
@@ -51,11 +52,6 @@ class Recipe:
         d = asdict(self)
         d.pop("threads")
         return hashlib.sha256(json.dumps([VERSION, d], sort_keys=True).encode()).hexdigest()[:16]
-
-
-def chat_ids(tok, user: str) -> list[int]:
-    text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-    return tok.encode(text, add_special_tokens=False)
 
 
 def encode_examples(tok, recipe: Recipe) -> list[tuple[list[int], int]]:

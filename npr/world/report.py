@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 from npr import grammar
-from npr.world import corpus, countdown
-
-
-def correct(problem: dict, text: str) -> bool:
-    return countdown.check(grammar.last_boxed(text), problem["numbers"], problem["target"])
+from npr.grading import grade
+from npr.prompts import chat_ids
+from npr.world import corpus
 
 
 def measure(llm, problems: list[dict], parallel_prompt: bool, k: int = 4, mode: str = "sequential", **sampling):
@@ -17,14 +15,12 @@ def measure(llm, problems: list[dict], parallel_prompt: bool, k: int = 4, mode: 
     tok = llm.tokenizer
     prompts, params = [], []
     for i, p in enumerate(problems):
-        user = corpus.user_prompt(p, parallel_prompt)
-        text = tok.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
-        ids = tok.encode(text, add_special_tokens=False)
+        ids = chat_ids(tok, corpus.user_prompt(p, parallel_prompt))
         for j in range(k):
             prompts.append(ids)
             params.append(SamplingParams(mode=mode, seed=i * k + j, **({"max_tokens": 256} | sampling)))
     outs = llm.generate(prompts, params)
-    hits = [correct(problems[i // k], o.text) for i, o in enumerate(outs)]
+    hits = [grade(dict(problems[i // k], grader="countdown"), o.text) for i, o in enumerate(outs)]
     valid = [grammar.parse(o.text).valid for o in outs]
     best = [any(hits[i * k : (i + 1) * k]) for i in range(len(problems))]
     return {
