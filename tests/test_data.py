@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import needs_shipped_data
 
 from npr.data import BENCHMARKS, DataError, load_benchmark, records
 
 SIZES = {"aime24": 30, "aime25": 30, "amc23": 40, "hmmt25": 30, "math500": 500, "gpqa": 198}
 
 
+@needs_shipped_data
 @pytest.mark.parametrize("name", list(SIZES))
 def test_shipped_benchmarks_load(name):
     rows = load_benchmark(name)
