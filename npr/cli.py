@@ -291,5 +291,32 @@ def eval_cmd(
     del res
 
 
+train_app = typer.Typer(help="Training stages: rl (Stage 1 DAPO / Stage 3 PAPO).")
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("rl")
+def train_rl_cmd(
+    overrides: list[str] = typer.Argument(None, help="Config overrides: section.key=value (e.g. optim.lr=1e-6)."),
+    config: Path = typer.Option(None, "--config", help="YAML config (e.g. configs/tiny/stage1.yaml)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in run.out."),
+) -> None:
+    """Reinforcement learning on engine rollouts (DAPO for Stage 1, PAPO for Stage 3)."""
+    from npr.train.config import load_config
+    from npr.train.rl import TrainingError, train_rl
+
+    try:
+        cfg = load_config(config, overrides or [])
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    try:
+        summary = train_rl(cfg, resume=resume)
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    print(json.dumps(summary))
+    print(f"run written to {cfg.run.out} (metrics.jsonl, samples.txt, checkpoints/)")
+
+
 def main() -> None:
     app()

@@ -173,12 +173,13 @@ def load_benchmark(
     elif "=" in name:
         name, path = name.split("=", 1)
         rows = records(path, name=name, **fields)
-    elif name not in BENCHMARKS:
+    elif name.split(":")[0] not in BENCHMARKS:
         raise DataError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)} (or NAME=PATH, hf:DATASET)")
-    elif name == "countdown":
+    elif name.split(":")[0] == "countdown":
         from npr.world import countdown
 
-        rows = [dict(p, grader="countdown") for p in countdown.split("test", limit or 200)]
+        split = name.split(":")[1] if ":" in name else "test"
+        rows = [dict(p, grader="countdown") for p in countdown.split(split, limit or 200)]
     else:
         b = BENCHMARKS[name]
         rows = []

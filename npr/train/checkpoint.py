@@ -1,0 +1,41 @@
+"""Atomic checkpoints: Hugging Face weights (safetensors) + tokenizer + trainer state."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+STATE = "trainer_state.pt"
+
+
+def save(out: Path, step: int, model, tokenizer, state: dict) -> Path:
+    """Write out/checkpoints/step-N via a temporary folder renamed at the end; update `latest`."""
+    root = out / "checkpoints"
+    final = root / f"step-{step:06d}"
+    tmp = root / f".tmp-step-{step:06d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    torch.save(state, tmp / STATE)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    latest = root / "latest.json"
+    latest.with_suffix(".tmp").write_text(json.dumps({"step": step, "path": final.name}))
+    latest.with_suffix(".tmp").replace(latest)
+    return final
+
+
+def latest(out: Path) -> Path | None:
+    pointer = out / "checkpoints" / "latest.json"
+    if not pointer.exists():
+        return None
+    path = out / "checkpoints" / json.loads(pointer.read_text())["path"]
+    return path if (path / STATE).exists() else None
+
+
+def load_state(path: Path) -> dict:
+    return torch.load(path / STATE, weights_only=True)

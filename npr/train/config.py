@@ -1,0 +1,136 @@
+"""Training configuration: YAML files plus `section.key=value` overrides from the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class ModelConfig:
+    path: str = "runs/base"
+    dtype: str = "float32"  # float32 | bfloat16
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataConfig:
+    source: str = "countdown:train"  # a benchmark name, countdown:SPLIT, NAME=PATH or hf:DATASET
+    size: int = 4000  # problems drawn from the source (countdown) or first N of a file
+    problem_field: str | None = None
+    answer_field: str | None = None
+
+
+@dataclass
+class RolloutConfig:
+    mode: str = "sequential"  # Stage 1 decodes sequentially; Stage 3 in parallel
+    n: int = 8  # samples per prompt (the group)
+    prompts_per_step: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    max_path_tokens: int | None = None
+    enforce_structure: bool = False  # Stage 1: the model must discover the format itself
+    repetition_penalty: float = 1.0
+    kv_cache_gb: float = 0.5
+
+
+@dataclass
+class AlgoConfig:
+    reward: str = "stage1"  # stage1 | accuracy | module:function
+    advantage: str = "group"  # group (DAPO/GRPO) | batch (PAPO)
+    loss: str = "dapo"  # dapo | papo
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dynamic_sampling: bool = True  # drop groups whose rewards are all equal, sample more
+    max_resample: int = 3  # extra sampling rounds per step at most
+    overlong_buffer: int = 0  # DAPO soft overlong punishment over this many tokens (0: off)
+    overlong_factor: float = 1.0
+    schema_filter: bool = False  # PAPO: drop rollouts without an executable parallel schema
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0
+    micro_batch: int = 32  # sequences per forward/backward
+
+
+@dataclass
+class RunConfig:
+    out: str = "runs/stage1"
+    steps: int = 40
+    seed: int = 0
+    save_every: int = 10
+    samples_per_step: int = 2  # rollouts written to samples.txt each step
+    tensorboard: bool = False
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in (values or {}).items():
+        if key not in known:
+            raise ValueError(f"{where}: unknown key {key!r} (known: {', '.join(known)})")
+        sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
+        if sub is not None and dataclasses.is_dataclass(sub):
+            kwargs[key] = _build(sub, value, f"{where}.{key}")
+        else:
+            kwargs[key] = _coerce(value, known[key].default, f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value, default, where: str):
+    """Give a value the type of the field's default (YAML reads 1e-6 as a string, for one)."""
+    if isinstance(value, list):
+        return tuple(value)
+    if default is None or default is dataclasses.MISSING or value is None or isinstance(default, tuple):
+        return value
+    kind = type(default)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    try:
+        if kind is bool:
+            if str(value).lower() in ("true", "false"):
+                return str(value).lower() == "true"
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults) and apply `section.key=value` overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ValueError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of sections")
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"override {item!r}: expected section.key=value")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        data.setdefault(section, {})[name] = yaml.safe_load(value)
+    return _build(Config, data, str(path) if path else "config")
