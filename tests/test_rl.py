@@ -82,3 +82,12 @@ def test_resume_gives_the_uninterrupted_weights(tiny_dir, tmp_path, monkeypatch)
     cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     strip = lambda line: {k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "step_time")}  # noqa: E731
     assert [strip(x) for x in full] == [strip(x) for x in cut]
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tiny_dir, tmp_path, monkeypatch):
+    from npr.train.rl import TrainingError
+
+    monkeypatch.setitem(rewards.REWARDS, "sevens", lambda *a: float("nan") if len(a[1]) % 2 else 1.0)
+    with pytest.raises(TrainingError, match="non-finite"):
+        train_rl(_cfg(tiny_dir, tmp_path / "nan", 3), progress=False)
+    assert not (tmp_path / "nan" / "checkpoints" / "step-000001").exists()

@@ -131,6 +131,9 @@ def train_step(model, opt, cfg: Config, rolls: list[Rollout], advantages: torch.
             loss = papo_loss(logp, adv, mask)
         else:
             raise ValueError(f"unknown loss {a.loss!r} (dapo or papo)")
+        if not torch.isfinite(loss):
+            opt.zero_grad(set_to_none=True)
+            raise TrainingError(f"non-finite loss ({float(loss)}); stopped, the last checkpoint is kept")
         (loss * share).backward()
         with torch.no_grad():
             ent = -(logp_all.exp() * logp_all).sum(-1)
@@ -170,6 +173,13 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         prompts.position, start = state["position"], state["step"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
+    writer = None
+    if cfg.run.tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ValueError("run.tensorboard needs the tensorboard package (pip install tensorboard)") from None
+        writer = SummaryWriter(str(out / "tensorboard"))
     log = (out / "metrics.jsonl").open("a")
     samples = (out / "samples.txt").open("a")
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -233,6 +243,9 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
             }
             log.write(json.dumps(m) + "\n")
             log.flush()
+            if writer:
+                for k, v in m.items():
+                    writer.add_scalar(k, v, step + 1)
             for r in seen[: cfg.run.samples_per_step]:
                 samples.write(f"=== step {step + 1} | {r.problem['id']} | reward {r.reward:+.2f}\n{r.out.text}\n\n")
             samples.flush()
@@ -249,6 +262,8 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                 checkpoint.save(out, step + 1, model, tok, state)
     log.close()
     samples.close()
+    if writer:
+        writer.close()
     return summary
 
 
