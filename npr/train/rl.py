@@ -133,7 +133,7 @@ def train_step(model, opt, cfg: Config, rolls: list[Rollout], advantages: torch.
             raise ValueError(f"unknown loss {a.loss!r} (dapo or papo)")
         if not torch.isfinite(loss):
             opt.zero_grad(set_to_none=True)
-            raise TrainingError(f"non-finite loss ({float(loss)}); stopped, the last checkpoint is kept")
+            raise TrainingError(f"non-finite loss ({loss.item()}); stopped, the last checkpoint is kept")
         (loss * share).backward()
         with torch.no_grad():
             ent = -(logp_all.exp() * logp_all).sum(-1)
