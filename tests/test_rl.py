@@ -91,3 +91,33 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_dir, tmp_path, monkeypatc
     with pytest.raises(TrainingError, match="non-finite"):
         train_rl(_cfg(tiny_dir, tmp_path / "nan", 3), progress=False)
     assert not (tmp_path / "nan" / "checkpoints" / "step-000001").exists()
+
+
+def test_two_process_run_matches_one_process(tiny_dir, tmp_path):
+    """torchrun with 2 CPU processes (gloo) and the same global batch gives the 1-process weights."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1")
+    over = [f"model.path={tiny_dir}", "run.steps=2", "rollout.n=4", "rollout.prompts_per_step=4",
+            "rollout.max_tokens=16", "optim.lr=0.02", "optim.micro_batch=4", "algo.reward=test_rl:sevens",
+            "data.size=50", "algo.dynamic_sampling=true", "run.save_every=2"]  # fmt: skip
+    one = [sys.executable, "-m", "npr", "train", "rl", *over, f"run.out={tmp_path / 'one'}"]
+    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "-m", "npr", "train", "rl", *over, f"run.out={tmp_path / 'two'}"]  # fmt: skip
+    for cmd in (one, two):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    a = load_file(tmp_path / "one" / "checkpoints" / "step-000002" / "model.safetensors")
+    b = load_file(tmp_path / "two" / "checkpoints" / "step-000002" / "model.safetensors")
+    base = load_file(Path(tiny_dir) / "model.safetensors")
+    assert any(not torch.equal(a[k], base[k]) for k in a)  # it trained
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    m1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["reward_mean"] for x in m1] == pytest.approx([x["reward_mean"] for x in m2])

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 
 from npr import grammar
 from npr.data import load_benchmark
@@ -26,7 +27,7 @@ from npr.modeling import topology_forward
 from npr.prompts import prompt_ids
 from npr.rewards import get_reward
 from npr.topology import collate, executable
-from npr.train import checkpoint
+from npr.train import checkpoint, distributed
 from npr.train.config import Config
 from npr.train.objectives import batch_advantages, dapo_loss, group_advantages, overlong_penalty, papo_loss
 
@@ -38,11 +39,26 @@ class TrainingError(RuntimeError):
 @dataclass
 class Rollout:
     problem: dict
-    group: int
+    group: int  # index of its prompt among all prompts of the step (over ranks and rounds)
+    sample: int
     out: object  # engine Completion
     reward: float
     correct: bool
     valid: bool
+
+    def summary(self, tags: dict) -> dict:
+        """What every rank needs to know about this rollout to take the same decisions."""
+        return {
+            "group": self.group,
+            "sample": self.sample,
+            "reward": self.reward,
+            "correct": self.correct,
+            "valid": self.valid,
+            "length": len(self.out.token_ids),
+            "total_tokens": self.out.stats["total_tokens"],
+            "sampled": sum(not f for f in self.out.forced),
+            "schema_ok": executable(self.out.token_ids, tags) is None,
+        }
 
 
 class Prompts:
@@ -62,10 +78,11 @@ class Prompts:
         return out
 
 
-def rollouts(llm: LLM, cfg: Config, problems: list[dict], step: int, round_: int, reward_fn) -> list[Rollout]:
+def rollouts(llm: LLM, cfg: Config, problems: list[tuple[int, dict]], step: int, round_: int, reward_fn):
+    """n rollouts for each (group id, problem); seeds depend on the problem, not on the rank."""
     r = cfg.rollout
     prompts, params, meta = [], [], []
-    for g, p in enumerate(problems):
+    for g, p in problems:
         ids = prompt_ids(llm.tokenizer, p)
         for j in range(r.n):
             seed = zlib.crc32(f"{cfg.run.seed}/{step}/{round_}/{p['id']}/{j}".encode())
@@ -82,13 +99,13 @@ def rollouts(llm: LLM, cfg: Config, problems: list[dict], step: int, round_: int
                     seed=seed,
                 )  # fmt: skip
             )
-            meta.append((p, g))
-    outs = llm.generate(prompts, params)
+            meta.append((p, g, j))
+    outs = llm.generate(prompts, params) if prompts else []
     result = []
-    for (p, g), o in zip(meta, outs):
+    for (p, g, j), o in zip(meta, outs):
         text = o.text
         reward = float(reward_fn(p["problem"], text, str(p.get("answer", "")), p))
-        result.append(Rollout(p, g, o, reward, bool(grade(p, text)), grammar.parse(text).valid))
+        result.append(Rollout(p, g, j, o, reward, bool(grade(p, text)), grammar.parse(text).valid))
     return result
 
 
@@ -107,11 +124,10 @@ def _sequence_batch(rolls: list[Rollout], pad_id: int, tag_ids: dict):
     return ids, topo, mask, old
 
 
-def train_step(model, opt, cfg: Config, rolls: list[Rollout], advantages: torch.Tensor, tag_ids: dict, pad_id: int):
-    """One optimiser step over the kept rollouts; token-mean over the whole batch."""
+def train_step(model, opt, cfg: Config, rolls: list[Rollout], advantages, tag_ids: dict, pad_id: int, total_tokens):
+    """One optimiser step; the loss is the token-mean over the kept rollouts of all ranks."""
     a = cfg.algo
     device = next(model.parameters()).device
-    total_tokens = sum(sum(not f for f in r.out.forced) for r in rolls)
     stats = {"clip_fraction": 0.0, "entropy": 0.0}
     model.train()
     opt.zero_grad(set_to_none=True)
@@ -138,6 +154,8 @@ def train_step(model, opt, cfg: Config, rolls: list[Rollout], advantages: torch.
         with torch.no_grad():
             ent = -(logp_all.exp() * logp_all).sum(-1)
             stats["entropy"] += float((ent * mask).sum() / max(total_tokens, 1))
+    distributed.sum_gradients(model)
+    stats = distributed.sum_floats(stats)
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
     if not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
@@ -149,9 +167,12 @@ def train_step(model, opt, cfg: Config, rolls: list[Rollout], advantages: torch.
 
 
 def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
+    rank, world = distributed.init()
+    progress = progress and rank == 0
     out = Path(cfg.run.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(__import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
+    if rank == 0:
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     torch.manual_seed(cfg.run.seed)
     random.seed(cfg.run.seed)
     ckpt = checkpoint.latest(out) if resume else None
@@ -197,43 +218,51 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         task = bar.add_task("rl", total=cfg.run.steps, completed=start, info="")
         for step in range(start, cfg.run.steps):
             t0 = time.perf_counter()
-            kept, seen, dropped, rounds = [], [], 0, 0
+            kept, seen, mine, dropped, rounds, base = [], [], {}, 0, 0, 0
             need = cfg.rollout.prompts_per_step
             while need > 0 and rounds <= (cfg.algo.max_resample if cfg.algo.dynamic_sampling else 0):
-                batch = rollouts(llm, cfg, prompts.take(need), step, rounds, reward_fn)
-                seen += batch
-                rounds += 1
-                for g in sorted({r.group for r in batch}):
-                    group = [r for r in batch if r.group == g]
+                taken = prompts.take(need)  # the same on every rank; each samples its share
+                share = [(base + i, p) for i, p in enumerate(taken) if i % world == rank]
+                batch = rollouts(llm, cfg, share, step, rounds, reward_fn)
+                mine |= {(r.group, r.sample): r for r in batch}
+                summaries = sorted(distributed.gather([r.summary(llm.tags) for r in batch]),
+                                   key=lambda x: (x["group"], x["sample"]))  # fmt: skip
+                seen += summaries
+                base, rounds = base + len(taken), rounds + 1
+                for g in sorted({x["group"] for x in summaries}):
+                    group = [x for x in summaries if x["group"] == g]
                     if cfg.algo.schema_filter:
-                        tags = llm.tags
-                        group = [r for r in group if executable(r.out.token_ids, tags) is None]
-                    if not group or (cfg.algo.dynamic_sampling and len({r.reward for r in group}) == 1):
+                        group = [x for x in group if x["schema_ok"]]
+                    if not group or (cfg.algo.dynamic_sampling and len({x["reward"] for x in group}) == 1):
                         dropped += 1
                         continue
                     kept.append(group)
                 need = cfg.rollout.prompts_per_step - len(kept)
             gen_time = time.perf_counter() - t0
-            rolls = [r for g in kept for r in g]
+            flat = [x for g in kept for x in g]
             stats = {}
-            if rolls:
-                rewards = torch.tensor([r.reward for r in rolls])
+            if flat:
+                rewards = torch.tensor([x["reward"] for x in flat])
                 if cfg.algo.overlong_buffer:
-                    lengths = torch.tensor([len(r.out.token_ids) for r in rolls])
+                    lengths = torch.tensor([x["length"] for x in flat])
                     rewards = rewards + overlong_penalty(
                         lengths, cfg.rollout.max_tokens, cfg.algo.overlong_buffer, cfg.algo.overlong_factor
                     )
                 groups = torch.tensor([i for i, g in enumerate(kept) for _ in g])
                 adv_fn = {"group": group_advantages, "batch": batch_advantages}[cfg.algo.advantage]
-                stats = train_step(model, opt, cfg, rolls, adv_fn(rewards, groups), llm.tags, pad)
-            tokens = sum(r.out.stats["total_tokens"] for r in seen)
+                adv = adv_fn(rewards, groups)
+                local = [i for i, x in enumerate(flat) if (x["group"], x["sample"]) in mine]
+                rolls = [mine[flat[i]["group"], flat[i]["sample"]] for i in local]
+                total = sum(x["sampled"] for x in flat)
+                stats = train_step(model, opt, cfg, rolls, adv[local], llm.tags, pad, total)
+            tokens = sum(x["total_tokens"] for x in seen)
             m = {
                 "step": step + 1,
-                "reward_mean": _mean([r.reward for r in seen]),
-                "reward_std": float(torch.tensor([r.reward for r in seen]).std()) if len(seen) > 1 else 0.0,
-                "accuracy": _mean([r.correct for r in seen]),
-                "format_valid_rate": _mean([r.valid for r in seen]),
-                "response_length": _mean([len(r.out.token_ids) for r in seen]),
+                "reward_mean": _mean([x["reward"] for x in seen]),
+                "reward_std": float(torch.tensor([x["reward"] for x in seen]).std()) if len(seen) > 1 else 0.0,
+                "accuracy": _mean([x["correct"] for x in seen]),
+                "format_valid_rate": _mean([x["valid"] for x in seen]),
+                "response_length": _mean([x["length"] for x in seen]),
                 "dropped_groups": dropped,
                 "kept_groups": len(kept),
                 "sampling_rounds": rounds,
@@ -241,14 +270,15 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                 "step_time": time.perf_counter() - t0,
                 **stats,
             }
-            log.write(json.dumps(m) + "\n")
-            log.flush()
-            if writer:
-                for k, v in m.items():
-                    writer.add_scalar(k, v, step + 1)
-            for r in seen[: cfg.run.samples_per_step]:
-                samples.write(f"=== step {step + 1} | {r.problem['id']} | reward {r.reward:+.2f}\n{r.out.text}\n\n")
-            samples.flush()
+            if rank == 0:
+                log.write(json.dumps(m) + "\n")
+                log.flush()
+                if writer:
+                    for k, v in m.items():
+                        writer.add_scalar(k, v, step + 1)
+                for r in list(mine.values())[: cfg.run.samples_per_step]:
+                    samples.write(f"=== step {step + 1} | {r.problem['id']} | reward {r.reward:+.2f}\n{r.out.text}\n\n")
+                samples.flush()
             summary = m
             bar.update(task, advance=1, info=f"reward {m['reward_mean']:+.2f} valid {m['format_valid_rate']:.2f}")
             if (step + 1) % cfg.run.save_every == 0 or step + 1 == cfg.run.steps:
@@ -259,7 +289,9 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                     "torch_rng": torch.get_rng_state(),
                     "python_rng": random.getstate(),
                 }
-                checkpoint.save(out, step + 1, model, tok, state)
+                if rank == 0:
+                    checkpoint.save(out, step + 1, model, tok, state)
+                distributed.barrier()
     log.close()
     samples.close()
     if writer:
