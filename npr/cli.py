@@ -261,6 +261,7 @@ def eval_cmd(
     max_tokens: int = typer.Option(2048, help="Token budget per response (all branches)."),
     max_path_tokens: int = typer.Option(None, help="Critical-path budget per response."),
     compare_sequential: bool = typer.Option(False, help="Also decode sequentially in the same run; report speedup."),
+    enforce: bool = typer.Option(True, help="Mask tag tokens that would break the schema (--no-enforce: raw model)."),
     kv_cache_gb: float = typer.Option(None, help="KV pool size."),
     trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the checkpoint."),
 ) -> None:
@@ -281,7 +282,7 @@ def eval_cmd(
     except (ValueError, DataError, FileNotFoundError, OSError) as e:
         raise typer.BadParameter(str(e)) from None
     sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
-                "max_path_tokens": max_path_tokens}  # fmt: skip
+                "max_path_tokens": max_path_tokens, "enforce_structure": enforce}  # fmt: skip
     with Progress(transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
         res = run_eval(llm, benches, out, n, mode, limit, sampling, compare_sequential, (problem_field, answer_field),
