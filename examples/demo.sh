@@ -17,14 +17,14 @@ $NPR generate --model ../runs/base --seed 0 --max-tokens 200 --tree \
 
 echo; echo "== npr eval on the Countdown test split: parallel vs sequential decoding, same run"
 $NPR eval --model ../runs/base --bench countdown --limit 20 --n 4 --max-tokens 256 --compare-sequential --out ../runs/eval
-echo; echo "== the raw base model (no structure masking), sequential decoding: the format is often wrong"
-$NPR eval --model ../runs/base --bench countdown --limit 20 --n 4 --max-tokens 256 --mode sequential --no-enforce \
+echo; echo "== the raw base model (no structure masking, top-p 1), sequential decoding: the format is often wrong"
+$NPR eval --model ../runs/base --bench countdown --limit 20 --n 4 --max-tokens 256 --mode sequential --no-enforce --top-p 1.0 \
   --out ../runs/eval-base-raw
 
 echo; echo "== Stage 1 (NPR-Zero, DAPO) on the default world: the model learns the parallel format (~4 CPU minutes)"
 resume=""; [ -f ../runs/stage1/checkpoints/latest.json ] && resume="--resume"
 $NPR train rl --config ../configs/tiny/stage1.yaml model.path=../runs/base run.out=../runs/stage1 $resume
-echo; echo "== after Stage 1: the same test problems, raw sequential decoding"
+echo; echo "== after Stage 1: the same test problems, raw sequential decoding (top-p 1)"
 $NPR eval --model ../runs/stage1/checkpoints/step-000040 --bench countdown --limit 20 --n 4 --max-tokens 256 \
   --mode sequential --no-enforce --out ../runs/eval-stage1
 
