@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from npr import grammar
+from npr import grammar, metrics
 from npr.grading import grade
 from npr.prompts import chat_ids
 from npr.world import corpus
@@ -20,14 +20,20 @@ def measure(llm, problems: list[dict], parallel_prompt: bool, k: int = 4, mode: 
             prompts.append(ids)
             params.append(SamplingParams(mode=mode, seed=i * k + j, **({"max_tokens": 256} | sampling)))
     outs = llm.generate(prompts, params)
-    hits = [grade(dict(problems[i // k], grader="countdown"), o.text) for i, o in enumerate(outs)]
-    valid = [grammar.parse(o.text).valid for o in outs]
-    best = [any(hits[i * k : (i + 1) * k]) for i in range(len(problems))]
-    return {
-        "avg@k": sum(hits) / len(hits),
-        "best@k": sum(best) / len(best),
-        "k": k,
-        "format_valid": sum(valid) / len(valid),
-        "tokens": sum(o.stats["total_tokens"] for o in outs) / len(outs),
-        "problems": len(problems),
-    }
+    samples = [
+        {
+            "problem_id": problems[i // k]["id"],
+            "correct": grade(dict(problems[i // k], grader="countdown"), o.text),
+            "format_valid": grammar.parse(o.text).valid,
+            "parallel_blocks": o.stats["parallel_blocks"],
+            "wellformed_blocks": 0,
+            "forked_wellformed_blocks": 0,
+            "total_tokens": o.stats["total_tokens"],
+            "critical_path_tokens": o.stats["critical_path_tokens"],
+        }
+        for i, o in enumerate(outs)
+    ]
+    m = metrics.summarize(samples)
+    keys = {"avg@k": "avg@k", "best@k": "best@k", "k": "k", "format_valid": "format_valid_rate",
+            "tokens": "mean_total_tokens", "problems": "problems"}  # fmt: skip
+    return {name: m[key] for name, key in keys.items()}
