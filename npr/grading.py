@@ -9,6 +9,7 @@ run. Model output is never evaluated as code.
 from __future__ import annotations
 
 import atexit
+import functools
 import re
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -135,14 +136,25 @@ def choice_correct(text: str, letter: str, options: list[str]) -> bool:
 
 
 def grade(problem: dict, response: str, timeout: float = 10.0) -> bool:
-    """Grade a response against a loaded problem record (its "grader" field picks the rule)."""
-    kind = problem.get("grader", "math")
-    if kind == "math":
-        return math_equal(extract_answer(response), problem["answer"], timeout)
-    if kind == "choice":
-        return choice_correct(response, problem["answer"], problem.get("options") or [])
-    if kind == "countdown":
-        from npr.world.countdown import check
+    """Grade a response against a loaded problem record (its "grader" field picks the rule).
 
-        return check(extract_answer(response), problem["numbers"], problem["target"])
-    raise ValueError(f"unknown grader {kind!r} for problem {problem.get('id')}")
+    Results are memoised, so a trainer that grades a rollout for its reward and again for its
+    accuracy metric pays once.
+    """
+    kind = problem.get("grader", "math")
+    if kind not in ("math", "choice", "countdown"):
+        raise ValueError(f"unknown grader {kind!r} for problem {problem.get('id')}")
+    options = tuple(problem.get("options") or ())
+    numbers = tuple(problem.get("numbers") or ())
+    return _grade(kind, str(problem.get("answer", "")), options, numbers, problem.get("target"), response, timeout)
+
+
+@functools.lru_cache(maxsize=8192)
+def _grade(kind: str, answer: str, options: tuple, numbers: tuple, target, response: str, timeout: float) -> bool:
+    if kind == "math":
+        return math_equal(extract_answer(response), answer, timeout)
+    if kind == "choice":
+        return choice_correct(response, answer, list(options))
+    from npr.world.countdown import check
+
+    return check(extract_answer(response), list(numbers), target)
