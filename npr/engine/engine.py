@@ -298,8 +298,11 @@ class LLM:
             req.refused["block_budget"] += 1
         return fits
 
+    def _stop_ids(self, p: SamplingParams) -> tuple[int, ...]:
+        return tuple(self.eos if p.stop_token_ids is None else p.stop_token_ids)
+
     def _mask(self, allowed: Allowed, p: SamplingParams) -> torch.Tensor:
-        stops = tuple(self.eos if p.stop_token_ids is None else p.stop_token_ids)
+        stops = self._stop_ids(p)
         key = (allowed, stops)
         if key not in self._masks:
             tag_ids_ = torch.tensor([self.tags[t] for t in TAGS])
@@ -323,7 +326,7 @@ class LLM:
         if b.path + 1 > p.path_budget:
             return self._finish(req, "path_length")
         tag = self.tag_of.get(tok)
-        stops = self.eos if p.stop_token_ids is None else p.stop_token_ids
+        stops = self._stop_ids(p)
         parallel = p.mode == "parallel"
         self._write(b, tok, logprob)
         if tok in stops and tag is None:
