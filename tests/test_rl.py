@@ -51,6 +51,12 @@ def sevens(prompt, response, reference, metadata):
     return words.count("7") / max(1, len(words))
 
 
+def even(prompt, response, reference, metadata):
+    """Fraction of even numbers: varies between any two random samples, so every group trains."""
+    words = response.split()
+    return sum(w.isdigit() and int(w) % 2 == 0 for w in words) / max(1, len(words))
+
+
 def _cfg(tiny_dir, out, steps, **kw):
     over = [f"model.path={tiny_dir}", f"run.out={out}", f"run.steps={steps}", "rollout.n=8",
             "rollout.prompts_per_step=4", "rollout.max_tokens=16", "optim.lr=0.02", "algo.reward=sevens",
@@ -121,3 +127,64 @@ def test_two_process_run_matches_one_process(tiny_dir, tmp_path):
     m1 = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     m2 = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [x["reward_mean"] for x in m1] == pytest.approx([x["reward_mean"] for x in m2])
+
+
+def test_fsdp_two_process_resumed_run_matches_one_process(tiny_dir, tmp_path):
+    """FSDP2 over 2 CPU ranks, cut after step 1 and resumed, gives the plain 1-process weights."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1")
+    over = [f"model.path={tiny_dir}", "rollout.n=4", "rollout.prompts_per_step=3", "rollout.max_tokens=16",
+            "optim.lr=0.02", "optim.micro_batch=4", "algo.reward=test_rl:even", "data.size=50",
+            "algo.dynamic_sampling=false", "run.save_every=1"]  # fmt: skip
+    npr = [sys.executable, "-m", "npr", "train", "rl", *over]
+    fsdp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
+            "-m", "npr", "train", "rl", *over, "model.fsdp=true", f"run.out={tmp_path / 'fsdp'}"]  # fmt: skip
+    for cmd in (npr + ["run.steps=2", f"run.out={tmp_path / 'one'}"], fsdp + ["run.steps=1"],
+                fsdp + ["run.steps=2", "--resume"]):  # fmt: skip
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    ckpt = tmp_path / "fsdp" / "checkpoints" / "step-000002"
+    a = load_file(tmp_path / "one" / "checkpoints" / "step-000002" / "model.safetensors")
+    b = load_file(ckpt / "model.safetensors")
+    base = load_file(Path(tiny_dir) / "model.safetensors")
+    assert a.keys() == b.keys() and any(not torch.equal(a[k], base[k]) for k in a)  # it trained
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5), k
+    assert json.loads((ckpt / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
+    m1, m2 = (
+        [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()] for d in ("one", "fsdp")
+    )  # noqa: E501
+    assert [x["grad_norm"] for x in m1] == pytest.approx([x["grad_norm"] for x in m2], rel=1e-4)  # summed, not averaged
+
+
+def test_lora_checkpoint_holds_merged_weights_and_resumes_exactly(tiny_dir, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from npr.engine import load
+    from npr.train.config import ModelConfig
+    from npr.train.policy import load_policy
+
+    monkeypatch.setitem(rewards.REWARDS, "sevens", sevens)
+    lora = {"model.lora_rank": 4, "model.lora_targets": "q_proj,v_proj,down_proj"}
+    train_rl(_cfg(tiny_dir, tmp_path / "full", 2, **lora), progress=False)
+    train_rl(_cfg(tiny_dir, tmp_path / "cut", 1, **lora), progress=False)
+    train_rl(_cfg(tiny_dir, tmp_path / "cut", 2, **lora), resume=True, progress=False)
+    a = load_file(tmp_path / "full" / "checkpoints" / "step-000002" / "model.safetensors")
+    b = load_file(tmp_path / "cut" / "checkpoints" / "step-000002" / "model.safetensors")
+    base = load_file(tiny_dir / "model.safetensors")
+    assert a.keys() == base.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    changed = {k for k in a if not torch.equal(a[k], base[k])}
+    assert changed and all(any(t in k for t in ("q_proj", "v_proj", "down_proj")) for k in changed), changed
+    # The merged checkpoint computes what the live LoRA model computes.
+    policy = load_policy(ModelConfig(path=str(tiny_dir), lora_rank=4, lora_targets="q_proj,v_proj,down_proj"),
+                         tmp_path / "full" / "checkpoints" / "step-000002")  # fmt: skip
+    merged, _ = load(tmp_path / "full" / "checkpoints" / "step-000002", device="cpu")
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(policy.model(ids).logits, merged(ids).logits, atol=1e-5, rtol=1e-5)

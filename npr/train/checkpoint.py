@@ -11,14 +11,15 @@ import torch
 STATE = "trainer_state.pt"
 
 
-def save(out: Path, step: int, model, tokenizer, state: dict) -> Path:
+def save(out: Path, step: int, model, tokenizer, state: dict, state_dict: dict | None = None) -> Path:
     """Write out/checkpoints/step-N via a temporary folder renamed at the end; update `latest`."""
     root = out / "checkpoints"
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
+    model.save_pretrained(tmp, state_dict=state_dict)
+    _plain_architecture(tmp, model)
     tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / STATE)
     shutil.rmtree(final, ignore_errors=True)
@@ -39,3 +40,15 @@ def latest(out: Path) -> Path | None:
 
 def load_state(path: Path) -> dict:
     return torch.load(path / STATE, weights_only=True)
+
+
+def _plain_architecture(folder: Path, model) -> None:
+    """FSDP2 renames a model's class (FSDPQwen3ForCausalLM); the saved config must name the HF class."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if not isinstance(model, FSDPModule):
+        return
+    plain = next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = [plain.__name__]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))

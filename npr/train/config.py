@@ -14,6 +14,10 @@ class ModelConfig:
     path: str = "runs/base"
     dtype: str = "float32"  # float32 | bfloat16
     trust_remote_code: bool = False
+    fsdp: bool = False  # FSDP2-shard the trained model across torchrun ranks (GPU runs)
+    lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) instead of all weights
+    lora_alpha: int = 32
+    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 @dataclass

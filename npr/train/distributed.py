@@ -28,11 +28,11 @@ def gather(items: list) -> list:
     return [x for part in parts for x in part]
 
 
-def sum_gradients(model) -> None:
-    """All-reduce (sum) every parameter's gradient; missing gradients count as zero."""
+def sum_gradients(params) -> None:
+    """All-reduce (sum) the gradients of replicated parameters; missing gradients count as zero."""
     if not dist.is_initialized():
         return
-    for p in model.parameters():
+    for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         dist.all_reduce(p.grad)
@@ -41,9 +41,22 @@ def sum_gradients(model) -> None:
 def sum_floats(values: dict) -> dict:
     if not dist.is_initialized():
         return values
-    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    t = torch.tensor(list(values.values()), dtype=torch.float64, device=_device())
     dist.all_reduce(t)
     return dict(zip(values, t.tolist()))
+
+
+def max_int(value: int) -> int:
+    if not dist.is_initialized():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def _device() -> str:
+    """NCCL reduces CUDA tensors only."""
+    return "cuda" if dist.get_backend() == "nccl" else "cpu"
 
 
 def barrier() -> None:

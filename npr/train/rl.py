@@ -21,7 +21,7 @@ import yaml
 
 from npr import grammar
 from npr.data import load_benchmark
-from npr.engine import LLM, SamplingParams, load
+from npr.engine import LLM, SamplingParams
 from npr.grading import grade
 from npr.modeling import topology_forward
 from npr.prompts import prompt_ids
@@ -30,6 +30,7 @@ from npr.topology import collate, executable
 from npr.train import checkpoint, distributed
 from npr.train.config import Config
 from npr.train.objectives import batch_advantages, dapo_loss, group_advantages, overlong_penalty, papo_loss
+from npr.train.policy import Policy, load_policy
 
 
 class TrainingError(RuntimeError):
@@ -124,14 +125,21 @@ def _sequence_batch(rolls: list[Rollout], pad_id: int, tag_ids: dict):
     return ids, topo, mask, old
 
 
-def train_step(model, opt, cfg: Config, rolls: list[Rollout], advantages, tag_ids: dict, pad_id: int, total_tokens):
+def train_step(policy: Policy, opt, cfg: Config, rolls: list[Rollout], advantages, tag_ids: dict, pad_id: int,
+               total_tokens):  # fmt: skip
     """One optimiser step; the loss is the token-mean over the kept rollouts of all ranks."""
-    a = cfg.algo
+    a, model = cfg.algo, policy.model
     device = next(model.parameters()).device
     stats = {"clip_fraction": 0.0, "entropy": 0.0}
     model.train()
     opt.zero_grad(set_to_none=True)
-    for s in range(0, len(rolls), cfg.optim.micro_batch):
+    starts = list(range(0, len(rolls), cfg.optim.micro_batch))
+    if policy.fsdp:  # every forward/backward is a collective: all ranks run as many micro-batches
+        starts += [None] * (distributed.max_int(len(starts)) - len(starts))
+    for s in starts:
+        if s is None:
+            _idle_micro_batch(model, pad_id, device)
+            continue
         chunk = rolls[s : s + cfg.optim.micro_batch]
         ids, topo, mask, old = _sequence_batch(chunk, pad_id, tag_ids)
         ids, mask, old = ids.to(device), mask.to(device), old.to(device)
@@ -154,9 +162,11 @@ def train_step(model, opt, cfg: Config, rolls: list[Rollout], advantages, tag_id
         with torch.no_grad():
             ent = -(logp_all.exp() * logp_all).sum(-1)
             stats["entropy"] += float((ent * mask).sum() / max(total_tokens, 1))
-    distributed.sum_gradients(model)
+    if not policy.fsdp:  # FSDP has already reduce-scattered (summed) the gradients
+        distributed.sum_gradients(policy.trainable())
     stats = distributed.sum_floats(stats)
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(policy.trainable(), cfg.optim.grad_clip)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     if not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
         raise TrainingError(f"non-finite gradient norm ({float(norm)}); stopped, the last checkpoint is kept")
@@ -164,6 +174,12 @@ def train_step(model, opt, cfg: Config, rolls: list[Rollout], advantages, tag_id
     model.eval()
     stats["grad_norm"] = float(norm)
     return stats
+
+
+def _idle_micro_batch(model, pad_id: int, device) -> None:
+    """A zero-loss forward/backward so a rank with fewer rollouts meets the others' collectives."""
+    ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
+    (model(input_ids=ids).logits.sum() * 0.0).backward()
 
 
 def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
@@ -178,19 +194,19 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     ckpt = checkpoint.latest(out) if resume else None
     if resume and ckpt is None:
         raise ValueError(f"--resume: no checkpoint in {out}/checkpoints")
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.model.dtype]
-    model, tok = load(ckpt or cfg.model.path, dtype=dtype, trust_remote_code=cfg.model.trust_remote_code)
-    model.eval()
-    llm = LLM(model, tok, kv_cache_gb=cfg.rollout.kv_cache_gb)
+    policy = load_policy(cfg.model, ckpt)
+    model, tok = policy.model, policy.tokenizer
+    with policy.full_weights():
+        llm = LLM(model, tok, kv_cache_gb=cfg.rollout.kv_cache_gb)
     problems = load_benchmark(cfg.data.source, cfg.data.size, cfg.data.problem_field, cfg.data.answer_field)
     reward_fn = get_reward(cfg.algo.reward)
     o = cfg.optim
-    opt = torch.optim.AdamW(model.parameters(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+    opt = torch.optim.AdamW(policy.trainable(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
     prompts = Prompts(problems, cfg.run.seed)
     start = 0
     if ckpt is not None:
         state = checkpoint.load_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
+        policy.load_optimizer_state(opt, state["optimizer"])
         prompts.position, start = state["position"], state["step"]
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -223,7 +239,8 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
             while need > 0 and rounds <= (cfg.algo.max_resample if cfg.algo.dynamic_sampling else 0):
                 taken = prompts.take(need)  # the same on every rank; each samples its share
                 share = [(base + i, p) for i, p in enumerate(taken) if i % world == rank]
-                batch = rollouts(llm, cfg, share, step, rounds, reward_fn)
+                with policy.full_weights():
+                    batch = rollouts(llm, cfg, share, step, rounds, reward_fn)
                 mine |= {(r.group, r.sample): r for r in batch}
                 summaries = sorted(distributed.gather([r.summary(llm.tags) for r in batch]),
                                    key=lambda x: (x["group"], x["sample"]))  # fmt: skip
@@ -254,7 +271,7 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                 local = [i for i, x in enumerate(flat) if (x["group"], x["sample"]) in mine]
                 rolls = [mine[flat[i]["group"], flat[i]["sample"]] for i in local]
                 total = sum(x["sampled"] for x in flat)
-                stats = train_step(model, opt, cfg, rolls, adv[local], llm.tags, pad, total)
+                stats = train_step(policy, opt, cfg, rolls, adv[local], llm.tags, pad, total)
             tokens = sum(x["total_tokens"] for x in seen)
             m = {
                 "step": step + 1,
@@ -285,12 +302,11 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                 state = {
                     "step": step + 1,
                     "position": prompts.position,
-                    "optimizer": opt.state_dict(),
+                    "optimizer": policy.optimizer_state(opt),
                     "torch_rng": torch.get_rng_state(),
                     "python_rng": random.getstate(),
                 }
-                if rank == 0:
-                    checkpoint.save(out, step + 1, model, tok, state)
+                policy.save(out, step + 1, state)
                 distributed.barrier()
     log.close()
     samples.close()

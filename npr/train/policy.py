@@ -1,0 +1,181 @@
+"""The model being trained, shared by the RL and SFT trainers.
+
+`Policy.model` is the Hugging Face module that both the engine and the topology forward run;
+optional LoRA (peft) layers are injected into it, and with FSDP2 its decoder layers are sharded
+across ranks. Rollouts need every weight on every rank, so `full_weights()` gathers them for the
+length of a generation and frees them after. Checkpoints always hold plain full Hugging Face
+weights (LoRA merged in), so the next stage and `npr eval` load them like any model.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from npr.engine import load
+from npr.train import checkpoint
+from npr.train.config import ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Policy:
+    model: torch.nn.Module
+    tokenizer: object
+    lora: bool = False
+    fsdp: bool = False
+
+    def trainable(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    @contextmanager
+    def full_weights(self):
+        """Under FSDP: all-gather every layer once, keep it gathered through any number of forwards
+        (ranks may decode different lengths without meeting in a collective), reshard on exit."""
+        if not self.fsdp:
+            yield
+            return
+        mods = _fsdp_modules(self.model)
+        for m in mods:
+            m.unshard()
+            m.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for m in mods:
+                m.reshard()
+                m.set_reshard_after_forward(True, recurse=False)
+
+    def state_dict(self) -> dict | None:
+        """Full Hugging Face weights for a checkpoint (None: the model's own). A collective under FSDP."""
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_model_state_dict(self.model, options=opts)
+        if self.lora:
+            return _merged_lora(self.model)
+        return None
+
+    def extra_state(self) -> dict:
+        """What a resume needs beyond the optimiser: the adapter weights under LoRA."""
+        if not self.lora:
+            return {}
+        return {"adapter": {k: v.detach().cpu().clone() for k, v in self.model.named_parameters() if v.requires_grad}}
+
+    def optimizer_state(self, opt) -> dict:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+            return get_optimizer_state_dict(self.model, opt, options=opts)
+        return opt.state_dict()
+
+    def load_optimizer_state(self, opt, state: dict) -> None:
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_optimizer_state_dict(self.model, opt, optim_state_dict=state, options=opts)
+        else:
+            opt.load_state_dict(state)
+
+    def save(self, out: Path, step: int, state: dict) -> None:
+        """Every rank calls this (the full weights are gathered collectively); rank 0 writes."""
+        import torch.distributed as dist
+
+        weights = self.state_dict()
+        state = {**state, **self.extra_state()}
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            checkpoint.save(out, step, self.model, self.tokenizer, state, state_dict=weights)
+
+
+def load_policy(cfg: ModelConfig, ckpt: Path | None = None) -> Policy:
+    """Load `cfg.path` (or the checkpoint `ckpt` when resuming) and apply LoRA / FSDP as configured."""
+    if cfg.dtype not in DTYPES:
+        raise ValueError(f"model.dtype: expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
+    if cfg.lora_rank and cfg.fsdp:
+        raise ValueError("model.lora_rank and model.fsdp together are not supported (LoRA keeps a full copy per rank)")
+    # LoRA resumes from the frozen base plus the saved adapter, so the base weights stay bit-exact.
+    source = cfg.path if (ckpt is None or cfg.lora_rank) else ckpt
+    model, tok = load(source, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    model.eval()
+    policy = Policy(model, tok)
+    if cfg.lora_rank:
+        _add_lora(model, cfg)
+        policy.lora = True
+        if ckpt is not None:
+            adapter = checkpoint.load_state(ckpt).get("adapter")
+            if adapter is None:
+                raise ValueError(f"{ckpt}: model.lora_rank is set but the checkpoint holds no adapter weights")
+            params = dict(model.named_parameters())
+            with torch.no_grad():
+                for k, v in adapter.items():
+                    params[k].copy_(v)
+    if cfg.fsdp:
+        _shard(model)
+        policy.fsdp = True
+    return policy
+
+
+def _add_lora(model, cfg: ModelConfig) -> None:
+    """Inject LoRA layers in place (the returned PeftModel wrapper is not needed: the HF module runs)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ValueError("model.lora_rank needs peft: pip install 'native-parallel-reasoner[lora]'") from None
+    targets = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    lc = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, lora_dropout=0.0, target_modules=targets)
+    get_peft_model(model, lc)
+
+
+def _merged_lora(model) -> dict:
+    """The plain weights W + scale * B @ A, computed without touching the live (unmerged) model."""
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, LoraLayer):
+            w = mod.get_base_layer().weight.detach()
+            for adapter in mod.active_adapters:
+                w = w + mod.get_delta_weight(adapter).detach()
+            out[f"{name}.weight"] = w.clone()
+    for key, value in model.state_dict().items():
+        if "lora_" in key:
+            continue
+        key = key.replace(".base_layer.", ".")
+        out.setdefault(key, value.detach().clone())
+    return out
+
+
+def _fsdp_modules(model) -> list:
+    from torch.distributed.fsdp import FSDPModule
+
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def _shard(model) -> None:
+    """FSDP2: one shard group per decoder layer, the rest (embeddings, head) in the root group."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    if not dist.is_initialized():
+        raise ValueError("model.fsdp needs a distributed launch: torchrun --nproc_per_node N npr train ...")
+    blocks = set(getattr(model, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in blocks]
+    if not layers:
+        raise ValueError(f"model.fsdp: cannot find the decoder layers of {type(model).__name__}")
+    for layer in layers:
+        fully_shard(layer)
+    fully_shard(model)
+    for m in _fsdp_modules(model):
+        # The loss is already a global token-mean: sum the shards' gradients, do not average them.
+        m.set_gradient_divide_factor(1.0)
+        m.set_force_sum_reduction_for_comms(True)
+    # FSDP initialises itself on the first forward through the root; the engine calls inner modules.
+    with torch.no_grad():
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device))
