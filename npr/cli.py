@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import sys
 from pathlib import Path
@@ -304,7 +305,8 @@ def train_rl_cmd(
 ) -> None:
     """Reinforcement learning on engine rollouts (DAPO for Stage 1, PAPO for Stage 3)."""
     from npr.train.config import load_config
-    from npr.train.rl import TrainingError, train_rl
+    from npr.train.loop import TrainingError
+    from npr.train.rl import train_rl
 
     try:
         cfg = load_config(config, overrides or [])
@@ -315,8 +317,9 @@ def train_rl_cmd(
     except TrainingError as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
-    print(json.dumps(summary))
-    print(f"run written to {cfg.run.out} (metrics.jsonl, samples.txt, checkpoints/)")
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary))
+        print(f"run written to {cfg.run.out} (metrics.jsonl, samples.txt, checkpoints/)")
 
 
 def main() -> None:

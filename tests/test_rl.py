@@ -10,7 +10,8 @@ from conftest import make_model
 
 from npr import rewards
 from npr.train.config import load_config
-from npr.train.rl import Prompts, train_rl
+from npr.train.loop import Stream as Prompts
+from npr.train.rl import train_rl
 from npr.world.tokenizer import build_tokenizer
 
 
@@ -91,7 +92,7 @@ def test_resume_gives_the_uninterrupted_weights(tiny_dir, tmp_path, monkeypatch)
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tiny_dir, tmp_path, monkeypatch):
-    from npr.train.rl import TrainingError
+    from npr.train.loop import TrainingError
 
     monkeypatch.setitem(rewards.REWARDS, "sevens", lambda *a: float("nan") if len(a[1]) % 2 else 1.0)
     with pytest.raises(TrainingError, match="non-finite"):

@@ -59,6 +59,9 @@ class AlgoConfig:
 @dataclass
 class OptimConfig:
     lr: float = 2e-4
+    lr_min: float | None = None  # end of the linear/cosine decay (None: lr)
+    schedule: str = "constant"  # constant | linear | cosine
+    warmup_steps: int = 0
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
@@ -98,8 +101,16 @@ def _build(cls, values: dict, where: str):
         if sub is not None and dataclasses.is_dataclass(sub):
             kwargs[key] = _build(sub, value, f"{where}.{key}")
         else:
-            kwargs[key] = _coerce(value, known[key].default, f"{where}.{key}")
+            kwargs[key] = _coerce(value, _example(known[key]), f"{where}.{key}")
     return cls(**kwargs)
+
+
+def _example(f):
+    """A value of the field's type: its default, or for `X | None` fields a zero of type X."""
+    if f.default is None:
+        kind = str(f.type).split("|")[0].strip()
+        return {"float": 0.0, "int": 0, "str": "", "bool": False}.get(kind)
+    return f.default
 
 
 def _coerce(value, default, where: str):

@@ -8,16 +8,12 @@ seed, the step and the problem, so `--resume` continues exactly.
 
 from __future__ import annotations
 
-import json
 import math
-import random
 import time
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import yaml
 
 from npr import grammar
 from npr.data import load_benchmark
@@ -27,14 +23,11 @@ from npr.modeling import topology_forward
 from npr.prompts import prompt_ids
 from npr.rewards import get_reward
 from npr.topology import collate, executable
-from npr.train import checkpoint, distributed
+from npr.train import distributed
 from npr.train.config import Config
+from npr.train.loop import Run, Stream, backward, check_loss, make_optimizer, optimizer_step
 from npr.train.objectives import batch_advantages, dapo_loss, group_advantages, overlong_penalty, papo_loss
-from npr.train.policy import Policy, load_policy
-
-
-class TrainingError(RuntimeError):
-    pass
+from npr.train.policy import Policy
 
 
 @dataclass
@@ -60,23 +53,6 @@ class Rollout:
             "sampled": sum(not f for f in self.out.forced),
             "schema_ok": executable(self.out.token_ids, tags) is None,
         }
-
-
-class Prompts:
-    """An endless, seeded shuffle of the training problems; its position is checkpointed."""
-
-    def __init__(self, problems: list[dict], seed: int, position: int = 0):
-        self.problems, self.seed, self.position = problems, seed, position
-
-    def take(self, n: int) -> list[dict]:
-        out = []
-        for _ in range(n):
-            epoch, i = divmod(self.position, len(self.problems))
-            order = list(range(len(self.problems)))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            out.append(self.problems[order[i]])
-            self.position += 1
-        return out
 
 
 def rollouts(llm: LLM, cfg: Config, problems: list[tuple[int, dict]], step: int, round_: int, reward_fn):
@@ -125,28 +101,24 @@ def _sequence_batch(rolls: list[Rollout], pad_id: int, tag_ids: dict):
     return ids, topo, mask, old
 
 
-def train_step(policy: Policy, opt, cfg: Config, rolls: list[Rollout], advantages, tag_ids: dict, pad_id: int,
-               total_tokens):  # fmt: skip
+def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], advantages, tag_ids: dict,
+               pad_id: int, total_tokens):  # fmt: skip
     """One optimiser step; the loss is the token-mean over the kept rollouts of all ranks."""
     a, model = cfg.algo, policy.model
     device = next(model.parameters()).device
     stats = {"clip_fraction": 0.0, "entropy": 0.0}
     model.train()
     opt.zero_grad(set_to_none=True)
-    starts = list(range(0, len(rolls), cfg.optim.micro_batch))
-    if policy.fsdp:  # every forward/backward is a collective: all ranks run as many micro-batches
-        starts += [None] * (distributed.max_int(len(starts)) - len(starts))
-    for s in starts:
-        if s is None:
-            _idle_micro_batch(model, pad_id, device)
-            continue
-        chunk = rolls[s : s + cfg.optim.micro_batch]
+    mb = cfg.optim.micro_batch
+
+    def run_chunk(i: int) -> None:
+        chunk = rolls[i * mb : (i + 1) * mb]
         ids, topo, mask, old = _sequence_batch(chunk, pad_id, tag_ids)
         ids, mask, old = ids.to(device), mask.to(device), old.to(device)
         logits = topology_forward(model, ids, topo).logits[:, :-1].float()
         logp_all = torch.log_softmax(logits, dim=-1)
         logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        adv = advantages[s : s + len(chunk)].to(device)
+        adv = advantages[i * mb : i * mb + len(chunk)].to(device)
         share = mask.sum() / max(total_tokens, 1)  # this micro-batch's share of the token-mean
         if a.loss == "dapo":
             loss, st = dapo_loss(logp, old, adv, mask, a.clip_low, a.clip_high)
@@ -155,82 +127,33 @@ def train_step(policy: Policy, opt, cfg: Config, rolls: list[Rollout], advantage
             loss = papo_loss(logp, adv, mask)
         else:
             raise ValueError(f"unknown loss {a.loss!r} (dapo or papo)")
-        if not torch.isfinite(loss):
-            opt.zero_grad(set_to_none=True)
-            raise TrainingError(f"non-finite loss ({loss.item()}); stopped, the last checkpoint is kept")
+        check_loss(loss, opt)
         (loss * share).backward()
         with torch.no_grad():
             ent = -(logp_all.exp() * logp_all).sum(-1)
             stats["entropy"] += float((ent * mask).sum() / max(total_tokens, 1))
-    if not policy.fsdp:  # FSDP has already reduce-scattered (summed) the gradients
-        distributed.sum_gradients(policy.trainable())
+
+    backward(policy, math.ceil(len(rolls) / mb), run_chunk, pad_id)
     stats = distributed.sum_floats(stats)
-    norm = torch.nn.utils.clip_grad_norm_(policy.trainable(), cfg.optim.grad_clip)
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    if not torch.isfinite(norm):
-        opt.zero_grad(set_to_none=True)
-        raise TrainingError(f"non-finite gradient norm ({float(norm)}); stopped, the last checkpoint is kept")
-    opt.step()
+    stats["grad_norm"] = optimizer_step(policy, opt, sched, cfg.optim.grad_clip)
     model.eval()
-    stats["grad_norm"] = float(norm)
     return stats
 
 
-def _idle_micro_batch(model, pad_id: int, device) -> None:
-    """A zero-loss forward/backward so a rank with fewer rollouts meets the others' collectives."""
-    ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
-    (model(input_ids=ids).logits.sum() * 0.0).backward()
-
-
 def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
-    rank, world = distributed.init()
-    progress = progress and rank == 0
-    out = Path(cfg.run.out)
-    out.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    torch.manual_seed(cfg.run.seed)
-    random.seed(cfg.run.seed)
-    ckpt = checkpoint.latest(out) if resume else None
-    if resume and ckpt is None:
-        raise ValueError(f"--resume: no checkpoint in {out}/checkpoints")
-    policy = load_policy(cfg.model, ckpt)
+    run = Run(cfg, resume, progress, "RL")
+    policy, rank, world = run.policy, run.rank, run.world
     model, tok = policy.model, policy.tokenizer
     with policy.full_weights():
         llm = LLM(model, tok, kv_cache_gb=cfg.rollout.kv_cache_gb)
     problems = load_benchmark(cfg.data.source, cfg.data.size, cfg.data.problem_field, cfg.data.answer_field)
     reward_fn = get_reward(cfg.algo.reward)
-    o = cfg.optim
-    opt = torch.optim.AdamW(policy.trainable(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
-    prompts = Prompts(problems, cfg.run.seed)
-    start = 0
-    if ckpt is not None:
-        state = checkpoint.load_state(ckpt)
-        policy.load_optimizer_state(opt, state["optimizer"])
-        prompts.position, start = state["position"], state["step"]
-        torch.set_rng_state(state["torch_rng"])
-        random.setstate(state["python_rng"])
-    writer = None
-    if cfg.run.tensorboard:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise ValueError("run.tensorboard needs the tensorboard package (pip install tensorboard)") from None
-        writer = SummaryWriter(str(out / "tensorboard"))
-    log = (out / "metrics.jsonl").open("a")
-    samples = (out / "samples.txt").open("a")
+    opt, sched = make_optimizer(policy, cfg.optim, cfg.run.steps)
+    prompts = Stream(problems, cfg.run.seed)
+    start = run.restore(opt, sched, prompts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     summary = {}
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    cols = [
-        TextColumn("RL"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-    ]
-    with Progress(*cols, disable=not progress, transient=True) as bar:
+    with run.bar() as bar:
         task = bar.add_task("rl", total=cfg.run.steps, completed=start, info="")
         for step in range(start, cfg.run.steps):
             t0 = time.perf_counter()
@@ -271,7 +194,7 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                 local = [i for i, x in enumerate(flat) if (x["group"], x["sample"]) in mine]
                 rolls = [mine[flat[i]["group"], flat[i]["sample"]] for i in local]
                 total = sum(x["sampled"] for x in flat)
-                stats = train_step(policy, opt, cfg, rolls, adv[local], llm.tags, pad, total)
+                stats = train_step(policy, opt, sched, cfg, rolls, adv[local], llm.tags, pad, total)
             tokens = sum(x["total_tokens"] for x in seen)
             m = {
                 "step": step + 1,
@@ -287,31 +210,15 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                 "step_time": time.perf_counter() - t0,
                 **stats,
             }
-            if rank == 0:
-                log.write(json.dumps(m) + "\n")
-                log.flush()
-                if writer:
-                    for k, v in m.items():
-                        writer.add_scalar(k, v, step + 1)
-                for r in list(mine.values())[: cfg.run.samples_per_step]:
-                    samples.write(f"=== step {step + 1} | {r.problem['id']} | reward {r.reward:+.2f}\n{r.out.text}\n\n")
-                samples.flush()
+            run.log(m)
+            run.write_samples("".join(
+                f"=== step {step + 1} | {r.problem['id']} | reward {r.reward:+.2f}\n{r.out.text}\n\n"
+                for r in list(mine.values())[: cfg.run.samples_per_step]
+            ))  # fmt: skip
             summary = m
             bar.update(task, advance=1, info=f"reward {m['reward_mean']:+.2f} valid {m['format_valid_rate']:.2f}")
-            if (step + 1) % cfg.run.save_every == 0 or step + 1 == cfg.run.steps:
-                state = {
-                    "step": step + 1,
-                    "position": prompts.position,
-                    "optimizer": policy.optimizer_state(opt),
-                    "torch_rng": torch.get_rng_state(),
-                    "python_rng": random.getstate(),
-                }
-                policy.save(out, step + 1, state)
-                distributed.barrier()
-    log.close()
-    samples.close()
-    if writer:
-        writer.close()
+            run.maybe_save(step + 1, cfg.run.steps, opt, sched, prompts)
+    run.close()
     return summary
 
 

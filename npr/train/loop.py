@@ -1,0 +1,168 @@
+"""What the RL and SFT trainers share: the seeded data stream, optimiser and schedule, the
+micro-batch/optimiser-step mechanics (torchrun and FSDP aware) and the run folder (config,
+metrics, TensorBoard, progress bar, checkpoints with exact resume)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from pathlib import Path
+
+import torch
+import yaml
+
+from npr.train import checkpoint, distributed
+from npr.train.config import Config, OptimConfig
+from npr.train.policy import Policy, load_policy
+
+
+class TrainingError(RuntimeError):
+    pass
+
+
+class Stream:
+    """An endless, seeded shuffle of items (problems or examples); its position is checkpointed."""
+
+    def __init__(self, items: list, seed: int, position: int = 0):
+        self.items, self.seed, self.position = items, seed, position
+
+    def take(self, n: int) -> list:
+        out = []
+        for _ in range(n):
+            epoch, i = divmod(self.position, len(self.items))
+            order = list(range(len(self.items)))
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
+            out.append(self.items[order[i]])
+            self.position += 1
+        return out
+
+
+def make_optimizer(policy: Policy, o: OptimConfig, total_steps: int):
+    """AdamW over the trainable weights and a warm-up + constant/linear/cosine schedule to `lr_min`."""
+    opt = torch.optim.AdamW(policy.trainable(), lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
+    if o.schedule not in ("constant", "linear", "cosine"):
+        raise ValueError(f"optim.schedule: expected constant, linear or cosine, got {o.schedule!r}")
+    floor = (o.lr_min if o.lr_min is not None else o.lr) / o.lr
+
+    def factor(step: int) -> float:
+        if step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        t = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
+        shape = 1 - t if o.schedule == "linear" else 0.5 * (1 + math.cos(math.pi * t))
+        return floor + (1 - floor) * shape
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def backward(policy: Policy, n_local: int, run_chunk, pad_id: int) -> None:
+    """Run `run_chunk(i)` (forward + backward of micro-batch i) for i < n_local. Under FSDP each
+    forward/backward is a collective, so a rank with fewer micro-batches runs zero-loss ones."""
+    total = distributed.max_int(n_local) if policy.fsdp else n_local
+    for i in range(total):
+        if i < n_local:
+            run_chunk(i)
+        else:
+            device = next(policy.model.parameters()).device
+            ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
+            (policy.model(input_ids=ids).logits.sum() * 0.0).backward()
+
+
+def check_loss(loss: torch.Tensor, opt) -> None:
+    if not torch.isfinite(loss):
+        opt.zero_grad(set_to_none=True)
+        raise TrainingError(f"non-finite loss ({loss.item()}); stopped, the last checkpoint is kept")
+
+
+def optimizer_step(policy: Policy, opt, sched, grad_clip: float) -> float:
+    """Sum gradients over ranks, clip, step; returns the gradient norm before clipping."""
+    if not policy.fsdp:  # FSDP has already reduce-scattered (summed) the gradients
+        distributed.sum_gradients(policy.trainable())
+    norm = torch.nn.utils.clip_grad_norm_(policy.trainable(), grad_clip)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    if not torch.isfinite(norm):
+        opt.zero_grad(set_to_none=True)
+        raise TrainingError(f"non-finite gradient norm ({float(norm)}); stopped, the last checkpoint is kept")
+    opt.step()
+    sched.step()
+    return float(norm)
+
+
+class Run:
+    """A run folder: resolved config, policy (resumed from the latest checkpoint on request),
+    metrics.jsonl (+ TensorBoard), samples.txt, progress bar and atomic checkpoints."""
+
+    def __init__(self, cfg: Config, resume: bool, progress: bool, label: str):
+        self.rank, self.world = distributed.init()
+        self.cfg, self.out = cfg, Path(cfg.run.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        if self.rank == 0:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        torch.manual_seed(cfg.run.seed)
+        random.seed(cfg.run.seed)
+        self.ckpt = checkpoint.latest(self.out) if resume else None
+        if resume and self.ckpt is None:
+            raise ValueError(f"--resume: no checkpoint in {self.out}/checkpoints")
+        self.policy = load_policy(cfg.model, self.ckpt)
+        self.progress, self.label = progress and self.rank == 0, label
+        self.writer = None
+        if cfg.run.tensorboard and self.rank == 0:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise ValueError("run.tensorboard needs the tensorboard package (pip install tensorboard)") from None
+            self.writer = SummaryWriter(str(self.out / "tensorboard"))
+
+    def restore(self, opt, sched, stream: Stream) -> int:
+        """Load optimiser, schedule, RNG and data position from the resumed checkpoint; the next step."""
+        if self.ckpt is None:
+            return 0
+        state = checkpoint.load_state(self.ckpt)
+        self.policy.load_optimizer_state(opt, state["optimizer"])
+        if "scheduler" in state:
+            sched.load_state_dict(state["scheduler"])
+        stream.position = state["position"]
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        return state["step"]
+
+    def log(self, metrics: dict) -> None:
+        if self.rank != 0:
+            return
+        with (self.out / "metrics.jsonl").open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if self.writer:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, metrics["step"])
+
+    def write_samples(self, text: str) -> None:
+        if self.rank == 0:
+            with (self.out / "samples.txt").open("a") as f:
+                f.write(text)
+
+    def maybe_save(self, step: int, total: int, opt, sched, stream: Stream) -> None:
+        """Checkpoint every `run.save_every` steps and at the end (every rank calls this)."""
+        if step % self.cfg.run.save_every and step != total:
+            return
+        state = {
+            "step": step,
+            "position": stream.position,
+            "optimizer": self.policy.optimizer_state(opt),
+            "scheduler": sched.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "python_rng": random.getstate(),
+        }
+        self.policy.save(self.out, step, state)
+        distributed.barrier()
+
+    def bar(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        cols = [TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}")]
+        return Progress(*cols, TimeRemainingColumn(), disable=not self.progress, transient=True)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
