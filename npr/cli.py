@@ -253,7 +253,7 @@ def eval_cmd(
     ),  # fmt: skip
     n: int = typer.Option(4, "--n", help="Samples per problem (k)."),
     mode: str = typer.Option("parallel", help="parallel or sequential decoding."),
-    out: Path = typer.Option(Path("runs/eval"), "--out", help="Output folder (rerun with the same folder to resume)."),
+    out: Path = typer.Option(Path("runs/eval"), "--out", help="Output folder (rerun to resume)."),
     limit: int = typer.Option(None, help="Only the first N problems of each benchmark."),
     problem_field: str = typer.Option(None, help="Problem field of NAME=PATH files (default: detected)."),
     answer_field: str = typer.Option(None, help="Answer field of NAME=PATH files (default: detected)."),
@@ -293,7 +293,41 @@ def eval_cmd(
     del res
 
 
-train_app = typer.Typer(help="Training stages: rl (Stage 1 DAPO / Stage 3 PAPO).")
+@app.command()
+def distill(
+    model: str = typer.Option(..., "--model", help="Stage-1 model: a model folder or a training run folder."),
+    data: str = typer.Option("countdown:train", "--data", help="Problems: benchmark, countdown:SPLIT or NAME=PATH."),
+    out: Path = typer.Option(
+        Path("runs/distill"), "--out", help="Output folder (rerun with the same folder to resume)."
+    ),
+    tries: int = typer.Option(8, "--tries", help="Responses sampled per problem at most (K)."),
+    keep: int = typer.Option(1, "--keep", help="Accepted responses kept per problem at most (M)."),
+    limit: int = typer.Option(None, help="Only the first N problems."),
+    max_tokens: int = typer.Option(256, help="Token budget per response."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature (paper: 1.0)."),
+    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
+    seed: int = typer.Option(0, help="Sampling seed."),
+    kv_cache_gb: float = typer.Option(None, help="KV pool size."),
+    trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the checkpoint."),
+) -> None:
+    """Stage 2 data: rejection-sample the model's own correct, well-formed, executable responses."""
+    from npr.data import DataError, load_benchmark
+    from npr.engine import LLM, load
+    from npr.train.distill import DistillConfig, run_distill
+
+    cfg = DistillConfig(tries=tries, keep=keep, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    try:
+        problems = load_benchmark(data, limit)
+        lm, tok = load(model, trust_remote_code=trust_remote_code)
+        llm = LLM(lm, tok, kv_cache_gb=kv_cache_gb)
+    except (ValueError, DataError, FileNotFoundError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+    stats = run_distill(llm, problems, out, cfg)
+    print(json.dumps({k: v for k, v in stats.items() if k != "config"}, indent=2))
+    print(f"wrote {out}/examples.jsonl, attempts.jsonl, stats.json")
+
+
+train_app = typer.Typer(help="Training stages: rl (Stage 1 DAPO / Stage 3 PAPO), sft (Stage 2).")
 app.add_typer(train_app, name="train")
 
 
@@ -320,6 +354,32 @@ def train_rl_cmd(
     if os.environ.get("RANK", "0") == "0":
         print(json.dumps(summary))
         print(f"run written to {cfg.run.out} (metrics.jsonl, samples.txt, checkpoints/)")
+
+
+@train_app.command("sft")
+def train_sft_cmd(
+    overrides: list[str] = typer.Argument(None, help="Config overrides: section.key=value (e.g. optim.lr=1e-6)."),
+    config: Path = typer.Option(None, "--config", help="YAML config (e.g. configs/tiny/stage2.yaml)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in run.out."),
+    sequential: bool = typer.Option(False, "--sequential", help="Sequential-SFT baseline: causal mask and positions."),
+) -> None:
+    """Supervised fine-tuning on distilled examples with the parallel topology (Stage 2, NPR-Beta)."""
+    from npr.train.config import load_config
+    from npr.train.loop import TrainingError
+    from npr.train.sft import train_sft
+
+    try:
+        cfg = load_config(config, (overrides or []) + (["sft.sequential=true"] if sequential else []))
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    try:
+        summary = train_sft(cfg, resume=resume)
+    except (TrainingError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary))
+        print(f"run written to {cfg.run.out} (metrics.jsonl, checkpoints/)")
 
 
 def main() -> None:

@@ -8,6 +8,7 @@ repetition or an illegal structure. Nothing falls back to sequential decoding si
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections import deque
@@ -29,13 +30,22 @@ from npr.topology import join_position, step_start
 DEFAULT_KV_GB = 0.25
 
 
+def resolve_model_dir(path: str | Path) -> Path:
+    """A model folder, or a training run folder (its latest checkpoint)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"model directory not found: {path}")
+    pointer = path / "checkpoints" / "latest.json"
+    if not (path / "config.json").exists() and pointer.exists():
+        return path / "checkpoints" / json.loads(pointer.read_text())["path"]
+    return path
+
+
 def load(path: str | Path, dtype=None, device=None, trust_remote_code: bool = False):
     """Load a causal LM and its tokenizer from a local directory (safetensors only)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory not found: {path}")
+    path = resolve_model_dir(path)
     tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=dtype or "auto", use_safetensors=True, trust_remote_code=trust_remote_code

@@ -69,6 +69,18 @@ class OptimConfig:
 
 
 @dataclass
+class SFTConfig:
+    epochs: float = 1.0
+    steps: int = 0  # optimiser steps (0: as many as `epochs` of the data need)
+    batch_size: int = 32  # examples per optimiser step (over all ranks); micro-batches of optim.micro_batch rows
+    packing: bool = False  # pack several examples per row (up to max_length tokens) instead of padding
+    max_length: int = 4096
+    sequential: bool = False  # the sequential-SFT baseline: causal mask, positions 0..L-1
+    attention: str = "auto"  # auto (flex on GPU) | flex | default (the model's own, dense mask)
+    gradient_checkpointing: bool = False
+
+
+@dataclass
 class RunConfig:
     out: str = "runs/stage1"
     steps: int = 40
@@ -85,6 +97,7 @@ class Config:
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def to_dict(self) -> dict:

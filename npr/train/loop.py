@@ -57,13 +57,13 @@ def make_optimizer(policy: Policy, o: OptimConfig, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def backward(policy: Policy, n_local: int, run_chunk, pad_id: int) -> None:
-    """Run `run_chunk(i)` (forward + backward of micro-batch i) for i < n_local. Under FSDP each
-    forward/backward is a collective, so a rank with fewer micro-batches runs zero-loss ones."""
-    total = distributed.max_int(n_local) if policy.fsdp else n_local
+def backward(policy: Policy, chunks: list, run_chunk, pad_id: int) -> None:
+    """`run_chunk(chunk)` (forward + backward) for each micro-batch. Under FSDP each forward and
+    backward is a collective, so a rank with fewer micro-batches runs zero-loss ones."""
+    total = distributed.max_int(len(chunks)) if policy.fsdp else len(chunks)
     for i in range(total):
-        if i < n_local:
-            run_chunk(i)
+        if i < len(chunks):
+            run_chunk(chunks[i])
         else:
             device = next(policy.model.parameters()).device
             ids = torch.full((1, 2), pad_id, dtype=torch.long, device=device)
@@ -94,7 +94,7 @@ class Run:
     """A run folder: resolved config, policy (resumed from the latest checkpoint on request),
     metrics.jsonl (+ TensorBoard), samples.txt, progress bar and atomic checkpoints."""
 
-    def __init__(self, cfg: Config, resume: bool, progress: bool, label: str):
+    def __init__(self, cfg: Config, resume: bool, progress: bool, label: str, add_tags: bool = False):
         self.rank, self.world = distributed.init()
         self.cfg, self.out = cfg, Path(cfg.run.out)
         self.out.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ class Run:
         self.ckpt = checkpoint.latest(self.out) if resume else None
         if resume and self.ckpt is None:
             raise ValueError(f"--resume: no checkpoint in {self.out}/checkpoints")
-        self.policy = load_policy(cfg.model, self.ckpt)
+        self.policy = load_policy(cfg.model, self.ckpt, add_tags)
         self.progress, self.label = progress and self.rank == 0, label
         self.writer = None
         if cfg.run.tensorboard and self.rank == 0:

@@ -94,8 +94,10 @@ class Policy:
             checkpoint.save(out, step, self.model, self.tokenizer, state, state_dict=weights)
 
 
-def load_policy(cfg: ModelConfig, ckpt: Path | None = None) -> Policy:
-    """Load `cfg.path` (or the checkpoint `ckpt` when resuming) and apply LoRA / FSDP as configured."""
+def load_policy(cfg: ModelConfig, ckpt: Path | None = None, add_tags: bool = False) -> Policy:
+    """Load `cfg.path` (or the checkpoint `ckpt` when resuming) and apply LoRA / FSDP as configured.
+
+    `add_tags`: give the tokenizer and model the NPR tags when the base model lacks them (SFT)."""
     if cfg.dtype not in DTYPES:
         raise ValueError(f"model.dtype: expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.lora_rank and cfg.fsdp:
@@ -104,6 +106,14 @@ def load_policy(cfg: ModelConfig, ckpt: Path | None = None) -> Policy:
     source = cfg.path if (ckpt is None or cfg.lora_rank) else ckpt
     model, tok = load(source, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     model.eval()
+    if add_tags:
+        from npr.tags import TAGS
+        from npr.tokens import add_npr_tokens
+
+        missing = [t for t in TAGS if t not in tok.get_vocab()]
+        if missing and cfg.lora_rank:
+            raise ValueError(f"{source}: the model lacks the tags {missing}; LoRA cannot train new embedding rows")
+        add_npr_tokens(tok, model)
     policy = Policy(model, tok)
     if cfg.lora_rank:
         _add_lora(model, cfg)

@@ -111,14 +111,14 @@ def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], ad
     opt.zero_grad(set_to_none=True)
     mb = cfg.optim.micro_batch
 
-    def run_chunk(i: int) -> None:
-        chunk = rolls[i * mb : (i + 1) * mb]
+    def run_chunk(part) -> None:
+        chunk, adv = part
         ids, topo, mask, old = _sequence_batch(chunk, pad_id, tag_ids)
         ids, mask, old = ids.to(device), mask.to(device), old.to(device)
         logits = topology_forward(model, ids, topo).logits[:, :-1].float()
         logp_all = torch.log_softmax(logits, dim=-1)
         logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
-        adv = advantages[i * mb : i * mb + len(chunk)].to(device)
+        adv = adv.to(device)
         share = mask.sum() / max(total_tokens, 1)  # this micro-batch's share of the token-mean
         if a.loss == "dapo":
             loss, st = dapo_loss(logp, old, adv, mask, a.clip_low, a.clip_high)
@@ -133,7 +133,8 @@ def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], ad
             ent = -(logp_all.exp() * logp_all).sum(-1)
             stats["entropy"] += float((ent * mask).sum() / max(total_tokens, 1))
 
-    backward(policy, math.ceil(len(rolls) / mb), run_chunk, pad_id)
+    chunks = [(rolls[i : i + mb], advantages[i : i + mb]) for i in range(0, len(rolls), mb)]
+    backward(policy, chunks, run_chunk, pad_id)
     stats = distributed.sum_floats(stats)
     stats["grad_norm"] = optimizer_step(policy, opt, sched, cfg.optim.grad_clip)
     model.eval()

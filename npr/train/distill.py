@@ -1,0 +1,180 @@
+"""Stage 2 data: self-distilled rejection sampling (NPR-Beta's training set).
+
+The Stage-1 model answers each problem up to `tries` times (sequential decoding, temperature
+1.0); a response is accepted only when it is correct, well-formed and executable by the
+topology, and is stored in canonical form (DESIGN §2) as text and as token ids. Up to `keep`
+distinct responses are kept per problem. Output folder:
+
+    examples.jsonl  one accepted example per line (problem record, prompt/response ids, text)
+    attempts.jsonl  one line per finished problem (tries used, accepted, rejection reasons)
+    stats.json      totals (acceptance rate, tries, plans per block, blocks per response)
+
+A rerun with the same folder skips finished problems and never writes an example twice.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from npr import grammar
+from npr.engine import SamplingParams
+from npr.grading import grade
+from npr.prompts import prompt_ids
+from npr.tags import tag_ids
+from npr.tokens import encode_pieces
+from npr.topology import executable
+
+EXAMPLES, ATTEMPTS, STATS = "examples.jsonl", "attempts.jsonl", "stats.json"
+
+
+@dataclass
+class DistillConfig:
+    tries: int = 8  # responses sampled per problem at most (K)
+    keep: int = 1  # accepted responses kept per problem at most (M)
+    per_round: int = 4  # responses sampled per problem per round (stops early once `keep` are accepted)
+    temperature: float = 1.0
+    top_p: float = 1.0
+    max_tokens: int = 256
+    mode: str = "sequential"
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    chunk: int = 32  # problems per engine call; progress is saved between chunks
+
+
+def judge(problem: dict, text: str, tokenizer) -> tuple[str | None, list[int], grammar.Response]:
+    """(rejection reason or None, canonical response ids, parsed response)."""
+    resp = grammar.parse(text)
+    if not resp.valid:
+        return "malformed", [], resp
+    if not grade(problem, text):
+        return "incorrect", [], resp
+    ids = encode_pieces(tokenizer, grammar.canonical_pieces(resp))
+    problem_text = executable(ids, tag_ids(tokenizer))
+    if problem_text is not None:
+        return "not executable", [], resp
+    return None, ids, resp
+
+
+def sampling(cfg: DistillConfig, seed: int) -> SamplingParams:
+    """Stage-1 style sampling: the model writes its own structure (nothing enforced)."""
+    return SamplingParams(
+        mode=cfg.mode,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        max_tokens=cfg.max_tokens,
+        enforce_structure=False,
+        repetition_penalty=cfg.repetition_penalty,
+        seed=seed,
+    )
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut by a crash: that problem is redone
+    return out
+
+
+def run_distill(llm, problems: list[dict], out_dir: str | Path, cfg: DistillConfig, progress: bool = True) -> dict:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = llm.tokenizer
+    meta = {"tag_ids": tag_ids(tok), "vocab_size": len(tok), "config": asdict(cfg)}
+    examples = _read_jsonl(out / EXAMPLES)
+    done = {a["id"] for a in _read_jsonl(out / ATTEMPTS)}
+    seen = {(e["id"], e["response"]) for e in examples}  # dedupe across reruns
+    prior = Counter(e["id"] for e in examples)  # a problem cut by a crash keeps what it had accepted
+    unique, ids = [], set()
+    for p in problems:
+        if p["id"] not in ids and p["id"] not in done:
+            unique.append(p)
+            ids.add(p["id"])
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    cols = [TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}")]
+    with Progress(*cols, TimeRemainingColumn(), disable=not progress, transient=True) as bar:
+        task = bar.add_task("distill", total=len(problems), completed=len(problems) - len(unique), info="")
+        for c in range(0, len(unique), cfg.chunk):
+            chunk = unique[c : c + cfg.chunk]
+            state = {p["id"]: {"tries": 0, "accepted": [], "reasons": Counter()} for p in chunk}
+            while True:
+                todo = [p for p in chunk if prior[p["id"]] + len(state[p["id"]]["accepted"]) < cfg.keep
+                        and state[p["id"]]["tries"] < cfg.tries]  # fmt: skip
+                if not todo:
+                    break
+                prompts, params, meta_rows = [], [], []
+                for p in todo:
+                    st = state[p["id"]]
+                    pids = prompt_ids(tok, p)
+                    for j in range(st["tries"], min(cfg.tries, st["tries"] + cfg.per_round)):
+                        seed = zlib.crc32(f"{cfg.seed}/{p['id']}/{j}".encode())
+                        prompts.append(pids)
+                        params.append(sampling(cfg, seed))
+                        meta_rows.append((p, j, pids))
+                for (p, j, pids), o in zip(meta_rows, llm.generate(prompts, params)):
+                    st = state[p["id"]]
+                    st["tries"] = max(st["tries"], j + 1)
+                    if prior[p["id"]] + len(st["accepted"]) >= cfg.keep:
+                        continue
+                    reason, rids, resp = judge(p, o.text, tok)
+                    text = grammar.canonical(resp) if reason is None else ""
+                    if reason is None and (p["id"], text) in seen:
+                        reason = "duplicate"
+                    if reason is not None:
+                        st["reasons"][reason] += 1
+                        continue
+                    seen.add((p["id"], text))
+                    st["accepted"].append({
+                        "id": p["id"],
+                        "record": p,
+                        "prompt_ids": pids,
+                        "response": text,
+                        "response_ids": rids,
+                        "try": j,
+                        "plans": [len(b.plans) for b in resp.blocks],
+                    })  # fmt: skip
+            with (out / EXAMPLES).open("a", encoding="utf-8") as f:  # examples first: attempts marks done
+                for p in chunk:
+                    for e in state[p["id"]]["accepted"]:
+                        f.write(json.dumps(e) + "\n")
+                        examples.append(e)
+            with (out / ATTEMPTS).open("a", encoding="utf-8") as f:
+                for p in chunk:
+                    st = state[p["id"]]
+                    row = {"id": p["id"], "tries": st["tries"], "accepted": prior[p["id"]] + len(st["accepted"]),
+                           "reasons": dict(st["reasons"])}  # fmt: skip
+                    f.write(json.dumps(row) + "\n")
+            bar.update(task, advance=len(chunk), info=f"{len(examples)} accepted")
+    stats = statistics(_read_jsonl(out / ATTEMPTS), examples)
+    (out / STATS).write_text(json.dumps({**stats, **meta}, indent=2))
+    return stats
+
+
+def statistics(attempts: list[dict], examples: list[dict]) -> dict:
+    tries = sum(a["tries"] for a in attempts)
+    accepted = sum(a["accepted"] for a in attempts)
+    reasons = Counter()
+    for a in attempts:
+        reasons.update(a["reasons"])
+    plans = Counter(k for e in examples for k in e["plans"])
+    blocks = Counter(len(e["plans"]) for e in examples)
+    return {
+        "problems": len(attempts),
+        "problems_with_an_example": sum(a["accepted"] > 0 for a in attempts),
+        "examples": len(examples),
+        "tries": tries,
+        "acceptance_rate": accepted / tries if tries else 0.0,
+        "tries_per_problem": tries / len(attempts) if attempts else 0.0,
+        "rejections": dict(reasons),
+        "plans_per_block": {str(k): v for k, v in sorted(plans.items())},
+        "blocks_per_response": {str(k): v for k, v in sorted(blocks.items())},
+    }

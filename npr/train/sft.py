@@ -1,0 +1,174 @@
+"""Stage 2: supervised fine-tuning on distilled examples (NPR-Beta).
+
+Parallel SFT trains each example under its topology (steps blind to their siblings, positions
+restarting at each fork); `sft.sequential` trains the same tokens with a plain causal mask and
+positions 0..L-1 (the paper's sequential-SFT baseline). Loss: negative log-likelihood of the
+response tokens, token-mean over the optimiser batch (all ranks). Shares the policy, the run
+folder, checkpoints and torchrun/FSDP mechanics with the RL loop (npr/train/loop.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from npr import grammar
+from npr.modeling import topology_forward, use_flex_attention
+from npr.prompts import prompt_ids
+from npr.tags import tag_ids
+from npr.tokens import encode_pieces
+from npr.topology import Layout, collate
+from npr.train import distributed
+from npr.train.config import Config
+from npr.train.distill import EXAMPLES, STATS
+from npr.train.loop import Run, Stream, backward, check_loss, make_optimizer, optimizer_step
+
+Example = tuple[list[int], int]  # (prompt + response ids, prompt length)
+
+
+def load_examples(source: str | Path, tokenizer, limit: int | None = None) -> list[Example]:
+    """Read a distilled folder (or its examples.jsonl). The stored ids are used as they are when
+    they were made with this tokenizer's tags; otherwise prompt and response are encoded again
+    from the problem record and the canonical text (e.g. after the tags were added for SFT)."""
+    path = Path(source)
+    folder = path if path.is_dir() else path.parent
+    file = path / EXAMPLES if path.is_dir() else path
+    if not file.is_file():
+        raise ValueError(f"SFT data not found: {file} (make it with `npr distill`)")
+    stats = folder / STATS
+    made = json.loads(stats.read_text()).get("tag_ids") if stats.is_file() else None
+    tags = tag_ids(tokenizer)
+    reuse = made == tags
+    out = []
+    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            e = json.loads(line)
+            if reuse:
+                prompt, response = list(e["prompt_ids"]), list(e["response_ids"])
+            else:
+                prompt = prompt_ids(tokenizer, e["record"])
+                response = encode_pieces(tokenizer, grammar.canonical_pieces(grammar.parse(e["response"])))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{file}:{n}: bad example ({type(err).__name__}: {err})") from None
+        if not response:
+            raise ValueError(f"{file}:{n}: empty response")
+        bad = [i for i in prompt + response if not 0 <= i < len(tokenizer)]
+        if bad:
+            raise ValueError(f"{file}:{n}: token id {bad[0]} outside the vocabulary ({len(tokenizer)})")
+        out.append((prompt + response, len(prompt)))
+        if limit and len(out) >= limit:
+            break
+    if not out:
+        raise ValueError(f"{file}: no examples")
+    return out
+
+
+def causal(n: int) -> Layout:
+    """The layout of a plain sequence: positions 0..n-1, no blocks (the sequential baseline)."""
+    return Layout(list(range(n)), [-1] * n, [-1] * n, True)
+
+
+def pack(examples: list[Example], packing: bool, max_length: int) -> list[list[Example]]:
+    """Rows of examples: one per row, or packed greedily end to end up to `max_length` tokens."""
+    if not packing:
+        return [[e] for e in examples]
+    rows, width = [], 0
+    for e in examples:
+        if rows and width + len(e[0]) <= max_length:
+            rows[-1].append(e)
+            width += len(e[0])
+        else:
+            rows.append([e])
+            width = len(e[0])
+    return rows
+
+
+def sft_batch(rows: list[list[Example]], tags: dict, pad_id: int, sequential: bool):
+    """(input ids [B, L], topology, loss mask [B, L-1]): the mask marks predictions of response tokens."""
+    traj = [[(ids, causal(len(ids)) if sequential else n) for ids, n in row] for row in rows]
+    ids, topo = collate(traj, tags, pad_id=pad_id)
+    mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+    for b, row in enumerate(rows):
+        at = 0
+        for seq, n in row:
+            mask[b, at + n - 1 : at + len(seq) - 1] = 1.0
+            at += len(seq)
+    return ids, topo, mask
+
+
+def sft_loss(model, ids, topo, mask) -> torch.Tensor:
+    """Summed NLL of the masked next tokens (divide by the batch's token count for the mean)."""
+    logits = topology_forward(model, ids, topo).logits[:, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    return (nll * mask).sum()
+
+
+def sft_step(policy, opt, sched, cfg: Config, rows, total: int, tags: dict, pad: int) -> tuple[float, float]:
+    """One optimiser step over this rank's rows; (summed NLL over all ranks, gradient norm)."""
+    model, mb = policy.model, cfg.optim.micro_batch
+    device = next(model.parameters()).device
+    loss_sum = 0.0
+    model.train()
+    opt.zero_grad(set_to_none=True)
+
+    def run_chunk(chunk) -> None:
+        nonlocal loss_sum
+        ids, topo, mask = sft_batch(chunk, tags, pad, cfg.sft.sequential)
+        loss = sft_loss(model, ids.to(device), topo, mask.to(device))
+        check_loss(loss, opt)
+        (loss / total).backward()
+        loss_sum += float(loss)
+
+    backward(policy, [rows[i : i + mb] for i in range(0, len(rows), mb)], run_chunk, pad)
+    loss_sum = distributed.sum_floats({"loss": loss_sum})["loss"]
+    norm = optimizer_step(policy, opt, sched, cfg.optim.grad_clip)
+    model.eval()
+    return loss_sum, norm
+
+
+def train_sft(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
+    s = cfg.sft
+    run = Run(cfg, resume, progress, "SFT", add_tags=True)
+    policy, rank, world = run.policy, run.rank, run.world
+    model, tok = policy.model, policy.tokenizer
+    attention = s.attention if s.attention != "auto" else ("flex" if torch.cuda.is_available() else "default")
+    if attention == "flex":
+        use_flex_attention(model)  # no L x L mask: a BlockMask built from O(L) labels
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    examples = load_examples(cfg.data.source, tok, cfg.data.size or None)
+    total_steps = s.steps or math.ceil(len(examples) * s.epochs / s.batch_size)
+    opt, sched = make_optimizer(policy, cfg.optim, total_steps)
+    stream = Stream(examples, cfg.run.seed)
+    start = run.restore(opt, sched, stream)
+    tags, pad = tag_ids(tok), (tok.pad_token_id if tok.pad_token_id is not None else 0)
+    summary = {}
+    with run.bar() as bar:
+        task = bar.add_task("sft", total=total_steps, completed=start, info="")
+        for step in range(start, total_steps):
+            t0 = time.perf_counter()
+            batch = stream.take(s.batch_size)  # the same on every rank; each trains its share
+            total = sum(len(ids) - n for ids, n in batch)  # response tokens of the whole batch
+            rows = pack(batch[rank::world], s.packing, s.max_length)
+            loss_sum, norm = sft_step(policy, opt, sched, cfg, rows, total, tags, pad)
+            m = {
+                "step": step + 1,
+                "loss": loss_sum / total,
+                "lr": sched.get_last_lr()[0],
+                "grad_norm": norm,
+                "tokens": total,
+                "epoch": stream.position / len(examples),
+                "step_time": time.perf_counter() - t0,
+            }
+            run.log(m)
+            summary = m
+            bar.update(task, advance=1, info=f"loss {m['loss']:.3f}")
+            run.maybe_save(step + 1, total_steps, opt, sched, stream)
+    run.close()
+    return summary
