@@ -50,6 +50,10 @@ class Rollout:
             "valid": self.valid,
             "length": len(self.out.token_ids),
             "total_tokens": self.out.stats["total_tokens"],
+            "critical_path": self.out.stats["critical_path_tokens"],
+            "blocks": self.out.stats["blocks"],
+            "branches": self.out.stats["branches"],
+            "parallel_blocks": self.out.stats["parallel_blocks"],
             "sampled": sum(not f for f in self.out.forced),
             "schema_ok": executable(self.out.token_ids, tags) is None,
         }
@@ -84,6 +88,23 @@ def rollouts(llm: LLM, cfg: Config, problems: list[tuple[int, dict]], step: int,
         reward = float(reward_fn(p["problem"], text, str(p.get("answer", "")), p))
         result.append(Rollout(p, g, j, o, reward, bool(grade(p, text)), grammar.parse(text).valid))
     return result
+
+
+def select_groups(summaries: list[dict], schema_filter: bool, dynamic_sampling: bool):
+    """(kept groups, dropped groups, filtered rollouts). The schema filter removes rollouts the
+    topology cannot execute before their rewards count; dynamic sampling drops groups whose
+    remaining rewards are all equal (no signal)."""
+    kept, dropped, filtered = [], 0, 0
+    for g in sorted({x["group"] for x in summaries}):
+        group = [x for x in summaries if x["group"] == g]
+        if schema_filter:
+            filtered += sum(not x["schema_ok"] for x in group)
+            group = [x for x in group if x["schema_ok"]]
+        if not group or (dynamic_sampling and len({x["reward"] for x in group}) == 1):
+            dropped += 1
+            continue
+        kept.append(group)
+    return kept, dropped, filtered
 
 
 def _sequence_batch(rolls: list[Rollout], pad_id: int, tag_ids: dict):
@@ -158,7 +179,7 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
         task = bar.add_task("rl", total=cfg.run.steps, completed=start, info="")
         for step in range(start, cfg.run.steps):
             t0 = time.perf_counter()
-            kept, seen, mine, dropped, rounds, base = [], [], {}, 0, 0, 0
+            kept, seen, mine, dropped, filtered, rounds, base = [], [], {}, 0, 0, 0, 0
             need = cfg.rollout.prompts_per_step
             while need > 0 and rounds <= (cfg.algo.max_resample if cfg.algo.dynamic_sampling else 0):
                 taken = prompts.take(need)  # the same on every rank; each samples its share
@@ -170,14 +191,9 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                                    key=lambda x: (x["group"], x["sample"]))  # fmt: skip
                 seen += summaries
                 base, rounds = base + len(taken), rounds + 1
-                for g in sorted({x["group"] for x in summaries}):
-                    group = [x for x in summaries if x["group"] == g]
-                    if cfg.algo.schema_filter:
-                        group = [x for x in group if x["schema_ok"]]
-                    if not group or (cfg.algo.dynamic_sampling and len({x["reward"] for x in group}) == 1):
-                        dropped += 1
-                        continue
-                    kept.append(group)
+                groups, n_dropped, n_filtered = select_groups(summaries, cfg.algo.schema_filter,
+                                                              cfg.algo.dynamic_sampling)  # fmt: skip
+                kept, dropped, filtered = kept + groups, dropped + n_dropped, filtered + n_filtered
                 need = cfg.rollout.prompts_per_step - len(kept)
             gen_time = time.perf_counter() - t0
             flat = [x for g in kept for x in g]
@@ -204,6 +220,12 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
                 "accuracy": _mean([x["correct"] for x in seen]),
                 "format_valid_rate": _mean([x["valid"] for x in seen]),
                 "response_length": _mean([x["length"] for x in seen]),
+                "parallel_trigger_rate": _mean([x["parallel_blocks"] > 0 for x in seen]),
+                "blocks_per_response": _mean([x["blocks"] for x in seen]),
+                "branches_per_block": sum(x["branches"] for x in seen) / max(1, sum(x["blocks"] for x in seen)),
+                "token_parallelism": tokens / max(1, sum(x["critical_path"] for x in seen)),
+                "critical_path": _mean([x["critical_path"] for x in seen]),
+                "filtered": filtered,
                 "dropped_groups": dropped,
                 "kept_groups": len(kept),
                 "sampling_rounds": rounds,
