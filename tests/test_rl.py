@@ -18,7 +18,11 @@ from npr.world.tokenizer import build_tokenizer
 def test_config_yaml_and_overrides(tmp_path):
     cfg = load_config("configs/tiny/stage1.yaml", ["optim.lr=1e-6", "rollout.n=4", "run.out=/x"])
     assert cfg.optim.lr == 1e-6 and cfg.rollout.n == 4 and cfg.run.out == "/x" and cfg.algo.clip_high == 0.28
-    load_config("configs/qwen3-4b/stage1.yaml")
+    from pathlib import Path
+
+    for f in sorted(Path("configs").glob("*/*.yaml")):  # every shipped config parses with its types
+        c = load_config(f)
+        assert isinstance(c.optim.lr, float) and isinstance(c.run.steps, int), f
     with pytest.raises(ValueError, match="unknown key 'lrr'"):
         load_config(None, ["optim.lrr=1"])
     with pytest.raises(ValueError, match="section.key=value"):
