@@ -121,6 +121,11 @@ def test_micro_recipe_trains_saves_and_caches(tmp_path):
     assert type(model).__name__ == "Qwen3ForCausalLM" and tag_ids(tok)
     out1 = LLM(model, tok, num_pages=64).generate(["use 1 2 3 to make 6"], SamplingParams(max_tokens=20, seed=0))
     assert out1[0].finish_reason in ("stop", "length", "repetition")
+    from npr.world.base import measure_base
+
+    rep = measure_base(path, problems=4, k=2)  # what `npr base` prints (and caches)
+    assert {"NPR prompt, sequential", "step-by-step prompt", "level 4, step-by-step"} <= rep.keys()
+    assert all(0 <= r["avg@k"] <= r["best@k"] <= 1 for r in rep.values()) and rep["level 1, step-by-step"]["k"] == 8
     stamp = (path / "model.safetensors").stat().st_mtime_ns
     _, _, reused = build_base(out, recipe, progress=False)
     assert reused and (path / "model.safetensors").stat().st_mtime_ns == stamp

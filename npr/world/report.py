@@ -22,7 +22,7 @@ def measure(llm, problems: list[dict], parallel_prompt: bool, k: int = 4, mode: 
     outs = llm.generate(prompts, params)
     samples = [
         {
-            "problem_id": problems[i // k]["id"],
+            "problem_id": i // k,  # the index: generated problems (make_problem) carry no id
             "correct": grade(dict(problems[i // k], grader="countdown"), o.text),
             "format_valid": grammar.parse(o.text).valid,
             "parallel_blocks": o.stats["parallel_blocks"],
