@@ -382,5 +382,47 @@ def train_sft_cmd(
         print(f"run written to {cfg.run.out} (metrics.jsonl, checkpoints/)")
 
 
+def _run_pipeline(path: Path, overrides: list[str], only: str | None) -> None:
+    from npr.pipeline import load_pipeline, run_pipeline
+    from npr.train.loop import TrainingError
+
+    try:
+        plan, root = load_pipeline(path, overrides)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    try:
+        run_pipeline(plan, root, only=only)
+    except (TrainingError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    if os.environ.get("RANK", "0") == "0" and (Path(plan.out) / "report.md").exists() and not only:
+        print((Path(plan.out) / "report.md").read_text())
+        print(f"wrote {plan.out}/report.md, report.json and figures; rerun the same command to resume")
+
+
+CONFIGS = Path(__file__).parent / "configs"
+STAGE_HELP = "Run only this stage: base, stage1, distill, stage2, stage3, eval or report."
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), "--out", help="Output folder (rerun to resume)."),
+    only: str = typer.Option(None, "--only", help=STAGE_HELP),
+) -> None:
+    """The whole method on the embedded default world: base -> Stage 1 -> distill -> Stage 2 -> Stage 3
+    -> evaluation of every stage -> DIR/report.md. About 20 CPU minutes; resumable."""
+    _run_pipeline(CONFIGS / "tiny" / "pipeline.yaml", [f"out={out}"], only)
+
+
+@app.command()
+def pipeline(
+    overrides: list[str] = typer.Argument(None, help="Overrides: key=value or section.key=value (e.g. out=runs/x)."),
+    config: Path = typer.Option(..., "--config", help="Pipeline YAML (e.g. configs/qwen3-4b-instruct/pipeline.yaml)."),
+    only: str = typer.Option(None, "--only", help=STAGE_HELP),
+) -> None:
+    """The whole method for any checkpoint, stage after stage as a pipeline YAML describes; resumable."""
+    _run_pipeline(config, overrides or [], only)
+
+
 def main() -> None:
     app()

@@ -23,6 +23,7 @@ from pathlib import Path
 from npr import grammar
 from npr.engine import SamplingParams
 from npr.grading import grade
+from npr.progress import bar as progress_bar
 from npr.prompts import prompt_ids
 from npr.tags import tag_ids
 from npr.tokens import encode_pieces
@@ -98,10 +99,7 @@ def run_distill(llm, problems: list[dict], out_dir: str | Path, cfg: DistillConf
         if p["id"] not in ids and p["id"] not in done:
             unique.append(p)
             ids.add(p["id"])
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    cols = [TextColumn("distill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}")]
-    with Progress(*cols, TimeRemainingColumn(), disable=not progress, transient=True) as bar:
+    with progress_bar("distill", progress) as bar:
         task = bar.add_task("distill", total=len(problems), completed=len(problems) - len(unique), info="")
         for c in range(0, len(unique), cfg.chunk):
             chunk = unique[c : c + cfg.chunk]

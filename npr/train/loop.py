@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from npr.progress import bar as progress_bar
 from npr.train import checkpoint, distributed
 from npr.train.config import Config, OptimConfig
 from npr.train.policy import Policy, load_policy
@@ -106,7 +107,7 @@ class Run:
         if resume and self.ckpt is None:
             raise ValueError(f"--resume: no checkpoint in {self.out}/checkpoints")
         self.policy = load_policy(cfg.model, self.ckpt, add_tags)
-        self.progress, self.label = progress and self.rank == 0, label
+        self.progress, self.label = (progress if self.rank == 0 else False), label
         self.writer = None
         if cfg.run.tensorboard and self.rank == 0:
             try:
@@ -158,10 +159,7 @@ class Run:
         distributed.barrier()
 
     def bar(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        cols = [TextColumn(self.label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}")]
-        return Progress(*cols, TimeRemainingColumn(), disable=not self.progress, transient=True)
+        return progress_bar(self.label, self.progress)
 
     def close(self) -> None:
         if self.writer:

@@ -163,7 +163,7 @@ def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], ad
 
 
 def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
-    run = Run(cfg, resume, progress, "RL")
+    run = Run(cfg, resume, progress, "RL", add_tags=True)
     policy, rank, world = run.policy, run.rank, run.world
     model, tok = policy.model, policy.tokenizer
     with policy.full_weights():

@@ -33,7 +33,8 @@ Example = tuple[list[int], int]  # (prompt + response ids, prompt length)
 def load_examples(source: str | Path, tokenizer, limit: int | None = None) -> list[Example]:
     """Read a distilled folder (or its examples.jsonl). The stored ids are used as they are when
     they were made with this tokenizer's tags; otherwise prompt and response are encoded again
-    from the problem record and the canonical text (e.g. after the tags were added for SFT)."""
+    from the problem record and the canonical text (e.g. after the tags were added for SFT, or for
+    examples written by hand with only `record` and `response`)."""
     path = Path(source)
     folder = path if path.is_dir() else path.parent
     file = path / EXAMPLES if path.is_dir() else path
@@ -49,7 +50,7 @@ def load_examples(source: str | Path, tokenizer, limit: int | None = None) -> li
             continue
         try:
             e = json.loads(line)
-            if reuse:
+            if reuse and "response_ids" in e:
                 prompt, response = list(e["prompt_ids"]), list(e["response_ids"])
             else:
                 prompt = prompt_ids(tokenizer, e["record"])
@@ -65,7 +66,8 @@ def load_examples(source: str | Path, tokenizer, limit: int | None = None) -> li
         if limit and len(out) >= limit:
             break
     if not out:
-        raise ValueError(f"{file}: no examples")
+        raise ValueError(f"{file}: no examples (no sampled answer was correct and well-formed: "
+                         "sample more problems or tries with npr distill)")  # fmt: skip
     return out
 
 
@@ -141,7 +143,8 @@ def train_sft(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     if attention == "flex":
         use_flex_attention(model)  # no L x L mask: a BlockMask built from O(L) labels
     if s.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable()
     examples = load_examples(cfg.data.source, tok, cfg.data.size or None)
     total_steps = s.steps or math.ceil(len(examples) * s.epochs / s.batch_size)
     opt, sched = make_optimizer(policy, cfg.optim, total_steps)

@@ -1,0 +1,274 @@
+"""`npr demo` and `npr pipeline`: the whole method, stage after stage, with one report.
+
+    base -> Stage 1 (DAPO) -> rejection sampling -> Stage 2 (parallel SFT) -> Stage 3 (PAPO)
+         -> evaluation of every stage (sequential and parallel decoding, held-out problems) -> report
+
+Each stage writes OUT/<stage>/ and is marked finished by OUT/<stage>/.stage-done: a rerun skips
+finished stages, resumes an interrupted training stage from its last checkpoint, and an
+interrupted evaluation or rejection sampling from the samples already written.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from npr.train.config import _build, load_config
+
+DONE = ".stage-done"  # marks a finished stage folder
+
+
+@dataclass
+class StagePlan:
+    config: str | None = None  # a training YAML, relative to the pipeline file
+    overrides: tuple = ()  # section.key=value applied on top
+
+
+@dataclass
+class DistillPlan:
+    data: str = "countdown:train"
+    limit: int = 600
+    tries: int = 8
+    keep: int = 1
+    per_round: int = 4
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
+@dataclass
+class EvalPlan:
+    bench: str = "countdown"
+    limit: int = 50
+    n: int = 4
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    kv_cache_gb: float = 0.5
+
+
+@dataclass
+class Pipeline:
+    out: str = "runs/demo"
+    base: str = "world"  # "world": build the default world's base model; else a model folder or hub name
+    dtype: str = "auto"  # of the prepared base (auto: as stored)
+    stage1: StagePlan = field(default_factory=StagePlan)
+    distill: DistillPlan = field(default_factory=DistillPlan)
+    stage2: StagePlan = field(default_factory=StagePlan)
+    stage3: StagePlan = field(default_factory=StagePlan)
+    eval: EvalPlan = field(default_factory=EvalPlan)
+
+
+def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Pipeline, Path]:
+    """Read a pipeline YAML (`key: value` or `section.key=value` overrides); returns it and its folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"pipeline file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping")
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected key=value or section.key=value")
+        key, value = item.split("=", 1)
+        if "." in key:
+            section, name = key.split(".", 1)
+            data.setdefault(section, {})[name] = yaml.safe_load(value)
+        else:
+            data[key] = yaml.safe_load(value)
+    return _build(Pipeline, data, str(path)), path.parent
+
+
+STAGES = ["base", "stage1", "distill", "stage2", "stage3", "eval", "report"]
+
+
+def run_pipeline(plan: Pipeline, root: Path, progress: bool = True, only: str | None = None) -> dict:
+    """Run every unfinished stage; returns the report data. `root`: the folder stage configs are relative to."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from npr.train import distributed
+
+    if only is not None and only not in STAGES:
+        raise ValueError(f"--only: expected one of {', '.join(STAGES)}, got {only!r}")
+    rank, world = distributed.init()
+    if world > 1 and only not in ("stage1", "stage2", "stage3"):
+        raise ValueError("under torchrun run one training stage at a time: --only stage1|stage2|stage3")
+    progress = progress and rank == 0
+    out = Path(plan.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pipeline.yaml").write_text(yaml.safe_dump(_plain(plan), sort_keys=False))
+    cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn()]  # fmt: skip
+    times = _read_json(out / "times.json")
+    stages = [only] if only else STAGES
+    with Progress(*cols, disable=not progress) as bar:
+        overall = bar.add_task("pipeline", total=len(stages), info="")
+        shared = bar if progress else False
+        result = {}
+        for stage in stages:
+            marker = out / stage / DONE
+            if marker.exists() and stage != "report":
+                bar.update(overall, advance=1, info=f"{stage} (done before)")
+                continue
+            bar.update(overall, info=stage)
+            t0 = time.perf_counter()
+            (out / stage).mkdir(parents=True, exist_ok=True)
+            result = STAGE_FUNCTIONS[stage](plan, root, out, shared) or {}
+            if rank == 0:
+                times[stage] = times.get(stage, 0.0) + time.perf_counter() - t0
+                (out / "times.json").write_text(json.dumps(times, indent=1))
+                marker.write_text(json.dumps({"seconds": times[stage]}))
+            bar.update(overall, advance=1)
+    return result
+
+
+def _stage_config(sp: StagePlan, root: Path, forced: list[str]):
+    path = (root / sp.config) if sp.config else None
+    return load_config(path, list(sp.overrides) + forced)
+
+
+def _has_checkpoint(run: Path) -> bool:
+    return (run / "checkpoints" / "latest.json").exists()
+
+
+def base_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
+    """The default world's base model, or a real checkpoint prepared with the tags (safetensors)."""
+    if plan.base == "world":
+        from npr.world.base import build_base
+
+        build_base(out / "base", progress=bool(progress))
+        return
+    prepare_base(plan.base, out / "base", plan.dtype)
+
+
+def prepare_base(source: str, dest: Path, dtype: str = "auto") -> None:
+    """Copy a model (local folder or hub name) to `dest` with the NPR tags added (and rows initialised)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from npr.tokens import add_npr_tokens
+
+    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    tok = AutoTokenizer.from_pretrained(source)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True)
+    add_npr_tokens(tok, model)
+    tmp = dest.with_name(dest.name + ".tmp")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    for f in tmp.iterdir():
+        f.replace(dest / f.name)
+    tmp.rmdir()
+
+
+def stage1_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
+    from npr.train.rl import train_rl
+
+    cfg = _stage_config(plan.stage1, root, [f"model.path={out / 'base'}", f"run.out={out / 'stage1'}"])
+    train_rl(cfg, resume=_has_checkpoint(out / "stage1"), progress=progress)
+
+
+def distill_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
+    from npr.data import load_benchmark
+    from npr.engine import LLM, load
+    from npr.train.distill import DistillConfig, run_distill
+
+    d = plan.distill
+    model, tok = load(out / "stage1")
+    cfg = DistillConfig(tries=d.tries, keep=d.keep, per_round=d.per_round, max_tokens=d.max_tokens,
+                        temperature=d.temperature, top_p=d.top_p, seed=d.seed)  # fmt: skip
+    llm = LLM(model, tok, kv_cache_gb=plan.eval.kv_cache_gb)
+    run_distill(llm, load_benchmark(d.data, d.limit or None), out / "distill", cfg, progress=progress)
+
+
+def stage2_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
+    from npr.train.sft import train_sft
+
+    forced = [f"model.path={out / 'stage1'}", f"data.source={out / 'distill'}", f"run.out={out / 'stage2'}"]
+    cfg = _stage_config(plan.stage2, root, forced)
+    train_sft(cfg, resume=_has_checkpoint(out / "stage2"), progress=progress)
+
+
+def stage3_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
+    from npr.train.rl import train_rl
+
+    cfg = _stage_config(plan.stage3, root, [f"model.path={out / 'stage2'}", f"run.out={out / 'stage3'}"])
+    train_rl(cfg, resume=_has_checkpoint(out / "stage3"), progress=progress)
+
+
+MODELS = ["base", "stage1", "stage2", "stage3"]
+
+
+def eval_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
+    """Every stage's model on the held-out problems: parallel (engine, schema enforced) and
+    sequential (the model alone, nothing enforced) decoding of the same problems and seeds."""
+    from npr.engine import LLM, load
+    from npr.evaluate import run_eval
+
+    e = plan.eval
+    from npr.progress import bar as progress_bar
+
+    with progress_bar("eval", progress) as bar:
+        for name in MODELS:
+            model, tok = load(out / name)
+            llm = LLM(model, tok, kv_cache_gb=e.kv_cache_gb)
+            for mode in ("parallel", "sequential"):
+                task = bar.add_task(f"eval {name} {mode}", total=None, info="")
+                sampling = {"temperature": e.temperature, "top_p": e.top_p, "max_tokens": e.max_tokens,
+                            "enforce_structure": mode == "parallel"}  # fmt: skip
+                run_eval(llm, [e.bench], out / "eval" / name / mode, e.n, mode, e.limit or None, sampling,
+                         progress=lambda done, total, t=task: bar.update(t, completed=done, total=total))  # fmt: skip
+                bar.remove_task(task)
+            del llm, model
+
+
+def report_stage(plan: Pipeline, root: Path, out: Path, progress) -> dict:
+    from npr.report import read_jsonl, write_report
+
+    evals = {}
+    for name in MODELS:
+        modes = {}
+        for mode in ("sequential", "parallel"):
+            res = _read_json(out / "eval" / name / mode / "results.json")
+            if res:
+                modes[mode] = res["benchmarks"][plan.eval.bench][mode]
+        if modes:
+            evals[name] = modes
+    runs = {s: out / s for s in ("stage1", "stage2", "stage3") if (out / s).exists()}
+    samples = read_jsonl(out / "eval" / "stage3" / "parallel" / "samples.jsonl")
+    distill = _read_json(out / "distill" / "stats.json")
+    times = _read_json(out / "times.json")
+    info = {
+        "title": f"Benchmark {plan.eval.bench}: {plan.eval.limit} held-out problems x {plan.eval.n} samples, "
+        f"temperature {plan.eval.temperature}, top-p {plan.eval.top_p}, at most {plan.eval.max_tokens} tokens.",
+        "base": plan.base,
+        "distilled examples": distill.get("examples"),
+        "distill acceptance rate": distill.get("acceptance_rate") and round(distill["acceptance_rate"], 3),
+        "stage seconds": {k: round(v) for k, v in times.items()},
+    }
+    return write_report(out, evals, runs, samples, info)
+
+
+STAGE_FUNCTIONS = {
+    "base": base_stage,
+    "stage1": stage1_stage,
+    "distill": distill_stage,
+    "stage2": stage2_stage,
+    "stage3": stage3_stage,
+    "eval": eval_stage,
+    "report": report_stage,
+}
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _plain(obj):
+    import dataclasses
+
+    return dataclasses.asdict(obj)
