@@ -302,6 +302,7 @@ def distill(
     ),
     tries: int = typer.Option(8, "--tries", help="Responses sampled per problem at most (K)."),
     keep: int = typer.Option(1, "--keep", help="Accepted responses kept per problem at most (M)."),
+    per_round: int = typer.Option(4, "--per-round", help="Responses sampled per problem at a time."),
     limit: int = typer.Option(None, help="Only the first N problems."),
     max_tokens: int = typer.Option(256, help="Token budget per response."),
     temperature: float = typer.Option(1.0, help="Sampling temperature (paper: 1.0)."),
@@ -315,7 +316,15 @@ def distill(
     from npr.engine import LLM, load
     from npr.train.distill import DistillConfig, run_distill
 
-    cfg = DistillConfig(tries=tries, keep=keep, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    cfg = DistillConfig(
+        tries=tries,
+        keep=keep,
+        per_round=per_round,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+    )
     try:
         problems = load_benchmark(data, limit)
         lm, tok = load(model, trust_remote_code=trust_remote_code)
