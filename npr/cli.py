@@ -336,6 +336,25 @@ def distill(
     print(f"wrote {out}/examples.jsonl, attempts.jsonl, stats.json")
 
 
+def _train(fn, config: Path | None, overrides: list[str], resume: bool, wrote: str) -> None:
+    """Read the config, run a trainer, report errors without a traceback, print the summary (rank 0)."""
+    from npr.train.config import load_config
+    from npr.train.loop import TrainingError
+
+    try:
+        cfg = load_config(config, overrides)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    try:
+        summary = fn(cfg, resume=resume)
+    except (TrainingError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise typer.Exit(1) from None
+    if os.environ.get("RANK", "0") == "0":
+        print(json.dumps(summary))
+        print(f"run written to {cfg.run.out} ({wrote})")
+
+
 train_app = typer.Typer(help="Training stages: rl (Stage 1 DAPO / Stage 3 PAPO), sft (Stage 2).")
 app.add_typer(train_app, name="train")
 
@@ -347,22 +366,9 @@ def train_rl_cmd(
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in run.out."),
 ) -> None:
     """Reinforcement learning on engine rollouts (DAPO for Stage 1, PAPO for Stage 3)."""
-    from npr.train.config import load_config
-    from npr.train.loop import TrainingError
     from npr.train.rl import train_rl
 
-    try:
-        cfg = load_config(config, overrides or [])
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
-    try:
-        summary = train_rl(cfg, resume=resume)
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(1) from None
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps(summary))
-        print(f"run written to {cfg.run.out} (metrics.jsonl, samples.txt, checkpoints/)")
+    _train(train_rl, config, overrides or [], resume, "metrics.jsonl, samples.txt, checkpoints/")
 
 
 @train_app.command("sft")
@@ -373,22 +379,10 @@ def train_sft_cmd(
     sequential: bool = typer.Option(False, "--sequential", help="Sequential-SFT baseline: causal mask and positions."),
 ) -> None:
     """Supervised fine-tuning on distilled examples with the parallel topology (Stage 2, NPR-Beta)."""
-    from npr.train.config import load_config
-    from npr.train.loop import TrainingError
     from npr.train.sft import train_sft
 
-    try:
-        cfg = load_config(config, (overrides or []) + (["sft.sequential=true"] if sequential else []))
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
-    try:
-        summary = train_sft(cfg, resume=resume)
-    except (TrainingError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise typer.Exit(1) from None
-    if os.environ.get("RANK", "0") == "0":
-        print(json.dumps(summary))
-        print(f"run written to {cfg.run.out} (metrics.jsonl, checkpoints/)")
+    extra = ["sft.sequential=true"] if sequential else []
+    _train(train_sft, config, (overrides or []) + extra, resume, "metrics.jsonl, checkpoints/")
 
 
 def _run_pipeline(path: Path, overrides: list[str], only: str | None) -> None:

@@ -204,3 +204,16 @@ def _hub(spec: str, **fields) -> list[dict]:
         path = Path(d) / "rows.jsonl"
         path.write_text("".join(json.dumps(dict(r), default=str) + "\n" for r in ds))
         return records(path, name=name.split("/")[-1], **fields)
+
+
+def read_appended(path: Path) -> list[dict]:
+    """The records of a JSONL file a run appends to; a line cut by a crash is skipped (redone)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

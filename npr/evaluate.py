@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from npr import grammar, metrics
-from npr.data import load_benchmark
+from npr.data import load_benchmark, read_appended
 from npr.grading import grade
 from npr.prompts import prompt_ids
 
@@ -23,18 +23,6 @@ CHUNK = 64  # prompts per engine call: progress is saved between chunks
 
 def _key(s: dict) -> tuple:
     return (s["bench"], s["mode"], s["problem_id"], s["sample"])
-
-
-def _read_samples(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash: that sample is redone
-    return out
 
 
 def sample_record(bench: str, mode: str, problem: dict, j: int, out) -> dict:
@@ -88,7 +76,7 @@ def run_eval(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "samples.jsonl"
-    kept = [x for x in _read_samples(path) if "error" not in x]  # failed samples are retried
+    kept = [x for x in read_appended(path) if "error" not in x]  # failed samples are retried
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     if len(kept) != len(text.splitlines()) or (text and not text.endswith("\n")):
         tmp = path.with_suffix(".tmp")  # drop failed samples and lines cut by a crash
@@ -129,7 +117,7 @@ def run_eval(
                     finished += len(chunk)
                     if progress:
                         progress(finished, todo_total)
-    results = summarize_run(_read_samples(path), timing, benches, modes)
+    results = summarize_run(read_appended(path), timing, benches, modes)
     write_outputs(out_dir, results)
     return results
 

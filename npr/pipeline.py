@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from npr.train.config import _build, load_config
+from npr.train.config import build, load_config, read_yaml
 
 DONE = ".stage-done"  # marks a finished stage folder
 
@@ -65,23 +65,10 @@ class Pipeline:
 
 
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Pipeline, Path]:
-    """Read a pipeline YAML (`key: value` or `section.key=value` overrides); returns it and its folder."""
-    path = Path(path)
-    if not path.is_file():
+    """Read a pipeline YAML (`key=value` or `section.key=value` overrides); returns it and its folder."""
+    if not Path(path).is_file():
         raise ValueError(f"pipeline file not found: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping")
-    for item in overrides:
-        if "=" not in item:
-            raise ValueError(f"override {item!r}: expected key=value or section.key=value")
-        key, value = item.split("=", 1)
-        if "." in key:
-            section, name = key.split(".", 1)
-            data.setdefault(section, {})[name] = yaml.safe_load(value)
-        else:
-            data[key] = yaml.safe_load(value)
-    return _build(Pipeline, data, str(path)), path.parent
+    return build(Pipeline, read_yaml(path, overrides, top_level=True), str(path)), Path(path).parent
 
 
 STAGES = ["base", "stage1", "distill", "stage2", "stage3", "eval", "report"]
@@ -227,7 +214,8 @@ def eval_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
 
 
 def report_stage(plan: Pipeline, root: Path, out: Path, progress) -> dict:
-    from npr.report import read_jsonl, write_report
+    from npr.data import read_appended
+    from npr.report import write_report
 
     evals = {}
     for name in MODELS:
@@ -239,7 +227,7 @@ def report_stage(plan: Pipeline, root: Path, out: Path, progress) -> dict:
         if modes:
             evals[name] = modes
     runs = {s: out / s for s in ("stage1", "stage2", "stage3") if (out / s).exists()}
-    samples = read_jsonl(out / "eval" / "stage3" / "parallel" / "samples.jsonl")
+    samples = read_appended(out / "eval" / "stage3" / "parallel" / "samples.jsonl")
     distill = _read_json(out / "distill" / "stats.json")
     times = _read_json(out / "times.json")
     info = {

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from npr import grammar
+from npr.data import read_appended
 
 COLUMNS = [
     ("avg@k", "avg@k", "{:.3f}"),
@@ -27,18 +28,6 @@ CURVES = {
     "stage2": ["loss"],
     "stage3": ["reward_mean", "accuracy", "format_valid_rate", "parallel_trigger_rate"],
 }
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def stage_rows(evals: dict[str, dict[str, dict]]) -> list[dict]:
@@ -103,7 +92,7 @@ def plot_curves(run_dirs: dict[str, Path], out: Path) -> list[str]:
     for stage, keys in CURVES.items():
         if stage not in run_dirs:
             continue
-        m = read_jsonl(run_dirs[stage] / "metrics.jsonl")
+        m = read_appended(run_dirs[stage] / "metrics.jsonl")
         keys = [k for k in keys if any(k in x for x in m)]
         if not m or not keys:
             continue
@@ -168,7 +157,7 @@ def write_report(out: Path, evals: dict, run_dirs: dict[str, Path], example_samp
         lines += [f"![accuracy by stage]({stages_png})", ""]
     lines += ["## Learning curves", ""] + [f"![{c}]({c})" for c in curves] + [""]
     for stage, d in run_dirs.items():
-        m = read_jsonl(d / "metrics.jsonl")
+        m = read_appended(d / "metrics.jsonl")
         if m:
             first, last = m[0], m[-1]
             keys = [k for k in CURVES.get(stage, []) if k in first and k in last]

@@ -104,7 +104,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-def _build(cls, values: dict, where: str):
+def build(cls, values: dict, where: str):
     known = {f.name: f for f in fields(cls)}
     kwargs = {}
     for key, value in (values or {}).items():
@@ -112,7 +112,7 @@ def _build(cls, values: dict, where: str):
             raise ValueError(f"{where}: unknown key {key!r} (known: {', '.join(known)})")
         sub = known[key].default_factory if known[key].default_factory is not dataclasses.MISSING else None
         if sub is not None and dataclasses.is_dataclass(sub):
-            kwargs[key] = _build(sub, value, f"{where}.{key}")
+            kwargs[key] = build(sub, value, f"{where}.{key}")
         else:
             kwargs[key] = _coerce(value, _example(known[key]), f"{where}.{key}")
     return cls(**kwargs)
@@ -145,8 +145,9 @@ def _coerce(value, default, where: str):
         raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
-    """Read a YAML config (or start from defaults) and apply `section.key=value` overrides."""
+def read_yaml(path: str | Path | None, overrides: list[str] = (), top_level: bool = False) -> dict:
+    """A YAML mapping (empty without a path) with `section.key=value` (or `key=value` when
+    `top_level`) overrides applied; values are read as YAML."""
     data: dict = {}
     if path is not None:
         path = Path(path)
@@ -154,11 +155,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
             raise ValueError(f"config file not found: {path}")
         data = yaml.safe_load(path.read_text()) or {}
         if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping of sections")
+            raise ValueError(f"{path}: expected a mapping")
     for item in overrides:
-        if "=" not in item or "." not in item.split("=", 1)[0]:
+        key = item.split("=", 1)[0]
+        if "=" not in item or not ("." in key or top_level):
             raise ValueError(f"override {item!r}: expected section.key=value")
-        key, value = item.split("=", 1)
-        section, name = key.split(".", 1)
-        data.setdefault(section, {})[name] = yaml.safe_load(value)
-    return _build(Config, data, str(path) if path else "config")
+        value = yaml.safe_load(item.split("=", 1)[1])
+        if "." in key:
+            section, name = key.split(".", 1)
+            data.setdefault(section, {})[name] = value
+        else:
+            data[key] = value
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config (or start from defaults) and apply `section.key=value` overrides."""
+    return build(Config, read_yaml(path, overrides), str(path) if path else "config")

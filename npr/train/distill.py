@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from npr import grammar
+from npr.data import read_appended
 from npr.engine import SamplingParams
 from npr.grading import grade
 from npr.progress import bar as progress_bar
@@ -73,25 +74,13 @@ def sampling(cfg: DistillConfig, seed: int) -> SamplingParams:
     )
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue  # a line cut by a crash: that problem is redone
-    return out
-
-
 def run_distill(llm, problems: list[dict], out_dir: str | Path, cfg: DistillConfig, progress: bool = True) -> dict:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = llm.tokenizer
     meta = {"tag_ids": tag_ids(tok), "vocab_size": len(tok), "config": asdict(cfg)}
-    examples = _read_jsonl(out / EXAMPLES)
-    done = {a["id"] for a in _read_jsonl(out / ATTEMPTS)}
+    examples = read_appended(out / EXAMPLES)
+    done = {a["id"] for a in read_appended(out / ATTEMPTS)}
     seen = {(e["id"], e["response"]) for e in examples}  # dedupe across reruns
     prior = Counter(e["id"] for e in examples)  # a problem cut by a crash keeps what it had accepted
     unique, ids = [], set()
@@ -152,7 +141,7 @@ def run_distill(llm, problems: list[dict], out_dir: str | Path, cfg: DistillConf
                            "reasons": dict(st["reasons"])}  # fmt: skip
                     f.write(json.dumps(row) + "\n")
             bar.update(task, advance=len(chunk), info=f"{len(examples)} accepted")
-    stats = statistics(_read_jsonl(out / ATTEMPTS), examples)
+    stats = statistics(read_appended(out / ATTEMPTS), examples)
     (out / STATS).write_text(json.dumps({**stats, **meta}, indent=2))
     return stats
 
