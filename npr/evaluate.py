@@ -70,6 +70,7 @@ def run_eval(
     compare_sequential: bool = False,
     fields: tuple[str | None, str | None] = (None, None),
     progress: Callable[[int, int], None] | None = None,
+    batch: int = CHUNK,
 ) -> dict:
     from npr.engine import SamplingParams
 
@@ -94,8 +95,8 @@ def run_eval(
         for bench, ps in problems.items():
             for m in modes:
                 todo = [(p, j) for p in ps for j in range(n) if (bench, m, p["id"], j) not in done]
-                for c in range(0, len(todo), CHUNK):
-                    chunk = todo[c : c + CHUNK]
+                for c in range(0, len(todo), batch):  # `batch` samples decoded together
+                    chunk = todo[c : c + batch]
                     params = [
                         SamplingParams(mode=m, seed=zlib.crc32(f"{p['id']}/{j}".encode()), **sampling) for p, j in chunk
                     ]

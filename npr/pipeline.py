@@ -50,6 +50,7 @@ class EvalPlan:
     temperature: float = 1.0
     top_p: float = 1.0
     kv_cache_gb: float = 0.5
+    batch: int = 8  # samples decoded together: the latency regime in which parallel decoding pays off
 
 
 @dataclass
@@ -190,27 +191,38 @@ def stage3_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
 MODELS = ["base", "stage1", "stage2", "stage3"]
 
 
+MODES = {  # report row -> (engine mode, structure enforced)
+    "sequential (raw)": ("sequential", False),  # the model alone: does it write the format itself?
+    "sequential": ("sequential", True),  # the same schema, decoded one token after another
+    "parallel": ("parallel", True),  # the engine: steps of a block decoded as concurrent branches
+}
+
+
 def eval_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
-    """Every stage's model on the held-out problems: parallel (engine, schema enforced) and
-    sequential (the model alone, nothing enforced) decoding of the same problems and seeds."""
+    """Every stage's model on the held-out problems, same problems and seeds in every mode; the
+    speedup compares the two enforced modes (same schema, serial vs concurrent steps)."""
     from npr.engine import LLM, load
     from npr.evaluate import run_eval
-
-    e = plan.eval
     from npr.progress import bar as progress_bar
 
+    e = plan.eval
     with progress_bar("eval", progress) as bar:
         for name in MODELS:
             model, tok = load(out / name)
             llm = LLM(model, tok, kv_cache_gb=e.kv_cache_gb)
-            for mode in ("parallel", "sequential"):
-                task = bar.add_task(f"eval {name} {mode}", total=None, info="")
+            for row, (mode, enforce) in MODES.items():
+                task = bar.add_task(f"eval {name} {row}", total=None, info="")
                 sampling = {"temperature": e.temperature, "top_p": e.top_p, "max_tokens": e.max_tokens,
-                            "enforce_structure": mode == "parallel"}  # fmt: skip
-                run_eval(llm, [e.bench], out / "eval" / name / mode, e.n, mode, e.limit or None, sampling,
+                            "enforce_structure": enforce}  # fmt: skip
+                run_eval(llm, [e.bench], eval_dir(out, name, row), e.n, mode,
+                         e.limit or None, sampling, batch=e.batch,
                          progress=lambda done, total, t=task: bar.update(t, completed=done, total=total))  # fmt: skip
                 bar.remove_task(task)
             del llm, model
+
+
+def eval_dir(out: Path, name: str, row: str) -> Path:
+    return out / "eval" / name / row.replace(" (", "-").replace(")", "")
 
 
 def report_stage(plan: Pipeline, root: Path, out: Path, progress) -> dict:
@@ -220,10 +232,10 @@ def report_stage(plan: Pipeline, root: Path, out: Path, progress) -> dict:
     evals = {}
     for name in MODELS:
         modes = {}
-        for mode in ("sequential", "parallel"):
-            res = _read_json(out / "eval" / name / mode / "results.json")
+        for row, (mode, _) in MODES.items():
+            res = _read_json(eval_dir(out, name, row) / "results.json")
             if res:
-                modes[mode] = res["benchmarks"][plan.eval.bench][mode]
+                modes[row] = res["benchmarks"][plan.eval.bench][mode]
         if modes:
             evals[name] = modes
     runs = {s: out / s for s in ("stage1", "stage2", "stage3") if (out / s).exists()}

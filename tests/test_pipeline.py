@@ -88,7 +88,9 @@ def test_every_stage_runs_on_a_real_checkpoint_and_resumes(setup):
     assert (run / "stage2" / "checkpoints" / "latest.json").exists()
     assert len((run / "stage3" / "metrics.jsonl").read_text().splitlines()) == 2
     stages = {(r["stage"], r["mode"]) for r in report["rows"]}
-    assert stages == {(s, m) for s in ("base", "stage1", "stage2", "stage3") for m in ("sequential", "parallel")}
+    assert stages == {
+        (s, m) for s in ("base", "stage1", "stage2", "stage3") for m in ("sequential (raw)", "sequential", "parallel")
+    }
     md = (run / "report.md").read_text()
     assert "| stage | decoding |" in md and (run / "report.json").exists() and (run / "curves_stage1.png").exists()
     times = json.loads((run / "times.json").read_text())
