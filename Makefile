@@ -20,12 +20,12 @@ demo: $(STAMP)
 	bash examples/demo.sh $(BIN)/npr
 
 test: $(STAMP)
-	$(BIN)/ruff check npr tests
-	$(BIN)/ruff format --check npr tests
+	$(BIN)/ruff check npr tests examples
+	$(BIN)/ruff format --check npr tests examples
 	$(BIN)/python -m pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check npr tests
+	$(BIN)/ruff check npr tests examples
 
 format: $(STAMP)
 	$(BIN)/ruff format npr tests
