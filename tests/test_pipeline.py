@@ -103,6 +103,16 @@ def test_tree_text_draws_blocks_and_parallel_steps():
     assert "block 1: 2 plans" in tree and tree.count("║ parallel") == 2 and "answer: \\boxed{3}" in tree
 
 
+def test_shipped_pipelines_load():
+    from npr.cli import CONFIGS
+
+    for f in sorted(CONFIGS.glob("*/pipeline.yaml")):
+        plan, root = load_pipeline(f)
+        for s in (plan.stage1, plan.stage2, plan.stage3):
+            assert (root / s.config).is_file(), (f, s.config)
+    assert {f.parent.name for f in CONFIGS.glob("*/pipeline.yaml")} == {"tiny", "qwen3-4b-instruct"}
+
+
 def test_bad_pipeline_files_are_named(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         load_pipeline(tmp_path / "none.yaml")
