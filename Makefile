@@ -28,8 +28,8 @@ lint: $(STAMP)
 	$(BIN)/ruff check npr tests examples
 
 format: $(STAMP)
-	$(BIN)/ruff format npr tests
-	$(BIN)/ruff check --fix npr tests
+	$(BIN)/ruff format npr tests examples
+	$(BIN)/ruff check --fix npr tests examples
 
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .ruff_cache
