@@ -178,8 +178,15 @@ def load_benchmark(
     elif name.split(":")[0] == "countdown":
         from npr.world import countdown
 
-        split = name.split(":")[1] if ":" in name else "test"
-        rows = [dict(p, grader="countdown") for p in countdown.split(split, limit or 200)]
+        parts = name.split(":")  # countdown[:SPLIT[:LEVELS]], e.g. countdown:train:1,2
+        split = parts[1] if len(parts) > 1 else "test"
+        try:
+            levels = tuple(int(x) for x in parts[2].split(",")) if len(parts) > 2 else (1, 2, 3)
+        except ValueError:
+            raise DataError(f"{name!r}: levels must be numbers, e.g. countdown:train:1,2") from None
+        if not set(levels) <= set(countdown.LEVELS):
+            raise DataError(f"{name!r}: levels must be among {sorted(countdown.LEVELS)}")
+        rows = [dict(p, grader="countdown") for p in countdown.split(split, limit or 200, levels)]
     else:
         b = BENCHMARKS[name]
         rows = []

@@ -27,6 +27,10 @@ def test_shipped_benchmarks_load(name):
 
 def test_countdown_and_user_files(tmp_path):
     assert len(load_benchmark("countdown", 5)) == 5
+    assert {p["level"] for p in load_benchmark("countdown:train:1,2", 20)} == {1, 2}
+    assert {p["level"] for p in load_benchmark("countdown:test", 20)} == {1, 2, 3}
+    with pytest.raises(DataError, match="levels must be among"):
+        load_benchmark("countdown:train:9")
     p = tmp_path / "mine.jsonl"
     p.write_text('{"q": "1+1?", "a": 2}\n{"q": "2+2?", "a": 4.0}\n')
     rows = records(p, problem_field="q", answer_field="a")
