@@ -32,13 +32,18 @@ def main() -> None:
     ap.add_argument("--beta", type=Path, required=True, help="the Stage-2 (NPR-Beta) model or run folder")
     ap.add_argument("--out", type=Path, default=Path("runs/stage3-seeds"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--sr-seeds", type=int, nargs="*", default=None, help="SR baseline seeds (default: --seeds)")
     ap.add_argument("--problems", type=int, default=200, help="held-out test problems")
     ap.add_argument("--n", type=int, default=4, help="samples per problem")
     ap.add_argument("overrides", nargs="*", help="Stage-3 config overrides (section.key=value)")
     args = ap.parse_args()
     rows = {"NPR-Beta (parallel)": [evaluate(args.beta, args.out / "eval-beta", "parallel", args.problems, args.n)]}
-    for name, mode in (("NPR (PAPO, parallel)", "parallel"), ("SR (sequential RL)", "sequential")):
-        for seed in args.seeds:
+    sr_seeds = args.seeds if args.sr_seeds is None else args.sr_seeds
+    for name, mode, seeds in (
+        ("NPR (PAPO, parallel)", "parallel", args.seeds),
+        ("SR (sequential RL)", "sequential", sr_seeds),
+    ):
+        for seed in seeds:
             run = args.out / f"{mode}-seed{seed}"
             over = [f"model.path={args.beta}", f"run.out={run}", f"run.seed={seed}", f"rollout.mode={mode}"]
             cfg = load_config(CONFIG, over + args.overrides)
@@ -46,6 +51,7 @@ def main() -> None:
             if not done or json.loads((run / "checkpoints" / "latest.json").read_text())["step"] < cfg.run.steps:
                 train_rl(cfg, resume=done)
             rows.setdefault(name, []).append(evaluate(run, run / "eval", mode, args.problems, args.n))
+            print(f"{name} seed {seed}: avg@k {rows[name][-1]['avg@k']:.3f}", flush=True)
     print(f"\ncountdown test split: {args.problems} problems x {args.n} samples, seeds {args.seeds}\n")
     print("| model | avg@k (mean ± std over seeds) | best@k | trigger | per seed avg@k |")
     print("|---|---|---|---|---|")
