@@ -10,6 +10,7 @@ interrupted evaluation or rejection sampling from the samples already written.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -89,7 +90,7 @@ def run_pipeline(plan: Pipeline, root: Path, progress: bool = True, only: str | 
     progress = progress and rank == 0
     out = Path(plan.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline.yaml").write_text(yaml.safe_dump(_plain(plan), sort_keys=False))
+    (out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(plan), sort_keys=False))
     cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn()]  # fmt: skip
     times = _read_json(out / "times.json")
@@ -121,7 +122,9 @@ def _stage_config(sp: StagePlan, root: Path, forced: list[str]):
 
 
 def _has_checkpoint(run: Path) -> bool:
-    return (run / "checkpoints" / "latest.json").exists()
+    from npr.train import checkpoint
+
+    return checkpoint.latest(run) is not None
 
 
 def base_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
@@ -136,12 +139,12 @@ def base_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
 
 def prepare_base(source: str, dest: Path, dtype: str = "auto") -> None:
     """Copy a model (local folder or hub name) to `dest` with the NPR tags added (and rows initialised)."""
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from npr.tokens import add_npr_tokens
+    from npr.train.policy import DTYPES
 
-    torch_dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+    torch_dtype = {"auto": "auto", **DTYPES}[dtype]
     tok = AutoTokenizer.from_pretrained(source)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, use_safetensors=True)
     add_npr_tokens(tok, model)
@@ -266,9 +269,3 @@ STAGE_FUNCTIONS = {
 
 def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _plain(obj):
-    import dataclasses
-
-    return dataclasses.asdict(obj)

@@ -55,8 +55,7 @@ def judge(problem: dict, text: str, tokenizer) -> tuple[str | None, list[int], g
     if not grade(problem, text):
         return "incorrect", [], resp
     ids = encode_pieces(tokenizer, grammar.canonical_pieces(resp))
-    problem_text = executable(ids, tag_ids(tokenizer))
-    if problem_text is not None:
+    if executable(ids, tag_ids(tokenizer)) is not None:
         return "not executable", [], resp
     return None, ids, resp
 
