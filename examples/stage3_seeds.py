@@ -1,8 +1,12 @@
-"""Stage 3 on the default world over several seeds: NPR (PAPO, parallel rollouts) against its
-starting point NPR-Beta and against the SR baseline (the same loop with sequential rollouts and
-the same budget). Prints mean ± std over seeds of held-out accuracy; every number is measured.
+"""NPR against the base model and the SR baseline over several RL seeds, on the default world.
 
-    python examples/stage3_seeds.py --beta runs/demo/stage2 --out runs/stage3-seeds [--seeds 1 2 3]
+From a finished `npr demo` folder (its Stage-2 model NPR-Beta and the SR baseline's sequential
+SFT model), train Stage 3 (PAPO, parallel rollouts) and SR (the same RL budget, sequential
+rollouts) once per seed, evaluate each with the demo's own evaluation settings, and print
+mean ± std over seeds next to the base model's best sequential decoding (read from the demo's
+evaluation). Every number is measured by the run.
+
+    python examples/stage3_seeds.py --demo runs/demo --seeds 1 2 3
 """
 
 from __future__ import annotations
@@ -14,61 +18,81 @@ from pathlib import Path
 
 from npr.engine import LLM, load
 from npr.evaluate import run_eval
+from npr.pipeline import MODES, ROWS, eval_dir, load_pipeline
+from npr.train import checkpoint
 from npr.train.config import load_config
 from npr.train.rl import train_rl
 
-CONFIG = Path(__file__).resolve().parents[1] / "npr" / "configs" / "tiny" / "stage3.yaml"
 
-
-def evaluate(model_dir: Path, out: Path, mode: str, problems: int, n: int) -> dict:
+def evaluate(plan, model_dir: Path, out: Path, row: str) -> dict:
+    mode, enforce, npr_prompt = MODES[row]
+    e = plan.eval
     model, tok = load(model_dir, device="cpu")
-    sampling = {"temperature": 1.0, "top_p": 1.0, "max_tokens": 256, "enforce_structure": True}
-    res = run_eval(LLM(model, tok, kv_cache_gb=0.5), ["countdown"], out, n, mode, problems, sampling)
-    return res["benchmarks"]["countdown"][mode]
+    sampling = {"temperature": e.temperature, "top_p": e.top_p, "max_tokens": e.max_tokens,
+                "max_path_tokens": e.max_path_tokens, "enforce_structure": enforce}  # fmt: skip
+    llm = LLM(model, tok, kv_cache_gb=e.kv_cache_gb)
+    res = run_eval(llm, [e.bench], out, e.n, mode, e.limit or None, sampling, batch=e.batch, parallel_prompt=npr_prompt)
+    return res["benchmarks"][e.bench][mode]
+
+
+def base_best(demo: Path, bench: str) -> tuple[str, float]:
+    """The base model's best sequential row in the demo's evaluation."""
+    best = ("", -1.0)
+    for row in ROWS["base"]:
+        if MODES[row][0] != "sequential":
+            continue
+        res = json.loads((eval_dir(demo, "base", row) / "results.json").read_text())
+        acc = res["benchmarks"][bench]["sequential"]["avg@k"]
+        best = max(best, (row, acc), key=lambda x: x[1])
+    return best
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--beta", type=Path, required=True, help="the Stage-2 (NPR-Beta) model or run folder")
-    ap.add_argument("--out", type=Path, default=Path("runs/stage3-seeds"))
+    ap.add_argument("--demo", type=Path, default=Path("runs/demo"), help="a finished `npr demo` folder")
+    ap.add_argument("--out", type=Path, default=None, help="where the seed runs go (default: DEMO/seeds)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    ap.add_argument("--sr-seeds", type=int, nargs="*", default=None, help="SR baseline seeds (default: --seeds)")
-    ap.add_argument("--problems", type=int, default=200, help="held-out test problems")
-    ap.add_argument("--n", type=int, default=4, help="samples per problem")
-    ap.add_argument("overrides", nargs="*", help="Stage-3 config overrides (section.key=value)")
     args = ap.parse_args()
-    rows = {"NPR-Beta (parallel)": [evaluate(args.beta, args.out / "eval-beta", "parallel", args.problems, args.n)]}
-    sr_seeds = args.seeds if args.sr_seeds is None else args.sr_seeds
-    for name, mode, seeds in (
-        ("NPR (PAPO, parallel)", "parallel", args.seeds),
-        ("SR (sequential RL)", "sequential", sr_seeds),
+    plan, _ = load_pipeline(args.demo / "pipeline.yaml")
+    root = Path(__file__).resolve().parents[1] / "npr" / "configs" / "tiny"
+    out = args.out or args.demo / "seeds"
+    base_row, base_acc = base_best(args.demo, plan.eval.bench)
+    rows: dict[str, list[dict]] = {}
+    for name, start, row, extra in (
+        ("NPR (Stage 3, parallel)", args.demo / "stage2", "parallel", []),
+        ("SR (sequential RL)", args.demo / "sr" / "sft", "sequential", ["rollout.mode=sequential"]),
     ):
-        for seed in seeds:
-            run = args.out / f"{mode}-seed{seed}"
-            over = [f"model.path={args.beta}", f"run.out={run}", f"run.seed={seed}", f"rollout.mode={mode}"]
-            cfg = load_config(CONFIG, over + args.overrides)
-            done = (run / "checkpoints" / "latest.json").exists()
-            if not done or json.loads((run / "checkpoints" / "latest.json").read_text())["step"] < cfg.run.steps:
-                train_rl(cfg, resume=done)
-            rows.setdefault(name, []).append(evaluate(run, run / "eval", mode, args.problems, args.n))
+        for seed in args.seeds:
+            run = out / f"{row}-seed{seed}"
+            over = [f"model.path={start}", f"run.out={run}", f"run.seed={seed}", *extra]
+            cfg = load_config(root / plan.stage3.config, list(plan.stage3.overrides) + over)
+            pointer = run / "checkpoints" / "latest.json"
+            if checkpoint.latest(run) is None or json.loads(pointer.read_text())["step"] < cfg.run.steps:
+                train_rl(cfg, resume=checkpoint.latest(run) is not None)
+            rows.setdefault(name, []).append(evaluate(plan, run, run / "eval", row))
             print(f"{name} seed {seed}: avg@k {rows[name][-1]['avg@k']:.3f}", flush=True)
-    print(f"\ncountdown test split: {args.problems} problems x {args.n} samples, seeds {args.seeds}\n")
-    print("| model | avg@k (mean ± std over seeds) | best@k | trigger | per seed avg@k |")
-    print("|---|---|---|---|---|")
-    summary = {}
+    e = plan.eval
+    print(f"\n{e.bench}: {e.limit} held-out problems x {e.n} samples, at most {e.max_tokens} tokens, "
+          f"critical path {e.max_path_tokens}; RL seeds {args.seeds}\n")  # fmt: skip
+    print("| model | avg@k mean ± std over seeds | per seed | best@k | trigger | parallelism |")
+    print("|---|---|---|---|---|---|")
+    print(f"| base, best sequential decoding ({base_row}) | {base_acc:.3f} | - | - | - | - |")
+    summary = {"base": {"row": base_row, "avg@k": base_acc}}
     for name, rs in rows.items():
         acc = [r["avg@k"] for r in rs]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
-        best = statistics.mean(r["best@k"] for r in rs)
-        trig = statistics.mean(r["parallel_trigger_rate"] for r in rs)
-        print(f"| {name} | {statistics.mean(acc):.3f} ± {sd:.3f} | {best:.3f} | {trig:.3f} | "
-              + ", ".join(f"{a:.3f}" for a in acc) + " |")  # fmt: skip
-        summary[name] = {
-            "avg@k": acc,
-            "best@k": [r["best@k"] for r in rs],
-            "trigger": [r["parallel_trigger_rate"] for r in rs],
-        }
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
+        keys = ("best@k", "parallel_trigger_rate", "token_parallelism")
+        means = [statistics.mean(r[key] for r in rs) for key in keys]
+        print(f"| {name} | {statistics.mean(acc):.3f} ± {sd:.3f} | " + ", ".join(f"{a:.3f}" for a in acc)
+              + " | {:.3f} | {:.3f} | {:.2f} |".format(*means))  # fmt: skip
+        summary[name] = {"avg@k": acc, "std": sd}
+    npr, sr = summary["NPR (Stage 3, parallel)"], summary["SR (sequential RL)"]
+    band = 2 * max(npr["std"], sr["std"])
+    gap_sr = statistics.mean(npr["avg@k"]) - statistics.mean(sr["avg@k"])
+    gap_base = statistics.mean(npr["avg@k"]) - base_acc
+    print(f"\nNPR - SR = {gap_sr:+.3f}, NPR - base = {gap_base:+.3f}; 2 x the larger seed std = {band:.3f}")
+    summary |= {"npr_minus_sr": gap_sr, "npr_minus_base": gap_base, "two_std": band}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":

@@ -15,8 +15,7 @@ from pathlib import Path
 
 from npr import grammar, metrics
 from npr.data import load_benchmark, read_appended
-from npr.grading import grade
-from npr.prompts import prompt_ids
+from npr.tasks import grade, prompt_ids
 
 CHUNK = 64  # prompts per engine call: progress is saved between chunks
 
@@ -71,6 +70,7 @@ def run_eval(
     fields: tuple[str | None, str | None] = (None, None),
     progress: Callable[[int, int], None] | None = None,
     batch: int = CHUNK,
+    parallel_prompt: bool = True,
 ) -> dict:
     from npr.engine import SamplingParams
 
@@ -102,7 +102,7 @@ def run_eval(
                     ]
                     t0 = time.perf_counter()
                     try:
-                        outs = llm.generate([prompt_ids(llm.tokenizer, p) for p, _ in chunk], params)
+                        outs = llm.generate([prompt_ids(llm.tokenizer, p, parallel_prompt) for p, _ in chunk], params)
                     except Exception as e:  # recorded per sample; the run goes on (a rerun retries them)
                         outs = [None] * len(chunk)
                         failure = f"{type(e).__name__}: {e}"

@@ -1,4 +1,4 @@
-"""Final-answer extraction and grading: math (math-verify), multiple choice, Countdown.
+"""Final-answer extraction and grading rules: math (math-verify) and multiple choice (tasks pick one).
 
 Math equivalence runs math-verify (gold first) in a worker process with a wall-clock
 timeout, so it works from any thread or process and a pathological answer (a tower of
@@ -9,7 +9,6 @@ run. Model output is never evaluated as code.
 from __future__ import annotations
 
 import atexit
-import functools
 import re
 import threading
 from concurrent.futures import ProcessPoolExecutor
@@ -130,31 +129,3 @@ def _norm(s: str) -> str:
 
 def choice_correct(text: str, letter: str, options: list[str]) -> bool:
     return choice_of(extract_answer(text), options) == letter
-
-
-# ---- one entry point -----------------------------------------------------------------------
-
-
-def grade(problem: dict, response: str, timeout: float = 10.0) -> bool:
-    """Grade a response against a loaded problem record (its "grader" field picks the rule).
-
-    Results are memoised, so a trainer that grades a rollout for its reward and again for its
-    accuracy metric pays once.
-    """
-    kind = problem.get("grader", "math")
-    if kind not in ("math", "choice", "countdown"):
-        raise ValueError(f"unknown grader {kind!r} for problem {problem.get('id')}")
-    options = tuple(problem.get("options") or ())
-    numbers = tuple(problem.get("numbers") or ())
-    return _grade(kind, str(problem.get("answer", "")), options, numbers, problem.get("target"), response, timeout)
-
-
-@functools.lru_cache(maxsize=8192)
-def _grade(kind: str, answer: str, options: tuple, numbers: tuple, target, response: str, timeout: float) -> bool:
-    if kind == "math":
-        return math_equal(extract_answer(response), answer, timeout)
-    if kind == "choice":
-        return choice_correct(response, answer, list(options))
-    from npr.world.countdown import check
-
-    return check(extract_answer(response), list(numbers), target)

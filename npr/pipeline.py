@@ -1,6 +1,7 @@
 """`npr demo` and `npr pipeline`: the whole method, stage after stage, with one report.
 
     base -> Stage 1 (DAPO) -> rejection sampling -> Stage 2 (parallel SFT) -> Stage 3 (PAPO)
+         -> SR baseline (sequential SFT + sequential RL on the same data and budgets)
          -> evaluation of every stage (sequential and parallel decoding, held-out problems) -> report
 
 Each stage writes OUT/<stage>/ and is marked finished by OUT/<stage>/.stage-done: a rerun skips
@@ -48,6 +49,7 @@ class EvalPlan:
     limit: int = 50
     n: int = 4
     max_tokens: int = 256
+    max_path_tokens: int | None = None  # latency budget (critical path) shared by every decoding
     temperature: float = 1.0
     top_p: float = 1.0
     kv_cache_gb: float = 0.5
@@ -63,6 +65,7 @@ class Pipeline:
     distill: DistillPlan = field(default_factory=DistillPlan)
     stage2: StagePlan = field(default_factory=StagePlan)
     stage3: StagePlan = field(default_factory=StagePlan)
+    sr: bool = True  # train the sequential-RL baseline (Stage-2 and Stage-3 budgets, sequential topology)
     eval: EvalPlan = field(default_factory=EvalPlan)
 
 
@@ -73,7 +76,7 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Pipeline
     return build(Pipeline, read_yaml(path, overrides, top_level=True), str(path)), Path(path).parent
 
 
-STAGES = ["base", "stage1", "distill", "stage2", "stage3", "eval", "report"]
+STAGES = ["base", "stage1", "distill", "stage2", "stage3", "sr", "eval", "report"]
 
 
 def run_pipeline(plan: Pipeline, root: Path, progress: bool = True, only: str | None = None) -> dict:
@@ -85,9 +88,10 @@ def run_pipeline(plan: Pipeline, root: Path, progress: bool = True, only: str | 
     if only is not None and only not in STAGES:
         raise ValueError(f"--only: expected one of {', '.join(STAGES)}, got {only!r}")
     rank, world = distributed.init()
-    if world > 1 and only not in ("stage1", "stage2", "stage3"):
-        raise ValueError("under torchrun run one training stage at a time: --only stage1|stage2|stage3")
+    if world > 1 and only not in ("stage1", "stage2", "stage3", "sr"):
+        raise ValueError("under torchrun run one training stage at a time: --only stage1|stage2|stage3|sr")
     progress = progress and rank == 0
+    quiet_third_party_bars()
     out = Path(plan.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(plan), sort_keys=False))
@@ -114,6 +118,13 @@ def run_pipeline(plan: Pipeline, root: Path, progress: bool = True, only: str | 
                 marker.write_text(json.dumps({"seconds": times[stage]}))
             bar.update(overall, advance=1)
     return result
+
+
+def quiet_third_party_bars() -> None:
+    """One progress display: transformers' loading/saving bars would cut through ours."""
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
 
 
 def _stage_config(sp: StagePlan, root: Path, forced: list[str]):
@@ -191,13 +202,37 @@ def stage3_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     train_rl(cfg, resume=_has_checkpoint(out / "stage3"), progress=progress)
 
 
-MODELS = ["base", "stage1", "stage2", "stage3"]
+def sr_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
+    """The sequential-RL baseline: the NPR path with the sequential topology. Sequential SFT on the
+    same distilled examples (Stage-2 config), then RL with sequential rollouts of the same schema
+    on the same data (Stage-3 config and budget)."""
+    from npr.train.rl import train_rl
+    from npr.train.sft import train_sft
+
+    if not plan.sr:
+        return
+    sft = out / "sr" / "sft"
+    forced = [f"model.path={out / 'stage1'}", f"data.source={out / 'distill'}", f"run.out={sft}", "sft.sequential=true"]
+    train_sft(_stage_config(plan.stage2, root, forced), resume=_has_checkpoint(sft), progress=progress)
+    forced = [f"model.path={sft}", f"run.out={out / 'sr'}", "rollout.mode=sequential"]
+    train_rl(_stage_config(plan.stage3, root, forced), resume=_has_checkpoint(out / "sr"), progress=progress)
 
 
-MODES = {  # report row -> (engine mode, structure enforced)
-    "sequential (raw)": ("sequential", False),  # the model alone: does it write the format itself?
-    "sequential": ("sequential", True),  # the same schema, decoded one token after another
-    "parallel": ("parallel", True),  # the engine: steps of a block decoded as concurrent branches
+MODELS = ["base", "stage1", "stage2", "stage3", "sr"]
+
+
+MODES = {  # report row -> (engine mode, structure enforced, NPR instruction in the prompt)
+    "sequential (raw)": ("sequential", False, True),  # the model alone: does it write the format itself?
+    "sequential (plain prompt)": ("sequential", False, False),  # asked step by step: the base's own way
+    "sequential": ("sequential", True, True),  # the schema, decoded one token after another
+    "parallel": ("parallel", True, True),  # the engine: steps of a block decoded as concurrent branches
+}
+ROWS = {  # which rows each model gets (the speedup compares "sequential" and "parallel" of one model)
+    "base": list(MODES),
+    "stage1": ["sequential (raw)", "sequential", "parallel"],
+    "stage2": ["sequential", "parallel"],
+    "stage3": ["sequential", "parallel"],
+    "sr": ["sequential"],
 }
 
 
@@ -211,14 +246,17 @@ def eval_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     e = plan.eval
     with progress_bar("eval", progress) as bar:
         for name in MODELS:
+            if not (out / name).exists():
+                continue
             model, tok = load(out / name)
             llm = LLM(model, tok, kv_cache_gb=e.kv_cache_gb)
-            for row, (mode, enforce) in MODES.items():
+            for row in ROWS[name]:
+                mode, enforce, npr_prompt = MODES[row]
                 task = bar.add_task(f"eval {name} {row}", total=None, info="")
                 sampling = {"temperature": e.temperature, "top_p": e.top_p, "max_tokens": e.max_tokens,
-                            "enforce_structure": enforce}  # fmt: skip
+                            "max_path_tokens": e.max_path_tokens, "enforce_structure": enforce}  # fmt: skip
                 run_eval(llm, [e.bench], eval_dir(out, name, row), e.n, mode,
-                         e.limit or None, sampling, batch=e.batch,
+                         e.limit or None, sampling, batch=e.batch, parallel_prompt=npr_prompt,
                          progress=lambda done, total, t=task: bar.update(t, completed=done, total=total))  # fmt: skip
                 bar.remove_task(task)
             del llm, model
@@ -235,19 +273,21 @@ def report_stage(plan: Pipeline, root: Path, out: Path, progress) -> dict:
     evals = {}
     for name in MODELS:
         modes = {}
-        for row, (mode, _) in MODES.items():
+        for row in ROWS[name]:
+            mode = MODES[row][0]
             res = _read_json(eval_dir(out, name, row) / "results.json")
             if res:
                 modes[row] = res["benchmarks"][plan.eval.bench][mode]
         if modes:
             evals[name] = modes
-    runs = {s: out / s for s in ("stage1", "stage2", "stage3") if (out / s).exists()}
+    runs = {s: out / s for s in ("stage1", "stage2", "stage3", "sr") if (out / s).exists()}
     samples = read_appended(out / "eval" / "stage3" / "parallel" / "samples.jsonl")
     distill = _read_json(out / "distill" / "stats.json")
     times = _read_json(out / "times.json")
     info = {
         "title": f"Benchmark {plan.eval.bench}: {plan.eval.limit} held-out problems x {plan.eval.n} samples, "
-        f"temperature {plan.eval.temperature}, top-p {plan.eval.top_p}, at most {plan.eval.max_tokens} tokens.",
+        f"temperature {plan.eval.temperature}, top-p {plan.eval.top_p}, at most {plan.eval.max_tokens} tokens"
+        + (f", critical path at most {plan.eval.max_path_tokens}." if plan.eval.max_path_tokens else "."),
         "base": plan.base,
         "distilled examples": distill.get("examples"),
         "distill acceptance rate": distill.get("acceptance_rate") and round(distill["acceptance_rate"], 3),
@@ -262,6 +302,7 @@ STAGE_FUNCTIONS = {
     "distill": distill_stage,
     "stage2": stage2_stage,
     "stage3": stage3_stage,
+    "sr": sr_stage,
     "eval": eval_stage,
     "report": report_stage,
 }

@@ -1,4 +1,4 @@
-"""The instructions models are prompted with."""
+"""The instructions models are prompted with, and the chat-template wrapper (tasks build the messages)."""
 
 from __future__ import annotations
 
@@ -8,17 +8,8 @@ NPR_INSTRUCTION = """Solve the problem by reasoning in parallel. Use this struct
 <takeaway>compare the steps and draw the conclusion</takeaway>
 Write each step as if you could not see the other steps. End with the final answer in \\boxed{}."""
 
+STEP_INSTRUCTION = "Solve the problem step by step. End with the final answer in \\boxed{}."
 CHOICE_SUFFIX = "Put the letter of the correct option in \\boxed{}."
-
-
-def user_message(problem: dict) -> str:
-    """The user turn for a problem record (see npr.data)."""
-    if problem.get("grader") == "countdown":
-        from npr.world.corpus import user_prompt
-
-        return user_prompt(problem, parallel=True)
-    text = f"{NPR_INSTRUCTION}\n\n{problem['problem']}"
-    return f"{text}\n\n{CHOICE_SUFFIX}" if problem.get("grader") == "choice" else text
 
 
 def chat_ids(tokenizer, message: str) -> list[int]:
@@ -29,8 +20,3 @@ def chat_ids(tokenizer, message: str) -> list[int]:
         )
         return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode(message)
-
-
-def prompt_ids(tokenizer, problem: dict) -> list[int]:
-    """Token ids of the prompt for a problem record."""
-    return chat_ids(tokenizer, user_message(problem))

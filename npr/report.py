@@ -27,6 +27,7 @@ CURVES = {
     "stage1": ["reward_mean", "accuracy", "format_valid_rate", "parallel_trigger_rate"],
     "stage2": ["loss"],
     "stage3": ["reward_mean", "accuracy", "format_valid_rate", "parallel_trigger_rate"],
+    "sr": ["reward_mean", "accuracy", "format_valid_rate"],
 }
 
 
@@ -147,11 +148,13 @@ def write_report(out: Path, evals: dict, run_dirs: dict[str, Path], example_samp
     lines = ["# NPR pipeline report", "", info.get("title", ""), "", table(rows), ""]
     lines += [
         "Decoding: sequential (raw) = the model alone, nothing enforced (does it write the format?);",
+        "sequential (plain prompt) = asked to solve step by step, without the NPR instruction;",
         "sequential = the same schema enforced, decoded one token after another; parallel = the engine,",
         "steps of a block decoded as concurrent branches. Same problems and seeds in every mode.",
         "avg@k / best@k: mean and any-correct over k samples per problem; format-valid: the response",
         "passes the format check; trigger: at least one block ran as >= 2 concurrent branches; speedup:",
-        "wall-clock time of sequential over parallel decoding (both enforced). Definitions: README, Metrics.",
+        "wall-clock time of sequential over parallel decoding (both enforced). sr = the sequential-RL",
+        "baseline (sequential SFT + RL on the same data and budgets). Definitions: README, Metrics.",
         "",
     ]
     if stages_png:

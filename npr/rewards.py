@@ -11,7 +11,7 @@ import importlib
 from collections.abc import Callable
 
 from npr import grammar
-from npr.grading import grade
+from npr.tasks import grade
 
 Reward = Callable[[str, str, str, dict], float]
 
@@ -21,7 +21,21 @@ def _correct(response: str, reference: str, metadata: dict) -> bool:
 
 
 def stage1(prompt: str, response: str, reference: str, metadata: dict) -> float:
-    """Paper, Stage 1: the format penalty when the format check fails, else +1 correct / -1 wrong."""
+    """Stage 1 (default): format term + accuracy term, both always counted.
+
+    format: 0 well-formed, a penalty in (-2, 0) otherwise; accuracy: +1 correct, -1 wrong. At equal
+    correctness a well-formed answer always scores higher, and at equal format a correct one
+    does, so the reward cannot be raised by giving up accuracy for format or format for accuracy.
+    """
+    score = grammar.parse(response).format_score
+    return score + (1.0 if _correct(response, reference, metadata) else -1.0)
+
+
+def stage1_gated(prompt: str, response: str, reference: str, metadata: dict) -> float:
+    """Stage 1, the paper's literal reading: the format penalty *replaces* the accuracy term when the
+    format check fails ("accuracy ... conditional on passing format checks"). A well-formed wrong
+    answer (-1) then scores at least as much as any malformed one, and the mildest penalties
+    (> -1) beat it: the ablation switch `algo.reward=stage1_gated`."""
     score = grammar.parse(response).format_score
     if score < 0:
         return score
@@ -33,7 +47,7 @@ def accuracy(prompt: str, response: str, reference: str, metadata: dict) -> floa
     return 1.0 if _correct(response, reference, metadata) else -1.0
 
 
-REWARDS: dict[str, Reward] = {"stage1": stage1, "accuracy": accuracy}
+REWARDS: dict[str, Reward] = {"stage1": stage1, "stage1_gated": stage1_gated, "accuracy": accuracy}
 
 
 def get_reward(name: str) -> Reward:

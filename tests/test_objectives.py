@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from npr.rewards import get_reward, stage1
+from npr import grammar
+from npr.rewards import get_reward, stage1, stage1_gated
 from npr.train.objectives import batch_advantages, dapo_loss, group_advantages, overlong_penalty, papo_loss
 
 
@@ -62,10 +63,40 @@ def test_stage1_reward_on_crafted_responses():
     good = "<guideline><plan>1: count</plan></guideline><step>1: it is 12</step><takeaway>12</takeaway>\\boxed{12}"
     assert stage1("p", good, "12", meta) == 1.0
     assert stage1("p", good.replace("{12}", "{13}"), "12", meta) == -1.0
-    assert -2.0 < stage1("p", "just \\boxed{12}", "12", meta) < -1.5  # no block: the worst penalty
-    assert -2.0 < stage1("p", good.replace("<takeaway>12</takeaway>", ""), "12", meta) < 0
+    assert -3.0 < stage1("p", "just \\boxed{13}", "12", meta) < -2.5  # no block and wrong: the worst
+    assert -1.0 < stage1("p", good.replace("<takeaway>12</takeaway>", ""), "12", meta) < 1.0  # malformed, right
     cd = {"grader": "countdown", "numbers": [2, 3], "target": 6}
     assert stage1("p", good.replace("\\boxed{12}", "\\boxed{2*3}"), "", cd) == 1.0
+    assert stage1_gated("p", "just \\boxed{12}", "12", meta) == pytest.approx(grammar.parse("just").format_score)
+
+
+MALFORMED = [  # one mistake each, from the mildest penalty to the worst
+    lambda g: g.replace("</guideline><step>", "</guideline> glue <step>"),
+    lambda g: g.replace("<step>1: it is 12</step>", "<step>1: </step>"),
+    lambda g: g.replace("<takeaway>12</takeaway>", ""),
+    lambda g: g.replace("<step>1: it is 12</step>", ""),
+    lambda g: "just " + g[g.index("\\boxed") :],
+]
+
+
+@pytest.mark.parametrize("break_format", MALFORMED)
+def test_stage1_reward_has_no_loophole(break_format):
+    """Additive reading: breaking the format never pays, whatever the answer; the gated reading
+    (the switch) lets a malformed answer beat a well-formed wrong one."""
+    meta = {"grader": "math", "answer": "12"}
+    good = "<guideline><plan>1: count</plan></guideline><step>1: it is 12</step><takeaway>12</takeaway>\\boxed{12}"
+    wrong = good.replace("{12}", "{13}")
+    bad_right, bad_wrong = break_format(good), break_format(wrong)
+    assert grammar.parse(bad_right).format_score < 0
+    r = {t: stage1("p", t, "12", meta) for t in (good, wrong, bad_right, bad_wrong)}
+    assert r[good] > r[bad_right] > r[wrong] > r[bad_wrong]  # format and accuracy both always pay
+    if grammar.parse(bad_wrong).format_score > -1.0:  # the gated reading's loophole
+        assert stage1_gated("p", bad_wrong, "12", meta) > stage1_gated("p", wrong, "12", meta)
+
+
+def test_reward_lookup():
+    meta = {"grader": "math", "answer": "12"}
+    assert get_reward("stage1_gated") is stage1_gated
     assert get_reward("npr.rewards:accuracy")("p", "\\boxed{12}", "12", meta) == 1.0
     with pytest.raises(ValueError, match="unknown reward"):
         get_reward("nope")

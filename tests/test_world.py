@@ -131,3 +131,33 @@ def test_micro_recipe_trains_saves_and_caches(tmp_path):
     assert reused and (path / "model.safetensors").stat().st_mtime_ns == stamp
     _, _, reused = build_base(out, recipe, rebuild=True, progress=False)
     assert not reused
+
+
+def test_search_is_complete_and_honest():
+    """Every generated problem is solved by the written search; a step says "yes" exactly when the
+    expression it writes checks; a step depends only on its own plan (what makes it blind-safe)."""
+    rng = random.Random(3)
+    for level in countdown.LEVELS:
+        for _ in range(100):
+            p = countdown.make_problem(level, rng)
+            moves = corpus.first_moves(p["numbers"])
+            assert len({(m.x, m.op, m.y) for m in moves}) == len(moves)
+            results = [corpus.work(m, p["target"]) for m in moves]
+            assert any(expr for _, expr in results), p
+            for text, expr in results:
+                assert text.endswith(f"yes : {expr}") if expr else text.endswith(". no")
+                assert expr is None or check(expr, p["numbers"], p["target"])
+            assert corpus.sequential_solution(p, random.Random(0)) is not None
+
+
+def test_blocks_try_new_first_moves_until_one_works():
+    rng = random.Random(4)
+    seen_retry = False
+    for p in countdown.split("validation", 200):
+        blocks = corpus.parallel_blocks(p, rng)
+        tried = [plan for plans, *_ in blocks for plan in plans]
+        assert len(tried) == len(set(tried))  # no first move is tried twice
+        assert all(b[3] is None and b[2].startswith("none") for b in blocks[:-1])
+        assert blocks[-1][3] is not None and check(blocks[-1][3], p["numbers"], p["target"])
+        seen_retry |= len(blocks) > 1
+    assert seen_retry

@@ -44,7 +44,7 @@ class RolloutConfig:
 
 @dataclass
 class AlgoConfig:
-    reward: str = "stage1"  # stage1 | accuracy | module:function
+    reward: str = "stage1"  # stage1 (format + accuracy) | stage1_gated | accuracy | module:function
     advantage: str = "group"  # group (DAPO/GRPO) | batch (PAPO)
     loss: str = "dapo"  # dapo | papo
     clip_low: float = 0.2

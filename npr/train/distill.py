@@ -23,10 +23,9 @@ from pathlib import Path
 from npr import grammar
 from npr.data import read_appended
 from npr.engine import SamplingParams
-from npr.grading import grade
 from npr.progress import bar as progress_bar
-from npr.prompts import prompt_ids
 from npr.tags import tag_ids
+from npr.tasks import grade, prompt_ids
 from npr.tokens import encode_pieces
 from npr.topology import executable
 

@@ -18,10 +18,9 @@ import torch
 from npr import grammar
 from npr.data import load_benchmark
 from npr.engine import LLM, SamplingParams
-from npr.grading import grade
 from npr.modeling import topology_forward
-from npr.prompts import prompt_ids
 from npr.rewards import get_reward
+from npr.tasks import grade, prompt_ids
 from npr.topology import collate, executable
 from npr.train import distributed
 from npr.train.config import Config

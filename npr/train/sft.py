@@ -18,8 +18,8 @@ import torch
 
 from npr import grammar
 from npr.modeling import topology_forward, use_flex_attention
-from npr.prompts import prompt_ids
 from npr.tags import tag_ids
+from npr.tasks import prompt_ids
 from npr.tokens import encode_pieces
 from npr.topology import Layout, collate
 from npr.train import distributed

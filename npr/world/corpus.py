@@ -1,19 +1,33 @@
 """Prompts and written solutions of the default world: what the tiny base model is pretrained on.
 
-Text is written as space-separated words so the word-level tokenizer round-trips it. A
-sequential solution is a list of attempts ("try a op b = c , ... . need t , no .") ending
-with the one that reaches the target t. A parallel (NPR-format) solution maps first moves to plans,
-runs each chain in its own step, compares them in the takeaway, and repeats the block
-if none reached the target. Like a real instruct model following a format prompt, the
-base model sees the parallel format imperfectly: most NPR-prompted examples carry one
-typical mistake (no takeaway, a step too few or too many, missing labels, no block).
+Every Countdown problem here has three numbers, so every solution is a *first move* (two
+numbers combined) followed by one move with the third number. Solving is a search over first
+moves, and each first move is a self-contained piece of work that checks itself:
+
+    3 + 5 = 8 , need 22 : 8 + 4 = 12 , 8 - 4 = 4 , 8 * 4 = 32 , 8 / 4 = 2 . no
+    5 * 4 = 20 , need 22 : 20 + 3 = 23 , 20 - 3 = 17 , 3 - 20 ... . yes : ( 5 * 4 ) + 3  (when it works)
+
+(the continuations in a fixed order, stopping at the first that reaches the target: "yes" and
+the expression, written where its numbers are).
+Nothing is looked up: the search is written out honestly, and the answer is whatever it finds.
+
+- A sequential solution (step-by-step prompt) tries first moves one after another until one
+  works, then boxes the expression.
+- A parallel solution (NPR instruction) puts k different first moves in a guideline, runs each in
+  its own step (blind to the others), names the step that worked in the takeaway, and opens a new
+  block with first moves not tried yet when none did.
+
+Like a real instruct model following a format prompt, the base model sees the parallel format
+imperfectly: most NPR-prompted examples carry one typical mistake (no takeaway, a step too few
+or too many, missing labels, the sequential form).
 """
 
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 
-from npr.world.countdown import Move, chain_expression, chain_value
+from npr.world.countdown import MAX_VALUE  # intermediate values stay in [0, MAX_VALUE]
 
 NPR_INSTRUCTION = (
     "solve in parallel : write a guideline of plans , one step per plan , compare them in a takeaway , "
@@ -26,83 +40,88 @@ def user_prompt(problem: dict, parallel: bool) -> str:
     return f"{NPR_INSTRUCTION if parallel else SEQ_INSTRUCTION} {problem['problem']}"
 
 
-def _chain_text(moves: list[Move]) -> str:
-    return " , ".join(f"{m.a} {m.op} {m.b} = {m.result}" for m in moves)
+@dataclass(frozen=True)
+class FirstMove:
+    x: int
+    op: str
+    y: int
+    value: int
+    rest: int  # the third number
 
 
-def _attempts(problem: dict, rng: random.Random, first: tuple[int, str, int] | None = None, tries: int = 200):
-    """Random valid chains over the problem's numbers (optionally with a fixed first move)."""
-    nums = problem["numbers"]
-    for _ in range(tries):
-        order = nums[:]
-        rng.shuffle(order)
-        ops = [rng.choice("+-*/") for _ in order[1:]]
-        if first is not None:
-            a, op, b = first
-            rest = order[:]
-            rest.remove(a)
-            rest.remove(b)
-            order, ops = [a, b, *rest], [op, *ops[: len(rest)]]
-        moves = chain_value(order[0], list(zip(ops, order[1:])))
-        if moves:
-            yield moves
+def _apply(a: int, op: str, b: int) -> int | None:
+    """a op b when it stays a whole number in [0, MAX_VALUE]."""
+    if op == "+":
+        r = a + b
+    elif op == "-":
+        r = a - b
+    elif op == "*":
+        r = a * b
+    else:
+        if b == 0 or a % b:
+            return None
+        r = a // b
+    return r if 0 <= r <= MAX_VALUE else None
 
 
-def _solution_chain(problem: dict, rng: random.Random) -> list[Move]:
-    for moves in _attempts(problem, rng, tries=400):
-        if moves[-1].result == problem["target"]:
-            return moves
-    return _parse_chain(problem["answer"])  # the reference answer is always a left chain
+def first_moves(numbers: list[int]) -> list[FirstMove]:
+    """The distinct useful first moves: a pair, an operation, larger number first for - and /."""
+    out, seen = [], set()
+    for i in range(len(numbers)):
+        for j in range(i + 1, len(numbers)):
+            a, b = max(numbers[i], numbers[j]), min(numbers[i], numbers[j])
+            rest = next(n for k, n in enumerate(numbers) if k not in (i, j))
+            for op in "+-*/":
+                if op in "*/" and b == 1:
+                    continue  # x * 1 and x / 1 change nothing: the last move covers them
+                value = _apply(a, op, b)
+                if value is None or (op == "-" and value == 0) or (a, op, b) in seen:
+                    continue
+                seen.add((a, op, b))
+                out.append(FirstMove(a, op, b, value, rest))
+    return out
 
 
-def _parse_chain(expr: str) -> list[Move]:
-    toks = expr.replace("(", " ").replace(")", " ").split()
-    cur, moves = int(toks[0]), []
-    for op, b in zip(toks[1::2], toks[2::2]):
-        moves += chain_value(cur, [(op, int(b))]) or []
-        cur = moves[-1].result
-    return moves
+def continuations(v: int, z: int) -> list[tuple[str, int, str]]:
+    """(text, value, expression shape) of the last moves with value v and the third number z, in
+    the fixed order the steps write them: v + z, v - z, z - v, v * z, v / z, z / v."""
+    out = []
+    for a, op, b, shape in ((v, "+", z, "L"), (v, "-", z, "L"), (z, "-", v, "R"), (v, "*", z, "L"),
+                            (v, "/", z, "L"), (z, "/", v, "R")):  # fmt: skip
+        if shape == "R" and a <= b:
+            continue  # z - v and z / v only when z is the larger (else covered by v - z, v / z)
+        r = _apply(a, op, b)
+        if r is not None:
+            out.append((f"{a} {op} {b} = {r}", r, f"{op}{shape}"))
+    return out
 
 
-def sequential_solution(problem: dict, rng: random.Random) -> str:
-    target = problem["target"]
+def work(move: FirstMove, target: int) -> tuple[str, str | None]:
+    """A first move's step text and, when it reaches the target, the answer expression."""
+    head = f"{move.x} {move.op} {move.y} = {move.value} , need {target} :"
+    tried = []
+    for text, value, shape in continuations(move.value, move.rest):
+        tried.append(text)
+        if value == target:
+            inner = f"( {move.x} {move.op} {move.y} )"
+            op = shape[0]
+            expr = f"{inner} {op} {move.rest}" if shape[1] == "L" else f"{move.rest} {op} {inner}"
+            return f"{head} {' , '.join(tried)} . yes : {expr}", expr
+    return f"{head} {' , '.join(tried)} . no", None
+
+
+def sequential_solution(problem: dict, rng: random.Random) -> str | None:
+    """First moves in random order until one works; None if none does (the search is complete, so
+    only for a target that needs an intermediate beyond the tokenizer's numbers)."""
+    moves = first_moves(problem["numbers"])
+    rng.shuffle(moves)
     parts = []
-    for _ in range(rng.choice([0, 0, 1, 1, 2, 3])):
-        moves = next(_attempts(problem, rng), None)
-        if moves and moves[-1].result != target:
-            parts.append(f"try {_chain_text(moves)} . need {target} , no .")
-    good = _solution_chain(problem, rng)
-    parts.append(f"try {_chain_text(good)} . need {target} , yes .")
-    return " ".join(parts) + f" \\boxed{{ {chain_expression(good)} }}"
-
-
-def _block(problem: dict, rng: random.Random, k: int, must_succeed: bool) -> tuple[list, list, str, list | None]:
-    """k plans (distinct first moves), their chains, and the takeaway."""
-    target, nums = problem["target"], problem["numbers"]
-    good = _solution_chain(problem, rng) if must_succeed else None
-    firsts, chains = [], []
-    if good:
-        firsts.append((good[0].a, good[0].op, good[0].b))
-        chains.append(good)
-    for _ in range(40):
-        if len(chains) == k:
-            break
-        i, j = rng.sample(range(len(nums)), 2)
-        first = (nums[i], rng.choice("+-*/"), nums[j])
-        if first in firsts:
-            continue
-        moves = next(_attempts(problem, rng, first=first, tries=20), None)
-        if moves and (moves[-1].result != target or must_succeed):
-            firsts.append(first)
-            chains.append(moves)
-    order = list(range(len(chains)))
-    rng.shuffle(order)
-    chains = [chains[i] for i in order]
-    plans = [f"{m[0].a} {m[0].op} {m[0].b} first" for m in chains]
-    steps = [f"{_chain_text(m)} . need {target} , {'yes' if m[-1].result == target else 'no'}" for m in chains]
-    hits = [i + 1 for i, m in enumerate(chains) if m[-1].result == target]
-    takeaway = f"{hits[0]} reaches {target}" if hits else f"none reaches {target}"
-    return plans, steps, takeaway, (chains[hits[0] - 1] if hits else None)
+    for m in moves:
+        text, expr = work(m, problem["target"])
+        parts.append(f"try {text} .")
+        if expr:
+            return " ".join(parts) + f" \\boxed{{ {expr} }}"
+    return None
 
 
 def _labelled(tag: str, i: int | None, body: str) -> str:
@@ -110,18 +129,40 @@ def _labelled(tag: str, i: int | None, body: str) -> str:
     return f"<{tag}> {label}{body} </{tag}>"
 
 
-def parallel_solution(problem: dict, rng: random.Random, mistake: str | None = None) -> str:
-    """An NPR-format solution, optionally with one typical format mistake."""
+def plans_per_block(rng: random.Random) -> int:
+    return rng.choice([2, 3, 3, 4, 4, 5])
+
+
+def parallel_blocks(problem: dict, rng: random.Random) -> list[tuple[list, list, str, str | None]] | None:
+    """Blocks of (plans, steps, takeaway, answer) until a step reaches the target."""
+    target = problem["target"]
+    moves = first_moves(problem["numbers"])
+    rng.shuffle(moves)
+    blocks = []
+    while moves:
+        k = plans_per_block(rng)
+        chosen, moves = moves[:k], moves[k:]
+        done = [work(m, target) for m in chosen]
+        hits = [i for i, (_, expr) in enumerate(done) if expr]
+        plans = [f"{m.x} {m.op} {m.y} first" for m in chosen]
+        steps = [text for text, _ in done]
+        if hits:
+            blocks.append((plans, steps, f"{hits[0] + 1} reaches {target}", done[hits[0]][1]))
+            return blocks
+        blocks.append((plans, steps, f"none reaches {target}", None))
+    return None
+
+
+def parallel_solution(problem: dict, rng: random.Random, mistake: str | None = None) -> str | None:
+    """An NPR-format solution, optionally with one typical format mistake (in its last block)."""
     if mistake == "sequential":
         return sequential_solution(problem, rng)
-    blocks = []
-    if rng.random() < 0.25:  # a first block where nothing works
-        blocks.append(_block(problem, rng, rng.choice([2, 3]), must_succeed=False))
-    blocks.append(_block(problem, rng, rng.choice([2, 2, 3]), must_succeed=True))
+    blocks = parallel_blocks(problem, rng)
+    if blocks is None:
+        return None
     text = []
     for bi, (plans, steps, takeaway, _) in enumerate(blocks):
-        last = bi == len(blocks) - 1
-        bad = mistake if last else None
+        bad = mistake if bi == len(blocks) - 1 else None
         step_list = [_labelled("step", None if bad == "no_labels" else i + 1, s) for i, s in enumerate(steps)]
         if bad == "missing_step" and len(step_list) > 1:
             step_list.pop(rng.randrange(len(step_list)))
@@ -132,17 +173,20 @@ def parallel_solution(problem: dict, rng: random.Random, mistake: str | None = N
         text.append(f"<guideline> {guide}{close} " + " ".join(step_list))
         if bad != "no_takeaway":
             text.append(f"<takeaway> {takeaway} </takeaway>")
-    answer = blocks[-1][3]
-    text.append(f"\\boxed{{ {chain_expression(answer)} }}")
+    text.append(f"\\boxed{{ {blocks[-1][3]} }}")
     return " ".join(text)
 
 
 MISTAKES = ("sequential", "no_takeaway", "missing_step", "extra_step", "no_labels", "unclosed")
 
 
-def example(problem: dict, rng: random.Random, clean_rate: float = 0.3, npr_share: float = 0.6) -> tuple[str, str]:
+def example(
+    problem: dict, rng: random.Random, clean_rate: float = 0.3, npr_share: float = 0.6
+) -> tuple[str, str] | None:
     """One pretraining pair (user prompt, response), NPR-prompted with probability `npr_share`."""
     if rng.random() >= npr_share:
-        return user_prompt(problem, False), sequential_solution(problem, rng)
+        response = sequential_solution(problem, rng)
+        return None if response is None else (user_prompt(problem, False), response)
     mistake = None if rng.random() < clean_rate else rng.choice(MISTAKES)
-    return user_prompt(problem, True), parallel_solution(problem, rng, mistake)
+    response = parallel_solution(problem, rng, mistake)
+    return None if response is None else (user_prompt(problem, True), response)

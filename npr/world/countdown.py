@@ -20,6 +20,7 @@ OPS = "+-*/"
 MAX_CHARS = 256
 MAX_DEPTH = 16
 MAX_ABS = 10**9
+MAX_VALUE = 100  # generated problems and written solutions keep every intermediate value in [0, 100]
 
 
 @dataclass(frozen=True)
@@ -30,11 +31,11 @@ class Level:
     max_target: int
 
 
-LEVELS = {
+LEVELS = {  # three numbers each: every solution is one first move, then one move with the third number
     1: Level(3, 1, 6, 40),
     2: Level(3, 1, 10, 60),
-    3: Level(4, 1, 6, 60),
-    4: Level(4, 1, 10, 100),
+    3: Level(3, 2, 12, 80),
+    4: Level(3, 2, 15, 100),
 }
 
 
@@ -154,7 +155,7 @@ def chain_value(first: int, moves: list[tuple[str, int]]) -> list[Move] | None:
         if op == "/" and (b == 0 or cur % b):
             return None
         r = {"+": cur + b, "-": cur - b, "*": cur * b, "/": cur // b if b else 0}[op]
-        if r < 0 or r > 1000:
+        if r < 0 or r > MAX_VALUE:
             return None
         out.append(Move(cur, op, b, r))
         cur = r

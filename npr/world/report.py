@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from npr import grammar, metrics
-from npr.grading import grade
 from npr.prompts import chat_ids
+from npr.tasks import grade
 from npr.world import corpus
 
 
