@@ -13,7 +13,8 @@ import pytest
 from conftest import needs_shipped_data
 
 from npr.data import benchmarks_dir, load_benchmark
-from npr.grading import choice_correct, extract_answer, grade, math_equal
+from npr.grading import choice_correct, extract_answer, math_equal
+from npr.tasks import grade
 
 MATH500 = benchmarks_dir() / "math500.json"
 

@@ -10,7 +10,7 @@ import yaml
 from conftest import make_model, make_tokenizer
 
 from npr import grammar
-from npr.pipeline import load_pipeline, run_pipeline
+from npr.pipeline import ROWS, load_pipeline, run_pipeline
 from npr.report import tree_text
 
 PROBLEMS = [{"question": f"What is {a} + {b}?", "answer": str(a + b)} for a, b in [(1, 2), (3, 4), (2, 2), (5, 1)]]
@@ -87,14 +87,18 @@ def test_every_stage_runs_on_a_real_checkpoint_and_resumes(setup):
     assert len(m1) == 2  # Stage 1 was not redone
     assert (run / "stage2" / "checkpoints" / "latest.json").exists()
     assert len((run / "stage3" / "metrics.jsonl").read_text().splitlines()) == 2
+    # the SR baseline: sequential SFT on the same examples, then RL with sequential rollouts
+    assert (run / "sr" / "sft" / "checkpoints" / "latest.json").exists()
+    sr = [json.loads(x) for x in (run / "sr" / "metrics.jsonl").read_text().splitlines()]
+    assert len(sr) == 2 and all(m["parallel_trigger_rate"] == 0 for m in sr)
+    assert yaml.safe_load((run / "sr" / "config.yaml").read_text())["rollout"]["mode"] == "sequential"
     stages = {(r["stage"], r["mode"]) for r in report["rows"]}
-    assert stages == {
-        (s, m) for s in ("base", "stage1", "stage2", "stage3") for m in ("sequential (raw)", "sequential", "parallel")
-    }
+    assert stages == {(s, m) for s, rows in ROWS.items() for m in rows}
+    assert {r["stage"] for r in report["rows"]} == {"base", "stage1", "stage2", "stage3", "sr"}
     md = (run / "report.md").read_text()
     assert "| stage | decoding |" in md and (run / "report.json").exists() and (run / "curves_stage1.png").exists()
     times = json.loads((run / "times.json").read_text())
-    assert set(times) >= {"base", "stage1", "distill", "stage2", "stage3", "eval", "report"}
+    assert set(times) >= {"base", "stage1", "distill", "stage2", "stage3", "sr", "eval", "report"}
 
 
 def test_tree_text_draws_blocks_and_parallel_steps():

@@ -13,8 +13,8 @@ from conftest import make_model
 
 from npr import grammar
 from npr.modeling import topology_forward
-from npr.prompts import prompt_ids
 from npr.tags import tag_ids
+from npr.tasks import prompt_ids
 from npr.tokens import encode_pieces
 from npr.topology import collate
 from npr.train.config import load_config

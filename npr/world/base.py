@@ -42,7 +42,7 @@ class Recipe:
     lr: float = 3e-3
     warmup: int = 40
     weight_decay: float = 0.01
-    clean_rate: float = 0.45  # share of NPR-prompted examples written without a format mistake
+    clean_rate: float = 0.6  # share of NPR-prompted examples written without a format mistake
     npr_share: float = 0.6  # share of examples prompted with the NPR instruction
     levels: tuple[int, ...] = (1, 2, 3)
     seed: int = 0

@@ -14,8 +14,8 @@ Nothing is looked up: the search is written out honestly, and the answer is what
 - A sequential solution (step-by-step prompt) tries first moves one after another until one
   works, then boxes the expression.
 - A parallel solution (NPR instruction) puts k different first moves in a guideline, runs each in
-  its own step (blind to the others), names the step that worked in the takeaway, and opens a new
-  block with first moves not tried yet when none did.
+  its own step (blind to the others), names the step that worked and its expression in the
+  takeaway, and opens a new block with first moves not tried yet when none did.
 
 Like a real instruct model following a format prompt, the base model sees the parallel format
 imperfectly: most NPR-prompted examples carry one typical mistake (no takeaway, a step too few
@@ -147,7 +147,8 @@ def parallel_blocks(problem: dict, rng: random.Random) -> list[tuple[list, list,
         plans = [f"{m.x} {m.op} {m.y} first" for m in chosen]
         steps = [text for text, _ in done]
         if hits:
-            blocks.append((plans, steps, f"{hits[0] + 1} reaches {target}", done[hits[0]][1]))
+            expr = done[hits[0]][1]
+            blocks.append((plans, steps, f"{hits[0] + 1} reaches {target} : {expr}", expr))
             return blocks
         blocks.append((plans, steps, f"none reaches {target}", None))
     return None
