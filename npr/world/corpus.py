@@ -27,7 +27,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from npr.world.countdown import MAX_VALUE  # intermediate values stay in [0, MAX_VALUE]
+from npr.world.countdown import whole_step
 
 NPR_INSTRUCTION = (
     "solve in parallel : write a guideline of plans , one step per plan , compare them in a takeaway , "
@@ -49,21 +49,6 @@ class FirstMove:
     rest: int  # the third number
 
 
-def _apply(a: int, op: str, b: int) -> int | None:
-    """a op b when it stays a whole number in [0, MAX_VALUE]."""
-    if op == "+":
-        r = a + b
-    elif op == "-":
-        r = a - b
-    elif op == "*":
-        r = a * b
-    else:
-        if b == 0 or a % b:
-            return None
-        r = a // b
-    return r if 0 <= r <= MAX_VALUE else None
-
-
 def first_moves(numbers: list[int]) -> list[FirstMove]:
     """The distinct useful first moves: a pair, an operation, larger number first for - and /."""
     out, seen = [], set()
@@ -74,7 +59,7 @@ def first_moves(numbers: list[int]) -> list[FirstMove]:
             for op in "+-*/":
                 if op in "*/" and b == 1:
                     continue  # x * 1 and x / 1 change nothing: the last move covers them
-                value = _apply(a, op, b)
+                value = whole_step(a, op, b)
                 if value is None or (op == "-" and value == 0) or (a, op, b) in seen:
                     continue
                 seen.add((a, op, b))
@@ -90,7 +75,7 @@ def continuations(v: int, z: int) -> list[tuple[str, int, str]]:
                             (v, "/", z, "L"), (z, "/", v, "R")):  # fmt: skip
         if shape == "R" and a <= b:
             continue  # z - v and z / v only when z is the larger (else covered by v - z, v / z)
-        r = _apply(a, op, b)
+        r = whole_step(a, op, b)
         if r is not None:
             out.append((f"{a} {op} {b} = {r}", r, f"{op}{shape}"))
     return out

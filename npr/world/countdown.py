@@ -148,14 +148,21 @@ class Move:
     result: int
 
 
+def whole_step(a: int, op: str, b: int) -> int | None:
+    """a op b when it is a whole number in [0, MAX_VALUE] (the moves generated problems and written
+    solutions are made of); None otherwise."""
+    if op == "/":
+        return a // b if b and a % b == 0 and a // b <= MAX_VALUE else None
+    r = a + b if op == "+" else a - b if op == "-" else a * b
+    return r if 0 <= r <= MAX_VALUE else None
+
+
 def chain_value(first: int, moves: list[tuple[str, int]]) -> list[Move] | None:
-    """Apply ops left to right; None when an intermediate is negative, fractional or huge."""
+    """Apply ops left to right; None when an intermediate is negative, fractional or above MAX_VALUE."""
     out, cur = [], first
     for op, b in moves:
-        if op == "/" and (b == 0 or cur % b):
-            return None
-        r = {"+": cur + b, "-": cur - b, "*": cur * b, "/": cur // b if b else 0}[op]
-        if r < 0 or r > MAX_VALUE:
+        r = whole_step(cur, op, b)
+        if r is None:
             return None
         out.append(Move(cur, op, b, r))
         cur = r
