@@ -246,7 +246,7 @@ def eval_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     e = plan.eval
     with progress_bar("eval", progress) as bar:
         for name in MODELS:
-            if not (out / name).exists():
+            if name == "sr" and not plan.sr:  # run_pipeline made the (empty) folder; there is no model
                 continue
             model, tok = load(out / name)
             llm = LLM(model, tok, kv_cache_gb=e.kv_cache_gb)
