@@ -53,16 +53,38 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     pool.k[layer].index_copy_(0, batch.slot_mapping, key[0].transpose(0, 1).to(pool.k.dtype))
     pool.v[layer].index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1).to(pool.v.dtype))
     q_all = query[0].transpose(0, 1)  # [T, H, D]
+    return sdpa_buckets(q_all, pool.k[layer], pool.v[layer], batch.buckets, scaling)[None], None
+
+
+def sdpa_buckets(q_all: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, buckets: list[Bucket], scaling):
+    """The reference path: gather each bucket's context out of the pool, one SDPA per bucket.
+
+    Grouped-query heads are folded into the query axis ([G, Hkv, group * n, D]) so keys and
+    values are never repeated per query head.
+    """
     out = torch.empty_like(q_all)
-    for bk in batch.buckets:
-        k = pool.k[layer][bk.context].transpose(1, 2).to(q_all.dtype)  # [G, Hkv, C, D]
-        v = pool.v[layer][bk.context].transpose(1, 2).to(q_all.dtype)
-        q = q_all[bk.queries].transpose(1, 2)  # [G, H, n, D]
-        o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bk.mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]
+    heads, dim = q_all.shape[1:]
+    kv_heads = k_pool.shape[1]
+    group = heads // kv_heads
+    for bk in buckets:
+        g, n = bk.queries.shape
+        width = bk.context.shape[1]
+        flat = bk.context.reshape(-1)
+        k = k_pool.index_select(0, flat).view(g, width, kv_heads, dim).transpose(1, 2).to(q_all.dtype)
+        v = v_pool.index_select(0, flat).view(g, width, kv_heads, dim).transpose(1, 2).to(q_all.dtype)
+        q = (
+            q_all[bk.queries]
+            .view(g, n, kv_heads, group, dim)
+            .permute(0, 2, 3, 1, 4)
+            .reshape(g, kv_heads, group * n, dim)
         )
-        out[bk.queries.flatten()] = o.transpose(1, 2).flatten(0, 1)
-    return out[None], None
+        mask = bk.mask
+        if mask is not None:  # [G, 1, n, C] -> [G, 1, group * n, C], the same rows for every folded head
+            mask = mask[:, :, None].expand(g, 1, group, n, width).reshape(g, 1, group * n, width)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+        o = o.view(g, kv_heads, group, n, dim).permute(0, 3, 1, 2, 4).reshape(g * n, heads, dim)
+        out[bk.queries.flatten()] = o
+    return out
 
 
 def register() -> None:

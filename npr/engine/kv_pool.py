@@ -23,12 +23,10 @@ class Segment:
     length: int = 0  # tokens with a slot (written or about to be written this step)
     refs: int = 0
     freed: bool = False
-    buf: torch.Tensor = field(default_factory=lambda: torch.zeros(16, dtype=torch.long))  # slots, grown by doubling
 
-    @property
-    def slots(self) -> torch.Tensor:
-        """Pool slot of each token of the segment, in order."""
-        return self.buf[: self.length]
+    def slots(self, start: int, end: int, page_size: int) -> list[int]:
+        """Pool slots of the segment's tokens [start, end)."""
+        return [self.pages[i // page_size] * page_size + i % page_size for i in range(start, end)]
 
 
 class KVPool:
@@ -65,7 +63,7 @@ class KVPool:
         spare = len(seg.pages) * self.page_size - seg.length
         return max(0, -(-(n - spare) // self.page_size))
 
-    def append(self, seg: Segment, n: int) -> torch.Tensor:
+    def append(self, seg: Segment, n: int) -> list[int]:
         """Reserve slots for `n` more tokens of `seg` (all or nothing); return them."""
         need = self.pages_needed(seg, n)
         if need > len(self.free):
@@ -73,18 +71,8 @@ class KVPool:
         for _ in range(need):
             seg.pages.append(self.free.pop())
         self.live.add(id(seg))
-        ps, at = self.page_size, seg.length
-        if at + n > len(seg.buf):
-            grown = torch.zeros(max(2 * len(seg.buf), at + n), dtype=torch.long)
-            grown[:at] = seg.buf[:at]
-            seg.buf = grown
-        if n == 1:  # decode: one slot, no tensor arithmetic
-            seg.buf[at] = seg.pages[at // ps] * ps + at % ps
-        else:
-            idx = torch.arange(at, at + n)
-            seg.buf[at : at + n] = torch.tensor(seg.pages, dtype=torch.long)[idx // ps] * ps + idx % ps
         seg.length += n
-        return seg.buf[at : at + n]
+        return seg.slots(seg.length - n, seg.length, self.page_size)
 
     def acquire(self, segs: list[Segment]) -> None:
         for s in segs:

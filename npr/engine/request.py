@@ -42,6 +42,8 @@ class Block:
     paths: list[int] = field(default_factory=list)  # critical path at the end of each step
     ended: int = 0
     held: bool = False  # the block holds references on prefix and steps until the join
+    prefix_len: int = 0  # context tokens before the steps (the steps' shared part of their rows)
+    rows: list[int] = field(default_factory=list)  # context-table rows of the steps, kept until the join
 
 
 @dataclass(eq=False)
@@ -56,10 +58,20 @@ class Branch:
     block: Block | None = None
     step: int = -1
     done: bool = False  # its last token is sampled; it retires once that token is in the pool
+    dropped: bool = False  # its request was finished or preempted
+    row: int = -1  # its row in the context table
+    length: int = 0  # context tokens already in that row
+    sources: list[tuple[int, int, int]] = field(default_factory=list)  # (row, start, end) to copy in first
+    frees: list[int] = field(default_factory=list)  # rows to release once the sources are copied
 
     @property
     def pending(self) -> int:
         return len(self.run.tokens) - self.run.computed
+
+    @property
+    def tokens(self) -> int:
+        """Context tokens including those not yet in the pool."""
+        return self.length + self.pending
 
 
 @dataclass(eq=False)

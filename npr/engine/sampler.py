@@ -1,55 +1,104 @@
-"""Token choice: penalties, masks, temperature, top-k, top-p and counter-seeded Gumbel noise.
+"""Batched token choice: penalty, structure mask, temperature, top-k, top-p and seeded noise.
 
-Noise for a token is drawn from a generator seeded by (request seed, branch, index), so a
-request decodes the same tokens whatever it is batched with, and after a preemption.
+Every sampling row of a step is handled in one set of tensor ops, and the chosen ids with
+their log-probs come back to the host in one transfer. The Gumbel noise of a row is a hash
+of (request seed, branch, token index, vocabulary id) computed on the device, so a request
+decodes the same tokens whatever it is batched with, and again after a preemption.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 _MASK = float("-inf")
+_M32 = 0xFFFFFFFF
 
 
 def noise_seed(seed: int, branch: tuple[int, int], index: int) -> int:
+    """One 62-bit key per (request, branch, token index)."""
     block, step = branch
-    return (seed * 1_000_003 + (block + 1) * 65_537 + (step + 1) * 8_191 + index * 131) % (2**63 - 1)
+    return (seed * 1_000_003 + (block + 1) * 65_537 + (step + 1) * 8_191 + index * 131) % (2**62)
 
 
-def penalize(logits: torch.Tensor, tokens: list[int], penalty: float) -> torch.Tensor:
-    """CTRL-style repetition penalty on the given tokens (positive logits divided, negative multiplied)."""
-    if penalty == 1.0 or not tokens:
-        return logits
-    idx = torch.tensor(sorted(set(tokens)), device=logits.device)
-    vals = logits[idx]
-    logits = logits.clone()
-    logits[idx] = torch.where(vals > 0, vals / penalty, vals * penalty)
-    return logits
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash on int64 tensors; products stay below 2**59, so nothing overflows."""
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    x = x ^ (x >> 16)
+    x = (x * 0x45D9F3B) & _M32
+    return x ^ (x >> 16)
 
 
-def choose(
+def gumbel(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R, V] standard Gumbel noise, a pure function of each row's key and the vocabulary id."""
+    lo, hi = (keys & _M32)[:, None], (keys >> 32)[:, None]
+    v = torch.arange(vocab, device=keys.device, dtype=torch.int64)[None, :]
+    h = _mix(_mix(v ^ _mix(hi)) ^ lo)
+    u = ((h >> 8).to(torch.float32) + 0.5) * (1.0 / 2**24)  # in (0, 1), 24 bits, exact in fp32
+    return -torch.log(-torch.log(u))
+
+
+@dataclass
+class SamplingBatch:
+    """Per-row settings of the rows sampled in one step (host lists, moved in one copy)."""
+
+    temperature: list[float]
+    top_k: list[int]  # 0 = off
+    top_p: list[float]
+    penalty: list[float]  # 1.0 = off (rows outside a step)
+    keys: list[int]  # noise keys (noise_seed)
+    forced: list[int]  # replayed token, or -1 to sample
+    masks: list[int]  # index into the stacked structure masks, or -1
+
+
+def sample(
     logits: torch.Tensor,
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    seed: int,
-    disallowed: torch.Tensor | None = None,
-) -> int:
-    """Pick one token from 1-D float logits."""
-    if disallowed is not None:
-        logits = logits.masked_fill(disallowed, _MASK)
-    if temperature == 0:
-        return int(torch.argmax(logits))
-    logits = logits / temperature
-    if top_k and top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, _MASK)
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest prefix reaching top_p
-        logits = logits.clone()
-        logits[order[drop]] = _MASK
-    gen = torch.Generator(device=logits.device).manual_seed(seed)
-    u = torch.rand(logits.shape, generator=gen, device=logits.device).clamp_(1e-20, 1.0)
-    return int(torch.argmax(logits - torch.log(-torch.log(u))))
+    batch: SamplingBatch,
+    seen: torch.Tensor | None = None,
+    masks: torch.Tensor | None = None,
+) -> tuple[list[int], list[float]]:
+    """Choose one token per row of `logits` [R, V]; return (ids, log-probs under the raw logits).
+
+    `seen` [R, V] bool marks the tokens the repetition penalty applies to; `masks` [U, V] bool
+    holds the distinct structure masks (True = disallowed) that `batch.masks` points into.
+    """
+    dev, vocab = logits.device, logits.shape[-1]
+    f = torch.tensor([batch.temperature, batch.top_p, batch.penalty], dtype=torch.float32).to(dev, non_blocking=True)
+    i = torch.tensor([batch.top_k, batch.keys, batch.forced, batch.masks], dtype=torch.int64).to(dev, non_blocking=True)
+    temp, top_p, penalty = f[0, :, None], f[1, :, None], f[2, :, None]
+    top_k, keys, forced, mask_idx = i[0], i[1], i[2], i[3]
+    logits = logits.float()
+    scores = logits
+    if seen is not None and any(p != 1.0 for p in batch.penalty):
+        hit = seen & (penalty != 1.0)
+        scores = torch.where(hit, torch.where(scores > 0, scores / penalty, scores * penalty), scores)
+    if masks is not None and any(m >= 0 for m in batch.masks):
+        disallowed = masks[mask_idx.clamp(min=0)] & (mask_idx >= 0)[:, None]
+        scores = scores.masked_fill(disallowed, _MASK)
+    tok = scores.argmax(-1)
+    drawn = [r for r, (t, f) in enumerate(zip(batch.temperature, batch.forced)) if t > 0 and f < 0]
+    if drawn:  # only rows that really sample pay for noise, top-k and top-p
+        d = torch.tensor(drawn, device=dev) if len(drawn) < len(batch.forced) else slice(None)
+        warm = scores[d] / temp[d]
+        if any(0 < batch.top_k[r] < vocab or batch.top_p[r] < 1.0 for r in drawn):
+            warm = _top_k_top_p(warm, top_k[d], top_p[d])
+        tok[d] = (warm + gumbel(keys[d], vocab)).argmax(-1)
+    tok = torch.where(forced >= 0, forced, tok)
+    logp = logits.gather(1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
+    out = torch.stack([tok.double(), logp.double()]).cpu()  # the step's one device -> host sync
+    return [int(t) for t in out[0].tolist()], out[1].tolist()
+
+
+def _top_k_top_p(warm: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep each row's k best tokens (ties at the k-th kept), then the smallest prefix reaching p."""
+    vocab = warm.shape[-1]
+    ordered, order = torch.sort(warm, dim=-1, descending=True)
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    kth = ordered.gather(1, (k - 1)[:, None])
+    ordered = ordered.masked_fill(ordered < kth, _MASK)
+    probs = torch.softmax(ordered, dim=-1)
+    drop = (probs.cumsum(-1) - probs) > top_p  # mass before this token already reaches top_p
+    drop |= ordered == _MASK
+    return warm.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), _MASK)

@@ -10,6 +10,7 @@ and the engine ends the request with `invalid_schema` (parallel mode) or lets it
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from npr.tags import (
     GUIDELINE,
@@ -37,16 +38,7 @@ class TagState:
     steps: int = 0  # steps written in this block (sequential mode)
 
     def allowed(self, max_plans: int, block_ok: bool) -> Allowed:
-        p = self.phase
-        if p == "out":
-            return Allowed(frozenset({GUIDELINE} if block_ok else ()), True, True)
-        if p == "guideline":
-            tags = ({PLAN} if self.plans < max_plans else set()) | ({GUIDELINE_END} if self.plans else set())
-            return Allowed(frozenset(tags), False, False)
-        if p == "steps":
-            return Allowed(frozenset({STEP} if self.steps < self.plans else {TAKEAWAY}), False, False)
-        closer = {"plan": "</plan>", "step": STEP_END, "takeaway": TAKEAWAY_END}[p]
-        return Allowed(frozenset({closer}), True, False)
+        return _allowed(self.phase, self.plans < max_plans, self.plans > 0, self.steps < self.plans, block_ok)
 
     def legal(self, tag: str) -> bool:
         if tag not in NEXT_PHASE[self.phase]:
@@ -68,3 +60,16 @@ class TagState:
         elif tag == STEP:
             self.steps += 1
         self.phase = NEXT_PHASE[self.phase][tag]
+
+
+@lru_cache(maxsize=None)
+def _allowed(phase: str, more_plans: bool, has_plans: bool, more_steps: bool, block_ok: bool) -> Allowed:
+    if phase == "out":
+        return Allowed(frozenset({GUIDELINE} if block_ok else ()), True, True)
+    if phase == "guideline":
+        tags = ({PLAN} if more_plans else set()) | ({GUIDELINE_END} if has_plans else set())
+        return Allowed(frozenset(tags), False, False)
+    if phase == "steps":
+        return Allowed(frozenset({STEP} if more_steps else {TAKEAWAY}), False, False)
+    closer = {"plan": "</plan>", "step": STEP_END, "takeaway": TAKEAWAY_END}[phase]
+    return Allowed(frozenset({closer}), True, False)

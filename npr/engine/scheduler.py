@@ -1,0 +1,333 @@
+"""Scheduling: admission, chunked prefill, preemption, and the schema's fork/join bookkeeping.
+
+`schedule()` picks the tokens the next forward computes: every decoding branch's new tokens
+first, then prompt chunks, all within `max_batch_tokens`; it preempts the newest request
+when the pool cannot hold them. `postprocess()` applies the sampled tokens to the schema:
+fork k branches on `</guideline>`, join on the last `</step>`, finish on stop, budgets,
+repetition or an illegal structure. Forks count against `max_num_seqs` like admissions;
+after a preemption, admission waits until a request finishes, so bursts of forks do not
+make requests bounce in and out of the pool.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+
+from npr.engine.context import ContextTable
+from npr.engine.kv_pool import KVPool
+from npr.engine.params import SamplingParams
+from npr.engine.request import Block, Branch, Request, Run
+from npr.engine.structure import TagState
+from npr.tags import GUIDELINE_END, STEP, STEP_END, TAKEAWAY
+from npr.topology import join_position, step_start
+
+MIN_BLOCK = 12  # tokens of the smallest block: one plan, one step, a takeaway
+
+
+class Scheduler:
+    def __init__(
+        self,
+        pool: KVPool,
+        table: ContextTable,
+        tokenizer,
+        max_num_seqs: int,
+        max_batch_tokens: int,
+        watermark: float = 0.01,
+    ):
+        if max_num_seqs < 1 or max_batch_tokens < 1:
+            raise ValueError("max_num_seqs and max_batch_tokens must be >= 1")
+        self.pool, self.table, self.tokenizer = pool, table, tokenizer
+        self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
+        self.watermark = max(1, int(watermark * pool.num_pages))  # free pages kept for running requests
+        from npr.tags import TAGS, tag_ids
+
+        self.tags = tag_ids(tokenizer)
+        self.tag_of = {i: t for t, i in self.tags.items() if t in TAGS}
+        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self._labels: dict[int, list[int]] = {}
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.finished: dict[int, Request] = {}
+        self.paused = False  # admission waits after a preemption until a request finishes
+
+    # ---- admission and scheduling -------------------------------------------------------------
+
+    def live(self) -> int:
+        return sum(not b.done for r in self.running for b in r.branches)
+
+    def admit(self) -> None:
+        live = self.live()
+        while self.waiting and live < self.max_num_seqs and not (self.paused and self.running):
+            req = self.waiting[0]
+            need = -(-(len(req.prompt) + 1) // self.pool.page_size)
+            if need > self.pool.num_pages:
+                self.waiting.popleft()
+                self.finish(req, "aborted", f"prompt of {len(req.prompt)} tokens exceeds the KV pool")
+                self.finished[req.id] = req
+                continue
+            if self.running and need + self.watermark > self._spare_pages():
+                break
+            self.waiting.popleft()
+            self.paused = False
+            req.started = req.started or time.perf_counter()
+            run = Run(0, (-1, -1), offset=len(req.prompt))
+            for i, t in enumerate(req.prompt):
+                run.add(t, i, 0.0, True)
+            req.runs.append(run)
+            self.pool.acquire([run.seg])
+            req.branches.append(Branch(req, run, [run], TagState(), path=0, row=self.table.alloc()))
+            self.running.append(req)
+            live += 1
+
+    def _spare_pages(self) -> int:
+        """Free pages minus those the prompts still to prefill will take."""
+        owed = sum(self.pool.pages_needed(b.run.seg, b.pending) for r in self.running for b in r.branches)
+        return self.pool.free_pages - owed
+
+    def schedule(self) -> list[tuple[Branch, int]]:
+        """(branch, new tokens) for the next forward; preempts the newest request until they fit.
+
+        Branches whose last token is sampled (forks' parents, ended steps) always go first and
+        whole: the rows of the branches forked or joined from them are copied right after.
+        Then decoding branches, then prompt chunks, within `max_batch_tokens`.
+        """
+        while True:
+            live = [b for r in self.running for b in r.branches if b.pending]
+            work = [(b, b.pending) for b in live if b.done]
+            budget = self.max_batch_tokens - len(work)
+            for b in sorted((b for b in live if not b.done), key=lambda b: b.pending):
+                n = min(b.pending, budget)
+                if n <= 0:
+                    break
+                work.append((b, n))
+                budget -= n
+            need = sum(self.pool.pages_needed(b.run.seg, n) for b, n in work)
+            if need <= self.pool.free_pages:
+                break
+            if not self._preempt(keep=None):
+                return []
+        for b, n in work:
+            self.pool.append(b.run.seg, n)
+        return work
+
+    def to_copy(self) -> list[Branch]:
+        """Branches whose rows still need their sources copied in (after this step's writes)."""
+        return [b for r in self.running for b in r.branches if b.sources]
+
+    def _preempt(self, keep: Request | None) -> bool:
+        """Send the newest running request (other than `keep`) back to the queue; False if none."""
+        victims = [r for r in self.running if r is not keep]
+        if not victims:
+            return False
+        victim = victims[-1]
+        self.running.remove(victim)
+        if not self.running and keep is None:
+            self.finish(victim, "aborted", "the KV pool cannot hold this request alone; give the engine more pages")
+            self.finished[victim.id] = victim
+            return False
+        self._drop(victim)
+        victim.reset()
+        self.waiting.appendleft(victim)
+        self.paused = True
+        return True
+
+    # ---- applying sampled tokens --------------------------------------------------------------
+
+    def postprocess(self, work: list[tuple[Branch, int]], sampled: list[Branch], toks: list[int], lps: list[float]):
+        for b, n in work:
+            b.run.computed += n
+            b.length += n
+        for b, tok, lp in zip(sampled, toks, lps):
+            if not b.dropped and b.req.finish_reason is None:
+                self._accept(b, tok, lp)
+        for b, _ in work:
+            if b.done and not b.pending and not b.dropped and b.req.finish_reason is None:
+                self._retire(b)
+        for req in [r for r in self.running if r.finish_reason is not None]:
+            self.running.remove(req)
+            self.finished[req.id] = req
+            self.paused = False
+
+    def replay_target(self, b: Branch) -> int | None:
+        """The token a replayed request writes next (-1 past its end), or None when it samples."""
+        req = b.req
+        if req.replay is None:
+            return None
+        target = req.replay[b.run.index] if b.run.index < len(req.replay) else []
+        j = len(b.run.tokens) - b.run.offset
+        return target[j] if j < len(target) else -1
+
+    def block_fits(self, b: Branch) -> bool:
+        """Whether a minimal block still fits both budgets (counted once as a refusal when not)."""
+        p, req = b.req.params, b.req
+        fits = req.total + MIN_BLOCK <= p.max_tokens and b.path + MIN_BLOCK <= p.path_budget
+        if not fits and b.state.phase == "out" and not req.refused.get("block_budget"):
+            req.refused["block_budget"] += 1
+        return fits
+
+    def stop_ids(self, p: SamplingParams) -> tuple[int, ...]:
+        return tuple(self.eos if p.stop_token_ids is None else p.stop_token_ids)
+
+    def _accept(self, b: Branch, tok: int, logprob: float) -> None:
+        req, p = b.req, b.req.params
+        if self.replay_target(b) == -1:
+            return self.finish(req, "stop")
+        if req.total + 1 > p.max_tokens:
+            return self.finish(req, "length")
+        if b.path + 1 > p.path_budget:
+            return self.finish(req, "path_length")
+        tag = self.tag_of.get(tok)
+        parallel = p.mode == "parallel"
+        self._write(b, tok, logprob)
+        if tok in self.stop_ids(p) and tag is None:
+            if b.state.phase == "out" or not parallel:
+                return self.finish(req, "stop")
+            return self.finish(req, "invalid_schema", f"end of sequence inside <{b.state.phase}>")
+        if tag is not None:
+            if not b.state.legal(tag):
+                if parallel:
+                    return self.finish(req, "invalid_schema", f"illegal {tag} in phase {b.state.phase!r}")
+            else:
+                b.state.advance(tag)
+                if parallel and tag == GUIDELINE_END:
+                    return self._fork(b)
+                if parallel and tag == STEP_END:
+                    return self._end_step(b)
+        elif p.stop and b.state.phase == "out" and self._hit_stop(b.run, p.stop):
+            return self.finish(req, "stop")
+        if _repeating(b.run, p.repetition_limit):
+            return self.finish(req, "repetition")
+
+    @staticmethod
+    def _write(b: Branch, tok: int, logprob: float = 0.0, forced: bool = False, position: int | None = None) -> None:
+        """Append a completion token to the branch's run and charge it to both budgets."""
+        b.run.add(tok, b.run.positions[-1] + 1 if position is None else position, logprob, forced)
+        b.req.total += 1
+        b.path += 1
+        b.req.max_path = max(b.req.max_path, b.path)
+
+    def _label(self, i: int) -> list[int]:
+        if i not in self._labels:
+            self._labels[i] = self.tokenizer.encode(f"{i}:", add_special_tokens=False)
+        return self._labels[i]
+
+    def _fork(self, b: Branch) -> None:
+        req, p = b.req, b.req.params
+        k = b.state.plans
+        forced = [[self.tags[STEP], *self._label(i + 1)] for i in range(k)]
+        if k > p.max_plans:
+            req.refused["too_many_plans"] += 1
+            return self.finish(req, "invalid_schema", f"{k} plans exceed max_plans={p.max_plans}")
+        if k > self.max_num_seqs:
+            req.refused["max_num_seqs"] += 1
+            return self.finish(req, "aborted", f"{k} plans exceed the engine's max_num_seqs={self.max_num_seqs}")
+        if req.total + sum(len(f) + 1 for f in forced) + 2 > p.max_tokens:
+            req.refused["budget"] += 1
+            return self.finish(req, "length")
+        if b.path + max(len(f) for f in forced) + 3 > p.path_budget:
+            req.refused["path_budget"] += 1
+            return self.finish(req, "path_length")
+        while self.live() - 1 + k > self.max_num_seqs and self._preempt(keep=req):
+            pass  # forks count against max_num_seqs: make room by preempting newer requests
+        b.done = True
+        block = Block(len(req.blocks), k, list(b.context), prefix_len=b.tokens)
+        req.blocks.append(block)
+        start = step_start(b.run.positions[-1])
+        for i, toks in enumerate(forced):
+            run = Run(len(req.runs), (block.index, i))
+            req.runs.append(run)
+            row = self.table.alloc()
+            child = Branch(req, run, block.prefix + [run], TagState("step"), b.path, block, i, row=row)
+            child.length, child.sources = block.prefix_len, [(b.row, 0, block.prefix_len)]
+            self.pool.acquire([r.seg for r in child.context])
+            for j, t in enumerate(toks):
+                self._write(child, t, forced=True, position=start + j)
+            block.steps.append(run)
+            block.paths.append(0)
+            block.rows.append(row)
+            req.branches.append(child)
+        # the block keeps its prefix and finished steps alive until the join
+        self.pool.acquire([r.seg for r in block.prefix + block.steps])
+        block.held = True
+
+    def _end_step(self, b: Branch) -> None:
+        req, block = b.req, b.block
+        b.done = True
+        block.ended += 1
+        block.paths[b.step] = b.path
+        if block.ended < block.plans:
+            return
+        path = max(block.paths)
+        if req.total + 1 > req.params.max_tokens:
+            return self.finish(req, "length")
+        if path + 1 > req.params.path_budget:
+            return self.finish(req, "path_length")
+        run = Run(len(req.runs), (block.index, -1))
+        req.runs.append(run)
+        joined = Branch(
+            req, run, block.prefix + block.steps + [run], TagState("takeaway"), path, row=self.table.alloc()
+        )
+        at, p = block.prefix_len, block.prefix_len
+        joined.sources = [(block.rows[0], 0, p)]
+        for row, step in zip(block.rows, block.steps):
+            joined.sources.append((row, p, p + len(step.tokens)))
+            at += len(step.tokens)
+        joined.length, joined.frees, block.rows = at, block.rows, []
+        self.pool.acquire([r.seg for r in joined.context])
+        self._unhold(block)
+        self._write(
+            joined, self.tags[TAKEAWAY], forced=True, position=join_position([r.positions[-1] for r in block.steps])
+        )
+        req.branches.append(joined)
+
+    def _hit_stop(self, run: Run, stops: list[str]) -> bool:
+        tail = self.tokenizer.decode(run.tokens[max(run.offset, len(run.tokens) - 16) :])
+        return any(s and s in tail for s in stops)
+
+    # ---- lifecycle ----------------------------------------------------------------------------
+
+    def _retire(self, b: Branch) -> None:
+        self.pool.release([r.seg for r in b.context])
+        if b.block is None:  # step rows belong to their block until the join has copied them
+            self.table.release(b.row)
+        b.req.branches.remove(b)
+
+    def _drop(self, req: Request) -> None:
+        for b in req.branches:
+            self.pool.release([r.seg for r in b.context])
+            if b.block is None:
+                self.table.release(b.row)
+            for row in b.frees:
+                self.table.release(row)
+            b.frees, b.dropped = [], True
+        for block in req.blocks:
+            self._unhold(block)
+            for row in block.rows:
+                self.table.release(row)
+            block.rows = []
+        req.branches = []
+
+    def _unhold(self, block: Block) -> None:
+        if block.held:
+            self.pool.release([r.seg for r in block.prefix + block.steps])
+            block.held = False
+
+    def finish(self, req: Request, reason: str, error: str | None = None) -> None:
+        if req.finish_reason is not None:
+            return
+        self._drop(req)
+        req.finish_reason, req.error = reason, error
+        req.ended = time.perf_counter()
+
+
+def _repeating(run: Run, limit: int) -> bool:
+    toks = run.tokens[run.offset :]
+    for period in range(1, 17):
+        span = period * limit
+        if len(toks) < span:
+            break
+        tail = toks[-span:]
+        if tail == tail[:period] * limit:
+            return True
+    return False
