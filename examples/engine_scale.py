@@ -35,14 +35,26 @@ def main() -> None:
     dtype = torch.bfloat16 if dev == "cuda" else torch.float32
     model = random_model(args.config, dtype=dtype, device=dev)
     tok = word_tokenizer(model.config.vocab_size)
-    print("| branches | prompt | step tokens | parallel tok/s | sequential tok/s | HF generate tok/s | speedup / ideal |")
+    cols = ["branches", "prompt", "step tokens", "parallel tok/s", "sequential tok/s", "HF generate tok/s"]
+    print("| " + " | ".join(cols + ["speedup / ideal"]) + " |")
     print("|---|---|---|---|---|---|---|")
     for branches, prompt in cases:
-        r = bench_engine(model, tok, requests=branches // args.plans, plans=args.plans, step_tokens=args.step_tokens,
-                         blocks=1, prompt_tokens=prompt, hf_generate=args.hf)
+        r = bench_engine(
+            model,
+            tok,
+            requests=branches // args.plans,
+            plans=args.plans,
+            step_tokens=args.step_tokens,
+            blocks=1,
+            prompt_tokens=prompt,
+            hf_generate=args.hf,
+        )
         hf = f"{r['hf_generate_tps']:,.0f}" if r["hf_generate_tps"] else "-"
-        print(f"| {branches} | {prompt} | {args.step_tokens} | {r['parallel_tps']:,.0f} | {r['sequential_tps']:,.0f} "
-              f"| {hf} | {r['speedup'] / r['ideal_speedup']:.2f} |", flush=True)
+        print(
+            f"| {branches} | {prompt} | {args.step_tokens} | {r['parallel_tps']:,.0f} | {r['sequential_tps']:,.0f} "
+            f"| {hf} | {r['speedup'] / r['ideal_speedup']:.2f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

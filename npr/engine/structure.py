@@ -10,7 +10,7 @@ and the engine ends the request with `invalid_schema` (parallel mode) or lets it
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 
 from npr.tags import (
     GUIDELINE,
@@ -62,7 +62,7 @@ class TagState:
         self.phase = NEXT_PHASE[self.phase][tag]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _allowed(phase: str, more_plans: bool, has_plans: bool, more_steps: bool, block_ok: bool) -> Allowed:
     if phase == "out":
         return Allowed(frozenset({GUIDELINE} if block_ok else ()), True, True)
