@@ -197,3 +197,56 @@ def test_stop_strings_ids_and_repetition(tok):
         loop.get_output_embeddings().bias[tok.encode(" the", add_special_tokens=False)[0]] = 50.0
     out = LLM(loop, tok, num_pages=128).generate([PROMPTS[0]], SamplingParams(max_tokens=200, seed=0))[0]
     assert out.finish_reason == "repetition" and len(out.token_ids) < 40
+
+
+def test_forks_count_against_max_num_seqs(tok, biased):
+    """Branches never outnumber max_num_seqs, and the tokens are those of an unbounded engine."""
+    sp = [SamplingParams(max_tokens=120, seed=s, max_plans=3) for s in range(8)]
+    free = LLM(biased, tok, num_pages=1024, page_size=4).generate(PROMPTS * 2, sp)
+    assert max(b["plans"] for o in free for b in o.blocks) == 3  # forks of 3 really happen
+    llm = LLM(biased, tok, num_pages=1024, page_size=4, max_num_seqs=4)
+    for p, s in zip(PROMPTS * 2, sp):
+        llm.add_request(p, s)
+    peak = 0
+    while llm.has_work():
+        llm.step()
+        peak = max(peak, llm.scheduler.live())
+    assert peak <= 4
+    got = [llm._completion(llm.finished.pop(i)) for i in range(8)]
+    for a, b in zip(free, got):
+        assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
+    assert llm.pool.free_pages == llm.pool.num_pages and len(llm.table.free) == llm.table.rows
+
+
+def test_long_prompts_prefill_in_chunks(tok, biased):
+    prompt = " ".join(["Let us try small cases first and compare"] * 8)
+    sp = SamplingParams(max_tokens=40, seed=4)
+    whole = LLM(biased, tok, num_pages=512, page_size=4).generate([prompt, PROMPTS[0]], sp)
+    llm = LLM(biased, tok, num_pages=512, page_size=4, max_batch_tokens=16)
+    sizes = []
+    forward = llm.runner.forward
+    llm.runner.forward = lambda work, *a: sizes.append(sum(n for _, n in work)) or forward(work, *a)
+    chunked = llm.generate([prompt, PROMPTS[0]], sp)
+    assert len(tok.encode(prompt)) > 40 and max(sizes) <= 16
+    for a, b in zip(whole, chunked):
+        assert a.token_ids == b.token_ids
+    check_parity(biased, tok, chunked)
+
+
+def test_preempted_requests_wait_for_a_finish_before_coming_back(tok, biased):
+    """No thrash: a preempted request is admitted again only after some request has finished."""
+    llm = LLM(biased, tok, num_pages=40, page_size=4)
+    for s in range(8):
+        llm.add_request(PROMPTS[s % 4], SamplingParams(max_tokens=80, seed=s))
+    sched, preempted_at, seen = llm.scheduler, {}, {}
+    while llm.has_work():
+        running, done = {r.id for r in sched.running}, len(sched.finished)
+        llm.step()
+        for r in sched.running:
+            if r.id not in running and r.id in preempted_at:  # came back
+                assert done > preempted_at[r.id] or not running - {r.id}, r.id
+        for r in sched.waiting:
+            if r.preemptions > seen.get(r.id, 0):
+                preempted_at[r.id], seen[r.id] = done, r.preemptions
+    assert preempted_at  # the pool really was too small
+    assert llm.pool.free_pages == llm.pool.num_pages

@@ -1,0 +1,59 @@
+"""Batched sampling: the right distribution, the right support, and noise that depends on the key only."""
+
+from __future__ import annotations
+
+import torch
+
+from npr.engine.sampler import SamplingBatch, gumbel, noise_seed, sample
+
+
+def batch(rows: int, **kw) -> SamplingBatch:
+    base = dict(temperature=1.0, top_k=0, top_p=1.0, penalty=1.0, forced=-1, masks=-1)
+    base |= kw
+    keys = [noise_seed(11, (-1, -1), i) for i in range(rows)]
+    return SamplingBatch(*([base[k]] * rows for k in ("temperature", "top_k", "top_p", "penalty")), keys,
+                         [base["forced"]] * rows, [base["masks"]] * rows)  # fmt: skip
+
+
+def test_samples_follow_the_softmax_and_logprobs_are_untempered():
+    torch.manual_seed(0)
+    p = torch.softmax(torch.randn(40) * 2, 0)
+    rows = 20_000
+    toks, lps = sample(p.log()[None].expand(rows, -1), batch(rows))
+    freq = torch.bincount(torch.tensor(toks), minlength=40) / rows
+    assert (freq - p).abs().max() < 0.015  # 3 sigma at p = 0.5 is 0.011
+    torch.testing.assert_close(torch.tensor(lps), p.log()[toks], atol=1e-5, rtol=0)
+    hot, hot_lps = sample(p.log()[None].expand(2000, -1) * 1.0, batch(2000, temperature=2.0))
+    torch.testing.assert_close(torch.tensor(hot_lps), p.log()[hot], atol=1e-5, rtol=0)  # raw model log-probs
+    flat = torch.bincount(torch.tensor(hot), minlength=40) / 2000
+    assert flat.max() < freq.max()  # a higher temperature flattens the choice
+
+
+def test_top_k_top_p_greedy_forced_and_masks():
+    logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).expand(3000, -1)
+    assert set(sample(logits, batch(3000, top_k=2))[0]) == {0, 1}
+    p = torch.softmax(logits[0], 0)  # 0.64, 0.24, ...: top_p=0.7 keeps the two best
+    assert set(sample(logits, batch(3000, top_p=0.7))[0]) == {0, 1}
+    assert set(sample(logits, batch(3000, top_p=float(p[0]) - 1e-3))[0]) == {0}
+    assert set(sample(logits[:10], batch(10, temperature=0.0))[0]) == {0}
+    toks, lps = sample(logits[:4], batch(4, forced=3))
+    assert toks == [3] * 4 and abs(lps[0] - float(torch.log_softmax(logits[0], 0)[3])) < 1e-6
+    masks = torch.tensor([[True, True, False, False, False]])
+    assert set(sample(logits[:500], batch(500, masks=0), masks=masks)[0]) <= {2, 3, 4}
+    assert set(sample(logits[:5], batch(5, temperature=0.0, masks=0), masks=masks)[0]) == {2}
+
+
+def test_repetition_penalty_only_where_seen():
+    logits = torch.tensor([[2.0, 1.9, -1.0]]).expand(2, -1)
+    seen = torch.tensor([[True, False, False], [False, False, False]])
+    toks, _ = sample(logits, batch(2, temperature=0.0, penalty=1.1), seen=seen)
+    assert toks == [1, 0]  # 2.0 / 1.1 < 1.9 in the row that saw token 0
+
+
+def test_noise_is_a_function_of_the_key_alone():
+    keys = torch.tensor([noise_seed(s, (b, i), j) for s in (1, 2) for b in (-1, 0) for i in (-1, 3) for j in (0, 9)])
+    g = gumbel(keys, 64)
+    assert torch.equal(gumbel(keys[5:6], 64)[0], g[5]) and torch.equal(gumbel(keys.flip(0), 64).flip(0), g)
+    assert len({tuple(r.tolist()) for r in g}) == len(keys)  # distinct keys, distinct noise
+    big = gumbel(torch.arange(4000), 16)
+    assert abs(big.mean().item() - 0.5772) < 0.02 and abs(big.std().item() - 1.2825) < 0.02  # Gumbel(0, 1)
