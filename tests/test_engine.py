@@ -250,3 +250,43 @@ def test_preempted_requests_wait_for_a_finish_before_coming_back(tok, biased):
                 preempted_at[r.id], seen[r.id] = done, r.preemptions
     assert preempted_at  # the pool really was too small
     assert llm.pool.free_pages == llm.pool.num_pages
+
+
+def test_context_rows_always_list_the_branch_context(tok, biased):
+    """After every step, each branch's table rows hold exactly its context's slots and pages."""
+    llm = LLM(biased, tok, num_pages=256, page_size=4)
+    for s in range(6):
+        llm.add_request(PROMPTS[s % 4], SamplingParams(max_tokens=100, seed=s))
+    forks = 0
+    while llm.has_work():
+        llm.step()
+        for r in llm.scheduler.running:
+            forks = max(forks, len(r.blocks))
+            for b in r.branches:
+                if b.sources:  # forked or joined this step: laid out at the next forward
+                    continue
+                segs = [x.seg for x in b.context]
+                done = [x.computed for x in b.context[:-1]] + [b.run.computed]
+                want = [s for seg, n in zip(segs, done) for s in seg.slots(0, n, 4)]
+                assert llm.table.slots[b.row, : b.length].tolist() == want
+                pages = [p for seg in segs for p in seg.pages]
+                assert llm.table.pages[b.row, : llm.table.npages[b.row]].tolist() == pages
+    assert forks
+
+
+def test_flex_kernel_reads_the_pool_like_sdpa(tok, biased):
+    """The GPU kernel (FlexAttention over pool pages, eager here) gives the SDPA reference's tokens
+    and log-probs, through forks, joins, chunked prompts and preemptions."""
+    prompts = PROMPTS + [" ".join(["Let us try small cases first"] * 6)]
+    sp = [SamplingParams(max_tokens=90, seed=s) for s in range(len(prompts))]
+    ref = LLM(biased, tok, num_pages=256, page_size=16, attention="sdpa").generate(prompts, sp)
+    flex = LLM(biased, tok, num_pages=24, page_size=16, attention="flex", max_batch_tokens=24)
+    got = flex.generate(prompts, sp)
+    assert sum(o.stats["parallel_blocks"] for o in got) >= 2
+    for a, b in zip(ref, got):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    check_parity(biased, tok, got)
+    assert flex.pool.free_pages == flex.pool.num_pages
+    with pytest.raises(ValueError, match="page size"):
+        LLM(biased, tok, num_pages=8, page_size=4, attention="flex")

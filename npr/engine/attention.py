@@ -1,11 +1,23 @@
 """Paged attention for unmodified Hugging Face models, through transformers' AttentionInterface.
 
-The engine packs the new tokens of every scheduled group (a branch's chunk of tokens)
-into one row, sets a `Batch` describing where their keys/values go and what each group
-sees, and runs the model. In every layer the function below writes the new keys/values
-into the pool, gathers each group's context (its segments' slots, padded) and runs one
-batched SDPA per bucket of groups with equal chunk length
-(decode steps form one bucket). Positions come in as `position_ids`, so RoPE stays in the model.
+The engine packs the new tokens of every scheduled group (a branch's chunk of tokens) into
+one row, sets a `Batch` describing where their keys/values go and what each group sees,
+and runs the model. In every layer the function below writes the new keys/values into the
+pool, then attends per bucket of groups with equal chunk length (decode steps form one
+bucket). Positions come in as `position_ids`, so RoPE stays in the model. Two kernels:
+
+- "sdpa" (CPUs, and the reference): gather each group's context out of the pool by its
+  slot row, one batched SDPA per bucket. Simple and exact, but it copies the live KV once
+  per layer per step.
+- "flex" (GPUs): FlexAttention reads the pool in place. The pool is the key/value sequence
+  (batch 1, shared by every group); a `BlockMask` per bucket lists, for each group, the
+  pages its context owns (one KV block = one page), and a mask_mod hides the unwritten
+  tail of partially filled pages and keeps a chunk causal. Why this kernel: our segments
+  are token-level (a fork starts a step on a fresh page, a join concatenates the prefix
+  and every step's partly filled last page), which block tables of whole pages
+  (flash-attn) cannot express without copying those tails, and FlashInfer's page-size-1
+  layout would mean a dependency we cannot test offline. FlexAttention ships with torch,
+  takes arbitrary page lists per batch row, and its mask_mod handles partial pages exactly.
 """
 
 from __future__ import annotations
@@ -22,11 +34,12 @@ NAME = "npr_paged"
 
 @dataclass
 class Bucket:
-    """Groups with the same number of new tokens n, attended in one batched SDPA call."""
+    """Groups with the same number of new tokens n, attended in one batched call."""
 
-    context: torch.Tensor  # [G, C] pool slots of each group's context (right-padded)
-    mask: torch.Tensor | None  # [G, 1, n, C] bool, None when nothing is padded and n == 1
     queries: torch.Tensor  # [G, n] index of each query among the T new tokens
+    context: torch.Tensor | None = None  # sdpa: [G, C] pool slots of each group's context (right-padded)
+    mask: torch.Tensor | None = None  # sdpa: [G, 1, n, C] bool, None when nothing is padded and n == 1
+    block_mask: object = None  # flex: BlockMask over the pool's pages
 
 
 @dataclass
@@ -53,7 +66,34 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     pool.k[layer].index_copy_(0, batch.slot_mapping, key[0].transpose(0, 1).to(pool.k.dtype))
     pool.v[layer].index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1).to(pool.v.dtype))
     q_all = query[0].transpose(0, 1)  # [T, H, D]
+    if batch.buckets and batch.buckets[0].block_mask is not None:
+        return flex_buckets(q_all, pool.k[layer], pool.v[layer], batch.buckets, scaling)[None], None
     return sdpa_buckets(q_all, pool.k[layer], pool.v[layer], batch.buckets, scaling)[None], None
+
+
+_FLEX = None
+
+
+def flex_kernel():
+    """flex_attention, compiled with dynamic shapes on CUDA (widths change every step), eager elsewhere."""
+    global _FLEX
+    if _FLEX is None:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX = torch.compile(flex_attention, dynamic=True) if torch.cuda.is_available() else flex_attention
+    return _FLEX
+
+
+def flex_buckets(q_all: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, buckets: list[Bucket], scaling):
+    """The GPU path: every bucket attends over the whole pool, restricted by its BlockMask."""
+    out = torch.empty_like(q_all)
+    k = k_pool.permute(1, 0, 2)[None].to(q_all.dtype)  # [1, Hkv, slots, D], a view when dtypes match
+    v = v_pool.permute(1, 0, 2)[None].to(q_all.dtype)
+    for bk in buckets:
+        q = q_all[bk.queries].transpose(1, 2)  # [G, H, n, D]
+        o = flex_kernel()(q, k, v, block_mask=bk.block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+        out[bk.queries.flatten()] = o.transpose(1, 2).flatten(0, 1)
+    return out
 
 
 def sdpa_buckets(q_all: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, buckets: list[Bucket], scaling):

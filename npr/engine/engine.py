@@ -54,7 +54,11 @@ def load(path: str | Path, dtype=None, device=None, trust_remote_code: bool = Fa
 
 
 class LLM:
-    """`LLM(model, tokenizer).generate(prompts, SamplingParams(...))` -> list of `Completion`."""
+    """`LLM(model, tokenizer).generate(prompts, SamplingParams(...))` -> list of `Completion`.
+
+    `attention`: "auto" (FlexAttention over the pool in place on CUDA, SDPA elsewhere), "sdpa"
+    or "flex" (see `attention.py` for why).
+    """
 
     def __init__(
         self,
@@ -66,6 +70,7 @@ class LLM:
         page_size: int = 16,
         max_num_seqs: int = 256,
         max_batch_tokens: int = 8192,
+        attention: str = "auto",
         trust_remote_code: bool = False,
     ):
         if isinstance(model, (str, Path)):
@@ -89,7 +94,7 @@ class LLM:
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.table = ContextTable(max_num_seqs + 1, self.device, self.vocab)
         self.scheduler = Scheduler(self.pool, self.table, tokenizer, max_num_seqs, max_batch_tokens)
-        self.runner = ModelRunner(model, self.pool, self.table)
+        self.runner = ModelRunner(model, self.pool, self.table, attention)
         self.tags = self.scheduler.tags
         self._masks: dict[tuple, int] = {}  # (allowed, stops) -> row of `_mask_rows`
         self._mask_rows: list[torch.Tensor] = []

@@ -61,7 +61,9 @@ class Branch:
     dropped: bool = False  # its request was finished or preempted
     row: int = -1  # its row in the context table
     length: int = 0  # context tokens already in that row
-    sources: list[tuple[int, int, int]] = field(default_factory=list)  # (row, start, end) to copy in first
+    # pieces of other rows to copy in first: (row, start, end) in tokens, then (start, end) in
+    # pages, end -1 = all the row's pages
+    sources: list[tuple[int, int, int, int, int]] = field(default_factory=list)
     frees: list[int] = field(default_factory=list)  # rows to release once the sources are copied
 
     @property

@@ -16,19 +16,40 @@ from npr.engine.kv_pool import KVPool
 from npr.engine.request import Branch
 from npr.engine.sampler import SamplingBatch, sample
 
+KERNELS = ("auto", "sdpa", "flex")
+Q_BLOCK = 128  # FlexAttention's query block: one per decode bucket row, a few per prompt chunk
+
 
 class ModelRunner:
-    def __init__(self, model, pool: KVPool, table: ContextTable):
+    def __init__(self, model, pool: KVPool, table: ContextTable, kernel: str = "auto"):
+        if kernel not in KERNELS:
+            raise ValueError(f"attention kernel must be one of {KERNELS}, got {kernel!r}")
         self.model, self.pool, self.table = model, pool, table
         self.device = table.device
+        self.kernel = ("flex" if self.device.type == "cuda" else "sdpa") if kernel == "auto" else kernel
+        ps = pool.page_size
+        if self.kernel == "flex":
+            if ps < 16 or ps & (ps - 1):
+                raise ValueError(f"the flex kernel needs a page size that is a power of two >= 16, got {ps}")
+            slots = pool.num_pages * ps
+            self.fill = torch.zeros(pool.num_pages, dtype=torch.int64, device=self.device)  # written slots per page
+            self.new_group = torch.full((slots,), -1, dtype=torch.int64, device=self.device)  # group writing a slot
+            self.new_pos = torch.zeros(slots, dtype=torch.int64, device=self.device)  # its index in the chunk
         attention.register()
 
     def forward(self, work: list[tuple[Branch, int]], copies: list[Branch], last: list[int]) -> torch.Tensor:
-        """Compute the scheduled tokens; return the logits [len(last), V] at packed positions `last`."""
-        dev, ps = self.device, self.pool.page_size
-        ids, pos, slots, rows, cols, fresh = [], [], [], [], [], []
-        sizes, group_rows, lengths = [], [], []
-        for b, n in work:
+        """Compute the scheduled tokens; return the logits [len(last), V] at packed positions `last`.
+
+        `work` lists the flushed branches (forks' parents, ended steps) first: the rows forked
+        or joined from them (`copies`) are laid out after their last page is counted.
+        """
+        dev, ps, table = self.device, self.pool.page_size, self.table
+        ids, pos, slots, rows, cols, fresh, prow, pcol, page = [], [], [], [], [], [], [], [], []
+        sizes, group_rows, lengths, ops = [], [], [], []
+        flushed = sum(b.done for b, _ in work)
+        for g, (b, n) in enumerate(work):
+            if g == flushed:  # after the flushed branches' pages: lay out the forks' and joins' rows
+                ops = self._layout(copies)
             run, c = b.run, b.run.computed
             ids += run.tokens[c : c + n]
             pos += run.positions[c : c + n]
@@ -36,25 +57,37 @@ class ModelRunner:
             rows += [b.row] * n
             cols += range(b.length, b.length + n)
             fresh += [c + i >= run.offset for i in range(n)]  # completion tokens: the penalty's "seen"
+            for i in range(-(-c // ps) * ps, c + n, ps):  # pages this chunk starts
+                prow.append(b.row)
+                pcol.append(table.npages[b.row])
+                page.append(run.seg.pages[i // ps])
+                table.npages[b.row] += 1
             sizes.append(n)
             group_rows.append(b.row)
             lengths.append(b.length + n)
+        if flushed == len(work):
+            ops = self._layout(copies)
         meta = torch.tensor([ids, pos, slots, rows, cols, fresh], dtype=torch.int64).to(dev, non_blocking=True)
         groups = torch.tensor([group_rows, lengths, sizes], dtype=torch.int64).to(dev, non_blocking=True)
-        self.table.reserve(max(lengths + [b.length for b in copies]))
-        self.table.write(meta[3], meta[4], meta[2])
-        for b in copies:  # forks and joins: their rows start as copies of their sources' rows
-            at = 0
-            for row, start, end in b.sources:
-                self.table.copy(b.row, at, row, start, end)
-                at += end - start
+        most_pages = max(table.npages[r] for r in group_rows + [b.row for b in copies])
+        table.reserve(max(lengths + [b.length for b in copies]), most_pages)
+        table.write(meta[3], meta[4], meta[2])
+        if page:
+            p = torch.tensor([prow, pcol, page], dtype=torch.int64).to(dev, non_blocking=True)
+            table.write_pages(p[0], p[1], p[2])
+        for dst, src, slot_span, page_span in ops:
+            table.copy(dst, src, slot_span, page_span)
+        for b in copies:
             for row in b.frees:
-                self.table.release(row)
+                table.release(row)
             b.sources, b.frees = [], []
         keep = meta[5].bool()
-        self.table.mark_seen(meta[3][keep], meta[0][keep])
+        table.mark_seen(meta[3][keep], meta[0][keep])
         attention.STATE.pool = self.pool
-        attention.STATE.batch = self._buckets(meta[2], groups, sizes, lengths)
+        if self.kernel == "flex":
+            attention.STATE.batch = self._flex_buckets(meta[2], sizes, group_rows)
+        else:
+            attention.STATE.batch = self._buckets(meta[2], groups, sizes, lengths)
         cfg = self.model.config
         prev = cfg._attn_implementation
         try:
@@ -66,6 +99,21 @@ class ModelRunner:
         finally:
             attention.STATE.batch = None
             cfg._attn_implementation = prev
+            if self.kernel == "flex":
+                self.new_group[meta[2]] = -1
+
+    def _layout(self, copies: list[Branch]) -> list[tuple]:
+        """Host side of the forks' and joins' row copies: where each piece goes, in tokens and pages."""
+        ops = []
+        for b in copies:
+            at = pat = 0
+            for row, start, end, p0, p1 in b.sources:
+                p1 = self.table.npages[row] if p1 < 0 else p1
+                ops.append((b.row, row, (at, start, end), (pat, p0, p1)))
+                at += end - start
+                pat += p1 - p0
+            self.table.npages[b.row] = pat
+        return ops
 
     def _buckets(self, slot_mapping, groups, sizes: list[int], lengths: list[int]) -> attention.Batch:
         """One bucket per distinct chunk length n; contexts are slices of the table rows."""
@@ -85,7 +133,53 @@ class ModelRunner:
             if n > 1 or not uniform:
                 limit = (lens - n)[:, None] + torch.arange(n, device=self.device)[None, :]  # query j sees [0, limit]
                 mask = (torch.arange(width, device=self.device)[None, None, :] <= limit[:, :, None])[:, None]
-            buckets.append(attention.Bucket(context, mask, queries))
+            buckets.append(attention.Bucket(queries, context, mask))
+        return attention.Batch(slot_mapping, buckets)
+
+    def _flex_buckets(self, slot_mapping, sizes: list[int], group_rows: list[int]) -> attention.Batch:
+        """Block masks over the pool's pages: a group sees the written slots of its context's pages."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        dev, ps = self.device, self.pool.page_size
+        page, off = slot_mapping // ps, slot_mapping % ps
+        self.fill[page[off == 0]] = 0  # a page written from its first slot is a fresh page
+        self.fill.scatter_reduce_(0, page, off + 1, "amax")
+        n_all = torch.tensor(sizes, device=dev)
+        group = torch.repeat_interleave(torch.arange(len(sizes), device=dev), n_all)
+        self.new_group[slot_mapping] = group
+        self.new_pos[slot_mapping] = (
+            torch.arange(len(slot_mapping), device=dev) - (torch.cumsum(n_all, 0) - n_all)[group]
+        )
+        fill, new_group, new_pos, slots = self.fill, self.new_group, self.new_pos, self.pool.num_pages * ps
+        starts = torch.cumsum(n_all, 0) - n_all
+        buckets = []
+        for n in sorted(set(sizes)):
+            members = [g for g, size in enumerate(sizes) if size == n]
+            rows = [group_rows[g] for g in members]
+            width = max(self.table.npages[r] for r in rows)
+            idx = torch.tensor(members, device=dev)
+            q_blocks = -(-n // Q_BLOCK)
+            num = torch.tensor([self.table.npages[r] for r in rows], dtype=torch.int64, device=dev)
+            pages = self.table.pages[torch.tensor(rows, device=dev), :width]
+            # which pages each group sees: the block mask lists them for the fused kernel, and the
+            # mask_mod checks them too (the eager fallback evaluates mask_mod over the whole pool)
+            listed = torch.where(torch.arange(width, device=dev)[None, :] < num[:, None], pages, self.pool.num_pages)
+            sees = torch.zeros(len(rows), self.pool.num_pages + 1, dtype=torch.bool, device=dev)
+            sees.scatter_(1, listed, True)
+            num = num.to(torch.int32)[:, None, None].expand(-1, 1, q_blocks).contiguous()
+            pages = pages.to(torch.int32)[:, None, None, :].expand(-1, 1, q_blocks, -1).contiguous()
+
+            def visible(b, h, q, kv, members=idx, sees=sees):
+                page = kv // ps
+                written = sees[b, page] & ((kv % ps) < fill[page])
+                own = new_group[kv] == members[b]
+                return written & (~own | (new_pos[kv] <= q))
+
+            mask = BlockMask.from_kv_blocks(
+                num, pages, BLOCK_SIZE=(Q_BLOCK, ps), mask_mod=visible, seq_lengths=(n, slots), compute_q_blocks=False
+            )
+            queries = starts[idx][:, None] + torch.arange(n, device=dev)[None, :]
+            buckets.append(attention.Bucket(queries, block_mask=mask))
         return attention.Batch(slot_mapping, buckets)
 
     def sample(

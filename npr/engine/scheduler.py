@@ -239,7 +239,7 @@ class Scheduler:
             req.runs.append(run)
             row = self.table.alloc()
             child = Branch(req, run, block.prefix + [run], TagState("step"), b.path, block, i, row=row)
-            child.length, child.sources = block.prefix_len, [(b.row, 0, block.prefix_len)]
+            child.length, child.sources = block.prefix_len, [(b.row, 0, block.prefix_len, 0, -1)]
             self.pool.acquire([r.seg for r in child.context])
             for j, t in enumerate(toks):
                 self._write(child, t, forced=True, position=start + j)
@@ -269,9 +269,10 @@ class Scheduler:
             req, run, block.prefix + block.steps + [run], TagState("takeaway"), path, row=self.table.alloc()
         )
         at, p = block.prefix_len, block.prefix_len
-        joined.sources = [(block.rows[0], 0, p)]
+        pages = sum(len(r.seg.pages) for r in block.prefix)
+        joined.sources = [(block.rows[0], 0, p, 0, pages)]
         for row, step in zip(block.rows, block.steps):
-            joined.sources.append((row, p, p + len(step.tokens)))
+            joined.sources.append((row, p, p + len(step.tokens), pages, -1))
             at += len(step.tokens)
         joined.length, joined.frees, block.rows = at, block.rows, []
         self.pool.acquire([r.seg for r in joined.context])
