@@ -80,6 +80,35 @@ def workload(tok, n: int, plans: int, step_tokens: int, blocks: int, prompt_toke
     return out
 
 
+SWEEP = [  # (branches, prompt tokens, step tokens): growing branch counts, long prompts, long steps
+    (16, 32, 32), (64, 32, 32), (256, 32, 32), (64, 1024, 32), (16, 4096, 32), (64, 32, 256),
+]  # fmt: skip
+
+
+def bench_sweep(model, tok, plans: int = 4, points=SWEEP, attention: str = "auto", hf_generate: bool = True):
+    """`bench_engine` at every point of `points`; one block of `plans` steps per request."""
+    rows = []
+    for branches, prompt, step in points:
+        r = bench_engine(model, tok, requests=max(1, branches // plans), plans=plans, step_tokens=step, blocks=1,
+                         prompt_tokens=prompt, hf_generate=hf_generate, attention=attention)  # fmt: skip
+        rows.append({"branches": branches, "prompt": prompt, "step_tokens": step, **r})
+    return rows
+
+
+def sweep_table(rows: list[dict]) -> str:
+    head = ["branches", "prompt", "step tokens", "parallel tok/s", "sequential tok/s", "HF generate tok/s",
+            "sequential / HF", "speedup / ideal", "parity"]  # fmt: skip
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        hf = r["hf_generate_tps"]
+        cells = [r["branches"], r["prompt"], r["step_tokens"], f"{r['parallel_tps']:,.0f}",
+                 f"{r['sequential_tps']:,.0f}", f"{hf:,.0f}" if hf else "-",
+                 f"{r['sequential_tps'] / hf:.2f}" if hf else "-",
+                 f"{r['speedup'] / r['ideal_speedup']:.2f}", f"{r['parity_max_abs_logprob_diff']:.1e}"]  # fmt: skip
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(out)
+
+
 def runs_of(prompt: list[int], completion: list[int], tag_ids: dict) -> list[list[int]]:
     """Split a canonical completion into the engine's runs (main line, each step, ...), in order."""
     from npr.topology import layout
@@ -105,6 +134,7 @@ def bench_engine(
     prompt_tokens: int = 32,
     kv_cache_gb: float | None = None,
     hf_generate: bool = True,
+    attention: str = "auto",
 ) -> dict:
     from npr.engine import LLM, SamplingParams
     from npr.modeling import token_logprobs, topology_forward
@@ -113,7 +143,7 @@ def bench_engine(
 
     tags = tag_ids(tok)
     work = workload(tok, requests, plans, step_tokens, blocks, prompt_tokens)
-    llm = LLM(model, tok, kv_cache_gb=kv_cache_gb, max_num_seqs=max(256, requests * plans))
+    llm = LLM(model, tok, kv_cache_gb=kv_cache_gb, max_num_seqs=max(256, requests * plans), attention=attention)
     dev = llm.device
 
     def sync():

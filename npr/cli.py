@@ -163,8 +163,13 @@ def bench_engine_cmd(
     plans: int = typer.Option(4, help="Parallel steps per block."),
     step_tokens: int = typer.Option(48, help="Tokens per step."),
     blocks: int = typer.Option(2, help="Blocks per trajectory."),
+    prompt_tokens: int = typer.Option(32, help="Tokens per prompt."),
     kv_cache_gb: float = typer.Option(None, help="KV pool size (default 0.25 GB)."),
+    attention: str = typer.Option("auto", help="Engine attention kernel: auto (flex on CUDA), sdpa or flex."),
     hf: bool = typer.Option(True, help="Also time Hugging Face generate on the flat sequences."),
+    sweep: bool = typer.Option(
+        False, help="Run the fixed sweep (16-256 branches, prompts up to 4k, long steps) and print one table."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Parallel vs sequential engine decoding vs HF generate on identical token ids."""
@@ -185,7 +190,17 @@ def bench_engine_cmd(
             tok = bench.word_tokenizer(lm.config.vocab_size)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise typer.BadParameter(str(e)) from None
-    res = bench.bench_engine(lm, tok, requests, plans, step_tokens, blocks, kv_cache_gb=kv_cache_gb, hf_generate=hf)
+    if not cuda:
+        torch.set_num_threads(min(2, torch.get_num_threads()))  # as the benchmarks' figures were taken
+    try:
+        if sweep:
+            rows = bench.bench_sweep(lm, tok, plans, attention=attention, hf_generate=hf)
+            print(json.dumps(rows) if as_json else bench.sweep_table(rows))
+            return
+        res = bench.bench_engine(lm, tok, requests, plans, step_tokens, blocks, prompt_tokens, kv_cache_gb=kv_cache_gb,
+                                 hf_generate=hf, attention=attention)  # fmt: skip
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
     if as_json:
         keys = ("parallel_tps", "sequential_tps", "hf_generate_tps", "ideal_speedup", "speedup",
                 "parity_max_abs_logprob_diff")  # fmt: skip

@@ -290,3 +290,41 @@ def test_flex_kernel_reads_the_pool_like_sdpa(tok, biased):
     assert flex.pool.free_pages == flex.pool.num_pages
     with pytest.raises(ValueError, match="page size"):
         LLM(biased, tok, num_pages=8, page_size=4, attention="flex")
+
+
+def _hidden_syncs(llm: LLM, n: int, tok) -> float:
+    """Device->host synchronisations per step that are not the sampler's one transfer: reads of a
+    tensor's value (item, int, float) and data-dependent shapes (nonzero, boolean indexing)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    aten = torch.ops.aten
+    data_dependent = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default}
+
+    class Count(TorchDispatchMode):
+        hits = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            indices = args[1] if func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default) else []
+            if func in data_dependent or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+                Count.hits += 1
+            return func(*args, **(kwargs or {}))
+
+    for s in range(n):
+        llm.add_request(PROMPTS[s % 4], SamplingParams(max_tokens=60, seed=s, top_p=0.9, top_k=20))
+    steps = 0
+    with Count():
+        while llm.has_work():
+            llm.step()
+            steps += 1
+    return Count.hits / steps
+
+
+@pytest.mark.parametrize("kernel", ["sdpa", "flex"])
+def test_no_hidden_device_syncs_per_step(tok, biased, kernel, monkeypatch):
+    if kernel == "flex":  # the kernel itself is one compiled op on GPUs; here its metadata path is under test
+        from npr.engine import attention
+
+        monkeypatch.setattr(attention, "_FLEX", lambda q, k, v, **kw: torch.zeros_like(q))
+    few = _hidden_syncs(LLM(biased, tok, num_pages=512, page_size=16, attention=kernel), 2, tok)
+    many = _hidden_syncs(LLM(biased, tok, num_pages=512, page_size=16, attention=kernel), 12, tok)
+    assert few == 0 and many == 0, (few, many)

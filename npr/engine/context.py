@@ -65,10 +65,11 @@ class ContextTable:
         at, start, end = pages
         self.pages[dst, at : at + end - start] = self.pages[src, start:end]
 
-    def mark_seen(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+    def mark_seen(self, rows: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor) -> None:
+        """seen[rows, tokens] |= keep (no boolean indexing: that would be a device sync on GPUs)."""
         if self.seen is None:
             self.seen = torch.zeros(self.rows, self.vocab, dtype=torch.bool, device=self.device)
-        self.seen[rows, tokens] = True
+        self.seen[rows, tokens] = self.seen[rows, tokens] | keep
 
 
 def _widen(t: torch.Tensor, cols: int) -> torch.Tensor:

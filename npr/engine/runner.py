@@ -32,7 +32,8 @@ class ModelRunner:
             if ps < 16 or ps & (ps - 1):
                 raise ValueError(f"the flex kernel needs a page size that is a power of two >= 16, got {ps}")
             slots = pool.num_pages * ps
-            self.fill = torch.zeros(pool.num_pages, dtype=torch.int64, device=self.device)  # written slots per page
+            # written slots per page, plus one scratch entry that absorbs writes meant for no page
+            self.fill = torch.zeros(pool.num_pages + 1, dtype=torch.int64, device=self.device)
             self.new_group = torch.full((slots,), -1, dtype=torch.int64, device=self.device)  # group writing a slot
             self.new_pos = torch.zeros(slots, dtype=torch.int64, device=self.device)  # its index in the chunk
         attention.register()
@@ -81,8 +82,7 @@ class ModelRunner:
             for row in b.frees:
                 table.release(row)
             b.sources, b.frees = [], []
-        keep = meta[5].bool()
-        table.mark_seen(meta[3][keep], meta[0][keep])
+        table.mark_seen(meta[3], meta[0], meta[5].bool())
         attention.STATE.pool = self.pool
         if self.kernel == "flex":
             attention.STATE.batch = self._flex_buckets(meta[2], sizes, group_rows)
@@ -142,7 +142,8 @@ class ModelRunner:
 
         dev, ps = self.device, self.pool.page_size
         page, off = slot_mapping // ps, slot_mapping % ps
-        self.fill[page[off == 0]] = 0  # a page written from its first slot is a fresh page
+        fresh = torch.where(off == 0, page, self.pool.num_pages)  # written from its first slot: a fresh page
+        self.fill[fresh] = 0
         self.fill.scatter_reduce_(0, page, off + 1, "amax")
         n_all = torch.tensor(sizes, device=dev)
         group = torch.repeat_interleave(torch.arange(len(sizes), device=dev), n_all)
@@ -169,12 +170,7 @@ class ModelRunner:
             num = num.to(torch.int32)[:, None, None].expand(-1, 1, q_blocks).contiguous()
             pages = pages.to(torch.int32)[:, None, None, :].expand(-1, 1, q_blocks, -1).contiguous()
 
-            def visible(b, h, q, kv, members=idx, sees=sees):
-                page = kv // ps
-                written = sees[b, page] & ((kv % ps) < fill[page])
-                own = new_group[kv] == members[b]
-                return written & (~own | (new_pos[kv] <= q))
-
+            visible = _visibility(ps, fill, new_group, new_pos, idx, sees)
             mask = BlockMask.from_kv_blocks(
                 num, pages, BLOCK_SIZE=(Q_BLOCK, ps), mask_mod=visible, seq_lengths=(n, slots), compute_q_blocks=False
             )
@@ -189,3 +185,17 @@ class ModelRunner:
         if self.table.seen is not None and any(p != 1.0 for p in batch.penalty):
             seen = self.table.seen[torch.tensor(rows, device=self.device)]
         return sample(logits, batch, seen, masks)
+
+
+def _visibility(ps: int, fill, new_group, new_pos, members, sees):
+    """The flex mask_mod: query q of group b sees slot kv when kv's page is in b's context, the
+    slot is written, and, for b's own new tokens, kv is not after q. A closure over tensors (one
+    code object for every step), so the compiled kernel takes them as inputs and never recompiles."""
+
+    def visible(b, h, q, kv):
+        page = kv // ps
+        written = sees[b, page] & ((kv % ps) < fill[page])
+        own = new_group[kv] == members[b]
+        return written & (~own | (new_pos[kv] <= q))
+
+    return visible

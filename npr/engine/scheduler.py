@@ -323,11 +323,14 @@ class Scheduler:
 
 
 def _repeating(run: Run, limit: int) -> bool:
-    toks = run.tokens[run.offset :]
+    """Whether the run ends with a pattern of 1-16 tokens repeated `limit` times (reads only that tail)."""
+    toks = run.tokens[max(run.offset, len(run.tokens) - 16 * limit) :]
     for period in range(1, 17):
         span = period * limit
         if len(toks) < span:
             break
+        if limit > 1 and toks[-1] != toks[-1 - period]:
+            continue  # cheap reject: a repeat of this period ends with the token `period` back
         tail = toks[-span:]
         if tail == tail[:period] * limit:
             return True

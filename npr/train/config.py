@@ -40,6 +40,7 @@ class RolloutConfig:
     enforce_structure: bool = False  # Stage 1: the model must discover the format itself
     repetition_penalty: float = 1.0
     kv_cache_gb: float = 0.5
+    attention: str = "auto"  # engine kernel: auto (FlexAttention over the pool on CUDA, SDPA elsewhere) | sdpa | flex
 
 
 @dataclass

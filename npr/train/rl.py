@@ -166,7 +166,7 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
     policy, rank, world = run.policy, run.rank, run.world
     model, tok = policy.model, policy.tokenizer
     with policy.full_weights():
-        llm = LLM(model, tok, kv_cache_gb=cfg.rollout.kv_cache_gb)
+        llm = LLM(model, tok, kv_cache_gb=cfg.rollout.kv_cache_gb, attention=cfg.rollout.attention)
     problems = load_benchmark(cfg.data.source, cfg.data.size, cfg.data.problem_field, cfg.data.answer_field)
     reward_fn = get_reward(cfg.algo.reward)
     opt, sched = make_optimizer(policy, cfg.optim, cfg.run.steps)
