@@ -115,20 +115,21 @@ class ModelRunner:
             self.table.npages[b.row] = pat
         return ops
 
-    def _buckets(self, slot_mapping, groups, sizes: list[int], lengths: list[int]) -> attention.Batch:
-        """One bucket per distinct chunk length n; contexts are slices of the table rows."""
-        starts = torch.cumsum(groups[2], 0) - groups[2]
-        buckets = []
+    def _by_size(self, sizes: list[int], starts: torch.Tensor):
+        """Buckets: (n, member groups, their index tensor, [G, n] packed index of their queries)."""
         for n in sorted(set(sizes)):
             members = [g for g, size in enumerate(sizes) if size == n]
+            idx = torch.tensor(members, device=self.device)
+            yield n, members, idx, starts[idx][:, None] + torch.arange(n, device=self.device)[None, :]
+
+    def _buckets(self, slot_mapping, groups, sizes: list[int], lengths: list[int]) -> attention.Batch:
+        """One bucket per distinct chunk length n; contexts are slices of the table rows."""
+        buckets = []
+        for n, members, idx, queries in self._by_size(sizes, torch.cumsum(groups[2], 0) - groups[2]):
             width = max(lengths[g] for g in members)
             uniform = all(lengths[g] == width for g in members)
-            idx = torch.tensor(members, device=self.device) if len(members) < len(sizes) else None
-            rows, lens, first = groups[0], groups[1], starts
-            if idx is not None:
-                rows, lens, first = rows[idx], lens[idx], first[idx]
+            rows, lens = groups[0][idx], groups[1][idx]
             context = self.table.slots[rows, :width]
-            queries = first[:, None] + torch.arange(n, device=self.device)[None, :]
             mask = None
             if n > 1 or not uniform:
                 limit = (lens - n)[:, None] + torch.arange(n, device=self.device)[None, :]  # query j sees [0, limit]
@@ -146,19 +147,15 @@ class ModelRunner:
         self.fill[fresh] = 0
         self.fill.scatter_reduce_(0, page, off + 1, "amax")
         n_all = torch.tensor(sizes, device=dev)
+        starts = torch.cumsum(n_all, 0) - n_all
         group = torch.repeat_interleave(torch.arange(len(sizes), device=dev), n_all)
         self.new_group[slot_mapping] = group
-        self.new_pos[slot_mapping] = (
-            torch.arange(len(slot_mapping), device=dev) - (torch.cumsum(n_all, 0) - n_all)[group]
-        )
+        self.new_pos[slot_mapping] = torch.arange(len(slot_mapping), device=dev) - starts[group]
         fill, new_group, new_pos, slots = self.fill, self.new_group, self.new_pos, self.pool.num_pages * ps
-        starts = torch.cumsum(n_all, 0) - n_all
         buckets = []
-        for n in sorted(set(sizes)):
-            members = [g for g, size in enumerate(sizes) if size == n]
+        for n, members, idx, queries in self._by_size(sizes, starts):
             rows = [group_rows[g] for g in members]
             width = max(self.table.npages[r] for r in rows)
-            idx = torch.tensor(members, device=dev)
             q_blocks = -(-n // Q_BLOCK)
             num = torch.tensor([self.table.npages[r] for r in rows], dtype=torch.int64, device=dev)
             pages = self.table.pages[torch.tensor(rows, device=dev), :width]
@@ -174,7 +171,6 @@ class ModelRunner:
             mask = BlockMask.from_kv_blocks(
                 num, pages, BLOCK_SIZE=(Q_BLOCK, ps), mask_mod=visible, seq_lengths=(n, slots), compute_q_blocks=False
             )
-            queries = starts[idx][:, None] + torch.arange(n, device=dev)[None, :]
             buckets.append(attention.Bucket(queries, block_mask=mask))
         return attention.Batch(slot_mapping, buckets)
 

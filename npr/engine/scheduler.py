@@ -19,7 +19,7 @@ from npr.engine.kv_pool import KVPool
 from npr.engine.params import SamplingParams
 from npr.engine.request import Block, Branch, Request, Run
 from npr.engine.structure import TagState
-from npr.tags import GUIDELINE_END, STEP, STEP_END, TAKEAWAY
+from npr.tags import GUIDELINE_END, STEP, STEP_END, TAGS, TAKEAWAY, tag_ids
 from npr.topology import join_position, step_start
 
 MIN_BLOCK = 12  # tokens of the smallest block: one plan, one step, a takeaway
@@ -40,8 +40,6 @@ class Scheduler:
         self.pool, self.table, self.tokenizer = pool, table, tokenizer
         self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
         self.watermark = max(1, int(watermark * pool.num_pages))  # free pages kept for running requests
-        from npr.tags import TAGS, tag_ids
-
         self.tags = tag_ids(tokenizer)
         self.tag_of = {i: t for t, i in self.tags.items() if t in TAGS}
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
@@ -57,7 +55,7 @@ class Scheduler:
         return sum(not b.done for r in self.running for b in r.branches)
 
     def admit(self) -> None:
-        live = self.live()
+        live, spare = self.live(), self._spare_pages()
         while self.waiting and live < self.max_num_seqs and not (self.paused and self.running):
             req = self.waiting[0]
             need = -(-(len(req.prompt) + 1) // self.pool.page_size)
@@ -66,7 +64,7 @@ class Scheduler:
                 self.finish(req, "aborted", f"prompt of {len(req.prompt)} tokens exceeds the KV pool")
                 self.finished[req.id] = req
                 continue
-            if self.running and need + self.watermark > self._spare_pages():
+            if self.running and need + self.watermark > spare:
                 break
             self.waiting.popleft()
             self.paused = False
@@ -79,6 +77,7 @@ class Scheduler:
             req.branches.append(Branch(req, run, [run], TagState(), path=0, row=self.table.alloc()))
             self.running.append(req)
             live += 1
+            spare -= self.pool.pages_needed(run.seg, len(req.prompt))  # its prompt is still to prefill
 
     def _spare_pages(self) -> int:
         """Free pages minus those the prompts still to prefill will take."""
