@@ -17,29 +17,22 @@ import statistics
 from pathlib import Path
 
 from npr.engine import LLM, load
-from npr.evaluate import run_eval
-from npr.pipeline import MODES, ROWS, eval_dir, load_pipeline, quiet_third_party_bars
+from npr.pipeline import ROW_KINDS, ROWS, eval_dir, eval_row, load_pipeline, quiet_third_party_bars
 from npr.train import checkpoint
 from npr.train.config import load_config
 from npr.train.rl import train_rl
 
 
 def evaluate(plan, model_dir: Path, out: Path, row: str) -> dict:
-    mode, enforce, npr_prompt = MODES[row]
-    e = plan.eval
     model, tok = load(model_dir, device="cpu")
-    sampling = {"temperature": e.temperature, "top_p": e.top_p, "max_tokens": e.max_tokens,
-                "max_path_tokens": e.max_path_tokens, "enforce_structure": enforce}  # fmt: skip
-    llm = LLM(model, tok, kv_cache_gb=e.kv_cache_gb)
-    res = run_eval(llm, [e.bench], out, e.n, mode, e.limit or None, sampling, batch=e.batch, parallel_prompt=npr_prompt)
-    return res["benchmarks"][e.bench][mode]
+    return eval_row(plan, LLM(model, tok, kv_cache_gb=plan.eval.kv_cache_gb), out, row)
 
 
 def base_best(demo: Path, bench: str) -> tuple[str, float]:
     """The base model's best sequential row in the demo's evaluation."""
     best = ("", -1.0)
     for row in ROWS["base"]:
-        if MODES[row][0] != "sequential":
+        if ROW_KINDS[row].mode != "sequential":
             continue
         res = json.loads((eval_dir(demo, "base", row) / "results.json").read_text())
         acc = res["benchmarks"][bench]["sequential"]["avg@k"]
@@ -69,7 +62,8 @@ def main() -> None:
             cfg = load_config(root / plan.stage3.config, list(plan.stage3.overrides) + over)
             pointer = run / "checkpoints" / "latest.json"
             if checkpoint.latest(run) is None or json.loads(pointer.read_text())["step"] < cfg.run.steps:
-                train_rl(cfg, resume=checkpoint.latest(run) is not None)
+                found = checkpoint.latest(run) is not None
+                train_rl(cfg, resume=found, overwrite=not found)
             rows.setdefault(name, []).append(evaluate(plan, run, run / "eval", row))
             print(f"{name} seed {seed}: avg@k {rows[name][-1]['avg@k']:.3f}", flush=True)
     e = plan.eval

@@ -351,7 +351,7 @@ def distill(
     print(f"wrote {out}/examples.jsonl, attempts.jsonl, stats.json")
 
 
-def _train(fn, config: Path | None, overrides: list[str], resume: bool, wrote: str) -> None:
+def _train(fn, config: Path | None, overrides: list[str], resume: bool, wrote: str, overwrite: bool = False) -> None:
     """Read the config, run a trainer, report errors without a traceback, print the summary (rank 0)."""
     from npr.train.config import load_config
     from npr.train.loop import TrainingError
@@ -361,7 +361,7 @@ def _train(fn, config: Path | None, overrides: list[str], resume: bool, wrote: s
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     try:
-        summary = fn(cfg, resume=resume)
+        summary = fn(cfg, resume=resume, overwrite=overwrite)
     except (TrainingError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise typer.Exit(1) from None
@@ -379,11 +379,14 @@ def train_rl_cmd(
     overrides: list[str] = typer.Argument(None, help="Config overrides: section.key=value (e.g. optim.lr=1e-6)."),
     config: Path = typer.Option(None, "--config", help="YAML config (e.g. configs/tiny/stage1.yaml)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in run.out."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start afresh in a run.out that holds a run (deletes it)."
+    ),
 ) -> None:
     """Reinforcement learning on engine rollouts (DAPO for Stage 1, PAPO for Stage 3)."""
     from npr.train.rl import train_rl
 
-    _train(train_rl, config, overrides or [], resume, "metrics.jsonl, samples.txt, checkpoints/")
+    _train(train_rl, config, overrides or [], resume, "metrics.jsonl, samples.txt, checkpoints/", overwrite)
 
 
 @train_app.command("sft")
@@ -392,12 +395,15 @@ def train_sft_cmd(
     config: Path = typer.Option(None, "--config", help="YAML config (e.g. configs/tiny/stage2.yaml)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint in run.out."),
     sequential: bool = typer.Option(False, "--sequential", help="Sequential-SFT baseline: causal mask and positions."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Start afresh in a run.out that holds a run (deletes it)."
+    ),
 ) -> None:
     """Supervised fine-tuning on distilled examples with the parallel topology (Stage 2, NPR-Beta)."""
     from npr.train.sft import train_sft
 
     extra = ["sft.sequential=true"] if sequential else []
-    _train(train_sft, config, (overrides or []) + extra, resume, "metrics.jsonl, checkpoints/")
+    _train(train_sft, config, (overrides or []) + extra, resume, "metrics.jsonl, checkpoints/", overwrite)
 
 
 def _run_pipeline(path: Path, overrides: list[str], only: str | None) -> None:

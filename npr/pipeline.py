@@ -132,10 +132,12 @@ def _stage_config(sp: StagePlan, root: Path, forced: list[str]):
     return load_config(path, list(sp.overrides) + forced)
 
 
-def _has_checkpoint(run: Path) -> bool:
+def _continue(run: Path) -> dict:
+    """An unfinished stage resumes from its last checkpoint, or starts afresh when it has none."""
     from npr.train import checkpoint
 
-    return checkpoint.latest(run) is not None
+    found = checkpoint.latest(run) is not None
+    return {"resume": found, "overwrite": not found}
 
 
 def base_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
@@ -171,7 +173,7 @@ def stage1_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     from npr.train.rl import train_rl
 
     cfg = _stage_config(plan.stage1, root, [f"model.path={out / 'base'}", f"run.out={out / 'stage1'}"])
-    train_rl(cfg, resume=_has_checkpoint(out / "stage1"), progress=progress)
+    train_rl(cfg, **_continue(out / "stage1"), progress=progress)
 
 
 def distill_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
@@ -192,14 +194,14 @@ def stage2_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
 
     forced = [f"model.path={out / 'stage1'}", f"data.source={out / 'distill'}", f"run.out={out / 'stage2'}"]
     cfg = _stage_config(plan.stage2, root, forced)
-    train_sft(cfg, resume=_has_checkpoint(out / "stage2"), progress=progress)
+    train_sft(cfg, **_continue(out / "stage2"), progress=progress)
 
 
 def stage3_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     from npr.train.rl import train_rl
 
     cfg = _stage_config(plan.stage3, root, [f"model.path={out / 'stage2'}", f"run.out={out / 'stage3'}"])
-    train_rl(cfg, resume=_has_checkpoint(out / "stage3"), progress=progress)
+    train_rl(cfg, **_continue(out / "stage3"), progress=progress)
 
 
 def sr_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
@@ -213,22 +215,29 @@ def sr_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
         return
     sft = out / "sr" / "sft"
     forced = [f"model.path={out / 'stage1'}", f"data.source={out / 'distill'}", f"run.out={sft}", "sft.sequential=true"]
-    train_sft(_stage_config(plan.stage2, root, forced), resume=_has_checkpoint(sft), progress=progress)
+    train_sft(_stage_config(plan.stage2, root, forced), **_continue(sft), progress=progress)
     forced = [f"model.path={sft}", f"run.out={out / 'sr'}", "rollout.mode=sequential"]
-    train_rl(_stage_config(plan.stage3, root, forced), resume=_has_checkpoint(out / "sr"), progress=progress)
+    train_rl(_stage_config(plan.stage3, root, forced), **_continue(out / "sr"), progress=progress)
 
 
 MODELS = ["base", "stage1", "stage2", "stage3", "sr"]
 
 
-MODES = {  # report row -> (engine mode, structure enforced, NPR instruction in the prompt)
-    "sequential (raw)": ("sequential", False, True),  # the model alone: does it write the format itself?
-    "sequential (plain prompt)": ("sequential", False, False),  # asked step by step: the base's own way
-    "sequential": ("sequential", True, True),  # the schema, decoded one token after another
-    "parallel": ("parallel", True, True),  # the engine: steps of a block decoded as concurrent branches
+@dataclass(frozen=True)
+class Row:
+    mode: str  # engine mode
+    enforce: bool  # structure enforced by the engine
+    npr_prompt: bool  # NPR instruction in the prompt (else the step-by-step one)
+
+
+ROW_KINDS = {
+    "sequential (raw)": Row("sequential", False, True),  # the model alone: does it write the format itself?
+    "sequential (plain prompt)": Row("sequential", False, False),  # asked step by step: the base's own way
+    "sequential": Row("sequential", True, True),  # the schema, decoded one token after another
+    "parallel": Row("parallel", True, True),  # the engine: steps of a block decoded as concurrent branches
 }
 ROWS = {  # which rows each model gets (the speedup compares "sequential" and "parallel" of one model)
-    "base": list(MODES),
+    "base": list(ROW_KINDS),
     "stage1": ["sequential (raw)", "sequential", "parallel"],
     "stage2": ["sequential", "parallel"],
     "stage3": ["sequential", "parallel"],
@@ -240,26 +249,32 @@ def eval_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     """Every stage's model on the held-out problems, same problems and seeds in every mode; the
     speedup compares the two enforced modes (same schema, serial vs concurrent steps)."""
     from npr.engine import LLM, load
-    from npr.evaluate import run_eval
     from npr.progress import bar as progress_bar
 
-    e = plan.eval
     with progress_bar("eval", progress) as bar:
         for name in MODELS:
             if name == "sr" and not plan.sr:  # run_pipeline made the (empty) folder; there is no model
                 continue
             model, tok = load(out / name)
-            llm = LLM(model, tok, kv_cache_gb=e.kv_cache_gb)
+            llm = LLM(model, tok, kv_cache_gb=plan.eval.kv_cache_gb)
             for row in ROWS[name]:
-                mode, enforce, npr_prompt = MODES[row]
                 task = bar.add_task(f"eval {name} {row}", total=None, info="")
-                sampling = {"temperature": e.temperature, "top_p": e.top_p, "max_tokens": e.max_tokens,
-                            "max_path_tokens": e.max_path_tokens, "enforce_structure": enforce}  # fmt: skip
-                run_eval(llm, [e.bench], eval_dir(out, name, row), e.n, mode,
-                         e.limit or None, sampling, batch=e.batch, parallel_prompt=npr_prompt,
+                eval_row(plan, llm, eval_dir(out, name, row), row,
                          progress=lambda done, total, t=task: bar.update(t, completed=done, total=total))  # fmt: skip
                 bar.remove_task(task)
             del llm, model
+
+
+def eval_row(plan: Pipeline, llm, out_dir: Path, row: str, progress=None) -> dict:
+    """One report row: the model behind `llm` with the row's decoding and the plan's eval settings."""
+    from npr.evaluate import run_eval
+
+    e, kind = plan.eval, ROW_KINDS[row]
+    sampling = {"temperature": e.temperature, "top_p": e.top_p, "max_tokens": e.max_tokens,
+                "max_path_tokens": e.max_path_tokens, "enforce_structure": kind.enforce}  # fmt: skip
+    res = run_eval(llm, [e.bench], out_dir, e.n, kind.mode, e.limit or None, sampling, batch=e.batch,
+                   parallel_prompt=kind.npr_prompt, progress=progress)  # fmt: skip
+    return res["benchmarks"][e.bench][kind.mode]
 
 
 def eval_dir(out: Path, name: str, row: str) -> Path:
@@ -274,7 +289,7 @@ def report_stage(plan: Pipeline, root: Path, out: Path, progress) -> dict:
     for name in MODELS:
         modes = {}
         for row in ROWS[name]:
-            mode = MODES[row][0]
+            mode = ROW_KINDS[row].mode
             res = _read_json(eval_dir(out, name, row) / "results.json")
             if res:
                 modes[row] = res["benchmarks"][plan.eval.bench][mode]

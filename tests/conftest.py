@@ -78,14 +78,3 @@ def bias_tags(model, tokenizer, bias: float | dict = 4.0):
             new.bias[ids[t]] = bias[t] if isinstance(bias, dict) else bias
     model.set_output_embeddings(new)
     return model
-
-
-def shipped_data_missing() -> bool:
-    from npr.data import benchmarks_dir
-
-    return not (benchmarks_dir() / "math500.json").exists()
-
-
-needs_shipped_data = pytest.mark.skipif(
-    shipped_data_missing(), reason="benchmark files not found (../shared/data/benchmarks or $NPR_BENCHMARKS)"
-)

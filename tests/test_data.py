@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
-from conftest import needs_shipped_data
 
 from npr.data import BENCHMARKS, DataError, load_benchmark, records
 
 SIZES = {"aime24": 30, "aime25": 30, "amc23": 40, "hmmt25": 30, "math500": 500, "gpqa": 198}
 
 
-@needs_shipped_data
 @pytest.mark.parametrize("name", list(SIZES))
 def test_shipped_benchmarks_load(name):
     rows = load_benchmark(name)
@@ -23,6 +22,29 @@ def test_shipped_benchmarks_load(name):
     if name == "gpqa":
         assert all(r["answer"] in "ABCD" and len(r["options"]) == 4 for r in rows)
     assert load_benchmark(name, limit=3) == rows[:3]
+
+
+def test_benchmarks_ship_inside_the_package(tmp_path, monkeypatch):
+    import gzip
+    import shutil
+
+    import npr
+    from npr.data import benchmarks_dir
+
+    monkeypatch.delenv("NPR_BENCHMARKS", raising=False)
+    shipped = benchmarks_dir()
+    assert shipped.parent == Path(npr.__file__).parent  # not ../shared: users do not have it
+    assert {f for b in BENCHMARKS.values() for f in b.files} <= {p.name for p in shipped.iterdir()}
+    assert "GPQA" in (shipped / "SOURCES.md").read_text()
+    raw = (shipped / "gpqa_diamond.json.gz").read_bytes()
+    assert raw[:2] == b"\x1f\x8b" and b"question" not in raw  # not readable as plain text
+    # NPR_BENCHMARKS overrides the folder, and may hold GPQA uncompressed
+    (tmp_path / "gpqa_diamond.json").write_bytes(gzip.decompress(raw))
+    shutil.copy(shipped / "amc23.json", tmp_path)
+    monkeypatch.setenv("NPR_BENCHMARKS", str(tmp_path))
+    assert len(load_benchmark("gpqa")) == SIZES["gpqa"] and len(load_benchmark("amc23")) == SIZES["amc23"]
+    with pytest.raises(DataError, match="math500.json: no such file .*NPR_BENCHMARKS"):
+        load_benchmark("math500")
 
 
 def test_countdown_and_user_files(tmp_path):
@@ -61,6 +83,7 @@ def test_parquet(tmp_path):
         ('[{"problem": {"a": 1}, "answer": "2"}]', ".json", "expected text, got dict"),
         ("[3]", ".json", "record 0: expected an object"),
         ("a,b", ".csv", "unknown format"),
+        ("[1]", ".json.gz", "not a readable gzip file"),
     ],
 )
 def test_broken_files_name_file_record_and_field(tmp_path, content, suffix, message):

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pytest
-from conftest import needs_shipped_data
 
 from npr.data import benchmarks_dir, load_benchmark
 from npr.grading import choice_correct, extract_answer, math_equal
@@ -19,7 +18,6 @@ from npr.tasks import grade
 MATH500 = benchmarks_dir() / "math500.json"
 
 
-@needs_shipped_data
 def test_math500_reference_answers_are_correct():
     rows = json.loads(MATH500.read_text())
     ok = sum(math_equal(extract_answer(r["solution"]), r["answer"]) for r in rows)
@@ -34,7 +32,6 @@ def _perturb(answer: str, rng: random.Random) -> str | None:
     return answer[:i] + str((int(answer[i]) + rng.randint(1, 8)) % 10) + answer[i + 1 :]
 
 
-@needs_shipped_data
 def test_perturbed_math500_answers_are_incorrect():
     rows = json.loads(MATH500.read_text())
     rng = random.Random(0)
@@ -77,7 +74,6 @@ def test_extraction_fallbacks():
     assert extract_answer("no answer here") is None
 
 
-@needs_shipped_data
 def test_multiple_choice():
     opts = ["d", "a", "b", "c"]
     assert choice_correct("... \\boxed{D}", "D", opts)

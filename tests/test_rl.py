@@ -87,14 +87,26 @@ def test_resume_gives_the_uninterrupted_weights(tiny_dir, tmp_path, monkeypatch)
     monkeypatch.setitem(rewards.REWARDS, "even", even)
     train_rl(_cfg(tiny_dir, tmp_path / "full", 3), progress=False)
     train_rl(_cfg(tiny_dir, tmp_path / "cut", 2), progress=False)
+    # a crash after step 3 was logged but before its checkpoint: the resumed run redoes step 3
+    with (tmp_path / "cut" / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 3, "reward_mean": 9.0}) + "\n")
+    with (tmp_path / "cut" / "samples.txt").open("a") as f:
+        f.write("=== step 3 | lost | reward +9.00\nlost\n\n")
+    with pytest.raises(ValueError, match="already holds a run .*--resume continues it"):
+        train_rl(_cfg(tiny_dir, tmp_path / "cut", 3), progress=False)  # neither resume nor overwrite
     train_rl(_cfg(tiny_dir, tmp_path / "cut", 3), resume=True, progress=False)
+    samples = (tmp_path / "cut" / "samples.txt").read_text()
+    assert "lost" not in samples and samples.count("=== step 3 ") == samples.count("=== step 1 ") > 0
     a = load_file(tmp_path / "full" / "checkpoints" / "step-000003" / "model.safetensors")
     b = load_file(tmp_path / "cut" / "checkpoints" / "step-000003" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     full = (tmp_path / "full" / "metrics.jsonl").read_text().splitlines()
     cut = (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()
     strip = lambda line: {k: v for k, v in json.loads(line).items() if k not in ("tokens_per_s", "step_time")}  # noqa: E731
-    assert [strip(x) for x in full] == [strip(x) for x in cut]
+    assert [strip(x) for x in full] == [strip(x) for x in cut]  # step 3 once, the redone one
+    train_rl(_cfg(tiny_dir, tmp_path / "cut", 1), overwrite=True, progress=False)  # starts afresh
+    assert [json.loads(x)["step"] for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert [p.name for p in (tmp_path / "cut" / "checkpoints").glob("step-*")] == ["step-000001"]
 
 
 def test_non_finite_loss_stops_with_a_clear_error(tiny_dir, tmp_path, monkeypatch):

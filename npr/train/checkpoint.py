@@ -38,6 +38,11 @@ def latest(out: Path) -> Path | None:
     return path if (path / STATE).exists() else None
 
 
+def step_of(path: Path) -> int:
+    """The training step a checkpoint folder (step-N) was written after."""
+    return int(path.name.rsplit("-", 1)[1])
+
+
 def load_state(path: Path) -> dict:
     return torch.load(path / STATE, weights_only=True)
 

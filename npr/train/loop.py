@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
+import shutil
 from pathlib import Path
 
 import torch
 import yaml
 
+from npr.data import read_appended
 from npr.progress import bar as progress_bar
 from npr.train import checkpoint, distributed
 from npr.train.config import Config, OptimConfig
@@ -91,21 +94,59 @@ def optimizer_step(policy: Policy, opt, sched, grad_clip: float) -> float:
     return float(norm)
 
 
+RUN_FILES = ("metrics.jsonl", "samples.txt", "checkpoints", "tensorboard")
+SAMPLE_HEADER = re.compile(r"^=== step (\d+) ", re.M)
+
+
+def prepare_folder(out: Path, resumed_step: int | None, overwrite: bool) -> None:
+    """A fresh run refuses a folder that holds another run (unless `overwrite`: then it is cleared);
+    a resumed run drops what the previous attempt logged after its last checkpoint, so a step
+    redone after a crash is never recorded twice."""
+    out.mkdir(parents=True, exist_ok=True)
+    if resumed_step is None:
+        found = [name for name in RUN_FILES if (out / name).exists()]
+        if found and not overwrite:
+            raise ValueError(
+                f"{out} already holds a run ({', '.join(found)}): --resume continues it, --overwrite starts afresh"
+            )
+        for name in found:
+            shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
+        return
+    metrics = out / "metrics.jsonl"
+    if metrics.exists():
+        kept = [r for r in read_appended(metrics) if r.get("step", 0) <= resumed_step]
+        atomic_write(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+    samples = out / "samples.txt"
+    if samples.exists():
+        text = samples.read_text(encoding="utf-8")
+        cut = next((m.start() for m in SAMPLE_HEADER.finditer(text) if int(m.group(1)) > resumed_step), len(text))
+        atomic_write(samples, text[:cut])
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 class Run:
     """A run folder: resolved config, policy (resumed from the latest checkpoint on request),
     metrics.jsonl (+ TensorBoard), samples.txt, progress bar and atomic checkpoints."""
 
-    def __init__(self, cfg: Config, resume: bool, progress: bool, label: str, add_tags: bool = False):
+    def __init__(
+        self, cfg: Config, resume: bool, progress: bool, label: str, add_tags: bool = False, overwrite: bool = False
+    ):
         self.rank, self.world = distributed.init()
         self.cfg, self.out = cfg, Path(cfg.run.out)
-        self.out.mkdir(parents=True, exist_ok=True)
-        if self.rank == 0:
-            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        torch.manual_seed(cfg.run.seed)
-        random.seed(cfg.run.seed)
         self.ckpt = checkpoint.latest(self.out) if resume else None
         if resume and self.ckpt is None:
             raise ValueError(f"--resume: no checkpoint in {self.out}/checkpoints")
+        if self.rank == 0:
+            prepare_folder(self.out, self.ckpt and checkpoint.step_of(self.ckpt), overwrite)
+            (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        distributed.barrier()
+        torch.manual_seed(cfg.run.seed)
+        random.seed(cfg.run.seed)
         self.policy = load_policy(cfg.model, self.ckpt, add_tags)
         self.progress, self.label = (progress if self.rank == 0 else False), label
         self.writer = None

@@ -161,8 +161,8 @@ def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], ad
     return stats
 
 
-def train_rl(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
-    run = Run(cfg, resume, progress, "RL", add_tags=True)
+def train_rl(cfg: Config, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+    run = Run(cfg, resume, progress, "RL", add_tags=True, overwrite=overwrite)
     policy, rank, world = run.policy, run.rank, run.world
     model, tok = policy.model, policy.tokenizer
     with policy.full_weights():

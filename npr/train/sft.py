@@ -134,9 +134,9 @@ def sft_step(policy, opt, sched, cfg: Config, rows, total: int, tags: dict, pad:
     return loss_sum, norm
 
 
-def train_sft(cfg: Config, resume: bool = False, progress: bool = True) -> dict:
+def train_sft(cfg: Config, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
     s = cfg.sft
-    run = Run(cfg, resume, progress, "SFT", add_tags=True)
+    run = Run(cfg, resume, progress, "SFT", add_tags=True, overwrite=overwrite)
     policy, rank, world = run.policy, run.rank, run.world
     model, tok = policy.model, policy.tokenizer
     attention = s.attention if s.attention != "auto" else ("flex" if torch.cuda.is_available() else "default")
