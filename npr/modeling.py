@@ -60,6 +60,59 @@ def topology_forward(model, input_ids: torch.Tensor, topo: Topology, **kwargs):
     return model(input_ids=input_ids, attention_mask=mask, position_ids=topo.position_ids, **kwargs)
 
 
+HEAD_CHUNK = 1024  # tokens per pass through the output head: [1024, 151936] fp32 logits are 0.6 GB
+
+
+def _head_chunk(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """[n, 2]: log p(target) (differentiable) and the entropy of the distribution (detached)."""
+    logp_all = F.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    with torch.no_grad():
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    return torch.stack([logp, entropy], dim=-1)
+
+
+class TokenStatsHead(torch.nn.Module):
+    """Stands in for the output head during one forward: instead of [B, L, V] logits it returns
+    [B, L, 2] (log-prob of each position's target, entropy), `chunk` tokens at a time. Each chunk is
+    recomputed in the backward pass (activation checkpointing), so no [L, V] tensor is ever held:
+    memory grows with L x hidden, not L x vocabulary (the vocabulary is 151,936 for Qwen3).
+
+    It runs inside the model's own forward, so FSDP gathers and reduces the head's weight (tied to
+    the embeddings or not) exactly as for the ordinary head."""
+
+    def __init__(self, head: torch.nn.Module, targets: torch.Tensor, chunk: int = HEAD_CHUNK):
+        super().__init__()
+        self.head, self.targets, self.chunk = head, targets, chunk
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        from torch.utils.checkpoint import checkpoint
+
+        B, L, H = hidden.shape
+        flat, targets = hidden.reshape(B * L, H), self.targets.reshape(B * L)
+        weight, bias = self.head.weight, getattr(self.head, "bias", None)
+        parts = [
+            checkpoint(
+                _head_chunk, flat[i : i + self.chunk], targets[i : i + self.chunk], weight, bias, use_reentrant=False
+            )  # fmt: skip
+            for i in range(0, B * L, self.chunk)
+        ]
+        return torch.cat(parts).reshape(B, L, 2)
+
+
+def topology_token_stats(model, input_ids: torch.Tensor, topo: Topology, chunk: int = HEAD_CHUNK) -> torch.Tensor:
+    """[B, L-1, 2]: out[:, t, 0] = log p(input_ids[:, t+1] | ...) (with gradient) and out[:, t, 1] the
+    entropy of that next-token distribution, under the topology, never materialising [L, V] logits."""
+    head = model.get_output_embeddings()
+    targets = F.pad(input_ids[:, 1:], (0, 1))  # the last position predicts nothing we score
+    model.set_output_embeddings(TokenStatsHead(head, targets, chunk))
+    try:
+        out = topology_forward(model, input_ids, topo).logits
+    finally:
+        model.set_output_embeddings(head)
+    return out[:, :-1]
+
+
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """Log-probability of each next token: out[:, t] = log p(input_ids[:, t+1] | ...), shape [B, L-1]."""
     logp = F.log_softmax(logits[:, :-1].float(), dim=-1)

@@ -124,3 +124,49 @@ def test_flex_attention_matches_dense(tokenizer, family):
     assert torch.allclose(dense[real], flex[real], atol=ATOL)
     lp = token_logprobs(flex, ids)
     assert lp.shape == (2, ids.shape[1] - 1) and torch.all(lp[real[:, 1:]] <= 0)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_token_stats_through_the_head_in_chunks_equal_full_logits(tokenizer, tie):
+    """Log-probs, entropy and gradients equal the full-logits computation within 1e-5 (fp32), and no
+    [rows, vocabulary] tensor taller than one chunk is ever made, forward or backward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from npr.modeling import topology_token_stats
+
+    model = make_model("qwen3", len(tokenizer), tie=tie)
+    prompt, prefix, steps, tail = trajectory(tokenizer)
+    rows = [(prompt + prefix + sum(steps, []) + tail, len(prompt)), (prompt + prefix[:-1], len(prompt))]
+    ids, topo = collate(rows, tag_ids(tokenizer), pad_id=0)
+    V, H, chunk = model.config.vocab_size, model.config.hidden_size, 7
+    weight = torch.rand(ids.shape[0], ids.shape[1] - 1)
+
+    logits = topology_forward(model, ids, topo).logits
+    logp_all = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    ref = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+    ref_ent = -(logp_all.exp() * logp_all).sum(-1)
+    (ref * weight).sum().backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+
+    class Tallest(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else [out]:
+                # rows of vocabulary-wide values (the head's [V, H] weight and its gradient aside)
+                if isinstance(t, torch.Tensor) and t.dim() and t.shape[-1] == V and t.numel() != V * H:
+                    Tallest.rows = max(Tallest.rows, t.numel() // V)
+            return out
+
+    with Tallest():
+        stats = topology_token_stats(model, ids, topo, chunk=chunk)
+        (stats[..., 0] * weight).sum().backward()
+    assert 0 < Tallest.rows <= chunk < ids.numel()
+    assert stats.shape == (*ids.shape[:1], ids.shape[1] - 1, 2)
+    torch.testing.assert_close(stats[..., 0], ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(stats[..., 1], ref_ent, atol=1e-5, rtol=0)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-5, rtol=1e-4, msg=n)
+    assert model.get_output_embeddings() is model.lm_head and type(model.lm_head).__name__ == "Linear"

@@ -18,7 +18,7 @@ import torch
 from npr import grammar
 from npr.data import load_benchmark
 from npr.engine import LLM, SamplingParams
-from npr.modeling import topology_forward
+from npr.modeling import topology_token_stats
 from npr.rewards import get_reward
 from npr.tasks import grade, prompt_ids
 from npr.topology import collate, executable
@@ -135,9 +135,8 @@ def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], ad
         chunk, adv = part
         ids, topo, mask, old = _sequence_batch(chunk, pad_id, tag_ids)
         ids, mask, old = ids.to(device), mask.to(device), old.to(device)
-        logits = topology_forward(model, ids, topo).logits[:, :-1].float()
-        logp_all = torch.log_softmax(logits, dim=-1)
-        logp = logp_all.gather(-1, ids[:, 1:, None]).squeeze(-1)
+        token_stats = topology_token_stats(model, ids, topo)  # chunked through the head: no [L, V] tensor
+        logp, ent = token_stats[..., 0], token_stats[..., 1]
         adv = adv.to(device)
         share = mask.sum() / max(total_tokens, 1)  # this micro-batch's share of the token-mean
         if a.loss == "dapo":
@@ -149,9 +148,7 @@ def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], ad
             raise ValueError(f"unknown loss {a.loss!r} (dapo or papo)")
         check_loss(loss, opt)
         (loss * share).backward()
-        with torch.no_grad():
-            ent = -(logp_all.exp() * logp_all).sum(-1)
-            stats["entropy"] += float((ent * mask).sum() / max(total_tokens, 1))
+        stats["entropy"] += float((ent * mask).sum() / max(total_tokens, 1))
 
     chunks = [(rolls[i : i + mb], advantages[i : i + mb]) for i in range(0, len(rolls), mb)]
     backward(policy, chunks, run_chunk, pad_id)

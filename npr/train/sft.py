@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from npr import grammar
-from npr.modeling import topology_forward, use_flex_attention
+from npr.modeling import topology_token_stats, use_flex_attention
 from npr.tags import tag_ids
 from npr.tasks import prompt_ids
 from npr.tokens import encode_pieces
@@ -106,8 +106,7 @@ def sft_batch(rows: list[list[Example]], tags: dict, pad_id: int, sequential: bo
 
 def sft_loss(model, ids, topo, mask) -> torch.Tensor:
     """Summed NLL of the masked next tokens (divide by the batch's token count for the mean)."""
-    logits = topology_forward(model, ids, topo).logits[:, :-1].float()
-    nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
+    nll = -topology_token_stats(model, ids, topo)[..., 0]  # chunked through the head: no [L, V] tensor
     return (nll * mask).sum()
 
 
