@@ -28,6 +28,7 @@ class Policy:
     tokenizer: object
     lora: bool = False
     fsdp: bool = False
+    master: list[torch.Tensor] | None = None  # fp32 copies of the trainable weights (bf16/fp16 models)
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -73,7 +74,10 @@ class Policy:
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             return get_optimizer_state_dict(self.model, opt, options=opts)
-        return opt.state_dict()
+        state = opt.state_dict()
+        if self.master is not None:  # an exact resume needs the masters' low bits too
+            state["master"] = [m.detach().cpu().clone() for m in self.master]
+        return state
 
     def load_optimizer_state(self, opt, state: dict) -> None:
         if self.fsdp:
@@ -82,6 +86,12 @@ class Policy:
             opts = StateDictOptions(full_state_dict=True)
             set_optimizer_state_dict(self.model, opt, optim_state_dict=state, options=opts)
         else:
+            state = dict(state)
+            master = state.pop("master", None)
+            if self.master is not None and master is not None:
+                with torch.no_grad():
+                    for m, saved in zip(self.master, master):
+                        m.copy_(saved)
             opt.load_state_dict(state)
 
     def save(self, out: Path, step: int, state: dict) -> None:

@@ -1,0 +1,64 @@
+"""Mixed precision: a bf16 model trains through fp32 master weights, as the fp32 reference does."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from conftest import make_model
+
+from npr.train.config import OptimConfig
+from npr.train.loop import make_optimizer, optimizer_step
+from npr.train.policy import Policy
+
+
+def _steps(model, n: int, lr: float, tokenizer):
+    """`n` AdamW steps of the trainer's own optimiser path on a fixed next-token loss."""
+    policy = Policy(model, tokenizer)
+    opt, sched = make_optimizer(policy, OptimConfig(lr=lr, grad_clip=1e9), n)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    for _ in range(n):
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer_step(policy, opt, sched, grad_clip=1e9)
+    return policy, opt
+
+
+def test_bf16_model_moves_like_the_fp32_reference_at_lr_1e_6(tokenizer):
+    bf16 = make_model("qwen3", len(tokenizer)).to(torch.bfloat16).train()
+    fp32 = copy.deepcopy(bf16).float()  # the same starting values, exactly
+    start = {n: p.detach().float().clone() for n, p in fp32.named_parameters()}
+    lr, n = 1e-6, 3
+    policy, opt = _steps(bf16, n, lr, tokenizer)
+    _steps(fp32, n, lr, tokenizer)
+    names = [name for name, _ in bf16.named_parameters()]
+    moved_master, moved_ref, agree = 0, 0, 0
+    for name, master, ref in zip(names, policy.master, (p for _, p in fp32.named_parameters())):
+        d_master, d_ref = master.detach() - start[name], ref.detach() - start[name]
+        live = d_ref != 0  # unused tokens' embedding rows get no gradient in either
+        moved_ref += int(live.sum())
+        moved_master += int((d_master[live] != 0).sum())
+        # Adam's steps are about lr each: the same direction and size as the reference's
+        agree += int(((d_master - d_ref).abs() <= 0.25 * d_ref.abs())[live].sum())
+    total = sum(p.numel() for p in fp32.parameters())
+    assert moved_ref > 0.5 * total and moved_master > 0.99 * moved_ref
+    assert agree > 0.95 * moved_ref, agree / moved_ref
+    # the model's weights are the masters rounded to bf16, and the masters resume exactly
+    for p, m in zip(bf16.parameters(), policy.master):
+        assert p.dtype == torch.bfloat16 and torch.equal(p, m.to(torch.bfloat16))
+    state = policy.optimizer_state(opt)
+    fresh, fresh_opt = _steps(copy.deepcopy(bf16), 0, lr, tokenizer)
+    fresh.load_optimizer_state(fresh_opt, state)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.master, policy.master))
+
+
+def test_without_masters_bf16_adam_steps_are_lost(tokenizer):
+    """The failure the masters prevent: AdamW on the bf16 tensors themselves moves almost nothing."""
+    model = make_model("qwen3", len(tokenizer)).to(torch.bfloat16).train()
+    start = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, weight_decay=0.0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    moved = sum(int((p.detach() != s).sum()) for p, s in zip(model.parameters(), start))
+    assert moved < 0.2 * sum(p.numel() for p in model.parameters())
