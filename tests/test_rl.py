@@ -207,3 +207,43 @@ def test_lora_checkpoint_holds_merged_weights_and_resumes_exactly(tiny_dir, tmp_
     ids = torch.randint(0, 100, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(policy.model(ids).logits, merged(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_micro_batches_respect_the_sequence_and_token_budgets():
+    from npr.train.config import OptimConfig
+    from npr.train.loop import micro_batches
+
+    lengths = [30, 5000, 40, 35, 20, 900, 25, 31]
+    assert micro_batches(lengths, OptimConfig(micro_batch=3)) == [[0, 1, 2], [3, 4, 5], [6, 7]]  # no budget: in order
+    parts = micro_batches(lengths, OptimConfig(micro_batch=4, micro_batch_tokens=1000))
+    assert sorted(i for p in parts for i in p) == list(range(len(lengths)))
+    assert [1] in parts  # the long one goes alone instead of padding others to 5,000 tokens
+    for p in parts:
+        assert len(p) <= 4 and (len(p) == 1 or len(p) * max(lengths[i] for i in p) <= 1000)
+
+
+def test_mini_batches_recompute_old_logprobs_and_let_the_clip_act(tiny_dir, tmp_path, monkeypatch):
+    """One rollout batch, two optimiser steps: the trainer's old log-probs equal the engine's (parity),
+    and the second update sees a ratio away from 1, so clip-higher acts; with one step it cannot."""
+    from npr.data import load_benchmark
+    from npr.engine import LLM
+    from npr.tags import tag_ids
+    from npr.train.policy import load_policy
+    from npr.train.rl import recompute_old_logprobs, rollouts
+
+    monkeypatch.setitem(rewards.REWARDS, "even", even)
+    cfg = _cfg(tiny_dir, tmp_path / "parity", 1)
+    policy = load_policy(cfg.model)
+    llm = LLM(policy.model, policy.tokenizer, num_pages=256)
+    probs = list(enumerate(load_benchmark(cfg.data.source, 2)))
+    rolls = rollouts(llm, cfg, probs, 0, 0, even)
+    recompute_old_logprobs(policy, cfg, rolls, tag_ids(policy.tokenizer), policy.tokenizer.pad_token_id)
+    for r in rolls:
+        torch.testing.assert_close(r.old, torch.tensor(r.out.logprobs), atol=1e-4, rtol=0)
+
+    clip = {}
+    for mini in (1, 2):
+        out = tmp_path / f"mini{mini}"
+        train_rl(_cfg(tiny_dir, out, 1, **{"algo.loss": "dapo", "algo.mini_batches": mini}), progress=False)
+        clip[mini] = json.loads((out / "metrics.jsonl").read_text())["clip_fraction"]
+    assert clip[1] == 0.0 and clip[2] > 0.0, clip

@@ -18,6 +18,7 @@ class ModelConfig:
     lora_rank: int = 0  # > 0: train LoRA adapters of this rank (peft) instead of all weights
     lora_alpha: int = 32
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    gradient_checkpointing: bool = False  # recompute each layer's activations in the backward (RL and SFT)
 
 
 @dataclass
@@ -55,6 +56,10 @@ class AlgoConfig:
     overlong_buffer: int = 0  # DAPO soft overlong punishment over this many tokens (0: off)
     overlong_factor: float = 1.0
     schema_filter: bool = False  # PAPO: drop rollouts without an executable parallel schema
+    # optimiser steps per rollout batch (DAPO's mini-batches: the kept groups split in this many
+    # parts). With more than one, the old log-probs are recomputed by the trainer before the first
+    # update, so the ratio starts at exactly 1 and clip-higher acts from the second update on.
+    mini_batches: int = 1
 
 
 @dataclass
@@ -66,7 +71,8 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     grad_clip: float = 1.0
-    micro_batch: int = 32  # sequences per forward/backward
+    micro_batch: int = 32  # sequences per forward/backward at most
+    micro_batch_tokens: int = 0  # and at most this many tokens (padded rows x width; 0: no bound)
 
 
 @dataclass
@@ -78,7 +84,6 @@ class SFTConfig:
     max_length: int = 4096
     sequential: bool = False  # the sequential-SFT baseline: causal mask, positions 0..L-1
     attention: str = "auto"  # auto (flex on GPU) | flex | default (the model's own, dense mask)
-    gradient_checkpointing: bool = False
 
 
 @dataclass

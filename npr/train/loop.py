@@ -70,6 +70,24 @@ def make_optimizer(policy: Policy, o: OptimConfig, total_steps: int):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
+def micro_batches(lengths: list[int], o: OptimConfig) -> list[list[int]]:
+    """Indices of the sequences in each forward/backward: at most `o.micro_batch` sequences and, with
+    `o.micro_batch_tokens`, at most that many padded tokens (sequences x the longest). With a token
+    budget the sequences are taken shortest first, so short ones share a forward and one very long
+    rollout goes alone instead of padding 31 others to its length."""
+    budget = o.micro_batch_tokens
+    order = sorted(range(len(lengths)), key=lengths.__getitem__) if budget else range(len(lengths))
+    out, current, width = [], [], 0
+    for i in order:
+        wider = max(width, lengths[i])
+        if current and (len(current) == o.micro_batch or (budget and wider * (len(current) + 1) > budget)):
+            out.append(current)
+            current, wider = [], lengths[i]
+        current.append(i)
+        width = wider
+    return out + [current] if current else out
+
+
 def backward(policy: Policy, chunks: list, run_chunk, pad_id: int) -> None:
     """`run_chunk(chunk)` (forward + backward) for each micro-batch. Under FSDP each forward and
     backward is a collective, so a rank with fewer micro-batches runs zero-loss ones."""
@@ -165,6 +183,9 @@ class Run:
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
         self.policy = load_policy(cfg.model, self.ckpt, add_tags)
+        if cfg.model.gradient_checkpointing:  # active in train mode only: rollouts are unaffected
+            model = self.policy.model
+            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         self.progress, self.label = (progress if self.rank == 0 else False), label
         self.writer = None
         if cfg.run.tensorboard and self.rank == 0:

@@ -24,7 +24,7 @@ from npr.tasks import grade, prompt_ids
 from npr.topology import collate, executable
 from npr.train import distributed
 from npr.train.config import Config
-from npr.train.loop import Run, Stream, backward, check_loss, make_optimizer, optimizer_step
+from npr.train.loop import Run, Stream, backward, check_loss, make_optimizer, micro_batches, optimizer_step
 from npr.train.objectives import batch_advantages, dapo_loss, group_advantages, overlong_penalty, papo_loss
 from npr.train.policy import Policy
 
@@ -38,6 +38,7 @@ class Rollout:
     reward: float
     correct: bool
     valid: bool
+    old: torch.Tensor | None = None  # log-probs of its tokens recomputed by the trainer (else the engine's)
 
     def summary(self, tags: dict) -> dict:
         """What every rank needs to know about this rollout to take the same decisions."""
@@ -117,8 +118,28 @@ def _sequence_batch(rolls: list[Rollout], pad_id: int, tag_ids: dict):
         n, m = len(r.out.prompt_ids), len(r.out.token_ids)
         sampled = torch.tensor([not f for f in r.out.forced], dtype=torch.float32)
         mask[b, n - 1 : n - 1 + m] = sampled
-        old[b, n - 1 : n - 1 + m] = torch.tensor(r.out.logprobs)
+        old[b, n - 1 : n - 1 + m] = r.old if r.old is not None else torch.tensor(r.out.logprobs)
     return ids, topo, mask, old
+
+
+def _length(r: Rollout) -> int:
+    return len(r.out.prompt_ids) + len(r.out.token_ids)
+
+
+def recompute_old_logprobs(policy: Policy, cfg: Config, rolls: list[Rollout], tag_ids: dict, pad_id: int) -> None:
+    """The old policy's log-probs as the trainer computes them (before any update of this batch), so
+    the first mini-batch's ratio is exactly 1 and later ones measure only the updates."""
+    model = policy.model
+    device = next(model.parameters()).device
+    model.eval()
+    with policy.full_weights(), torch.no_grad():  # gathered: ranks may run different counts
+        for part in micro_batches([_length(r) for r in rolls], cfg.optim):
+            chunk = [rolls[i] for i in part]
+            ids, topo, _, _ = _sequence_batch(chunk, pad_id, tag_ids)
+            logp = topology_token_stats(model, ids.to(device), topo)[..., 0].float().cpu()
+            for b, r in enumerate(chunk):
+                n = len(r.out.prompt_ids)
+                r.old = logp[b, n - 1 : n - 1 + len(r.out.token_ids)]
 
 
 def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], advantages, tag_ids: dict,
@@ -129,14 +150,13 @@ def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], ad
     stats = {"clip_fraction": 0.0, "entropy": 0.0}
     model.train()
     opt.zero_grad(set_to_none=True)
-    mb = cfg.optim.micro_batch
 
     def run_chunk(part) -> None:
         chunk, adv = part
         ids, topo, mask, old = _sequence_batch(chunk, pad_id, tag_ids)
         ids, mask, old = ids.to(device), mask.to(device), old.to(device)
         token_stats = topology_token_stats(model, ids, topo)  # chunked through the head: no [L, V] tensor
-        logp, ent = token_stats[..., 0], token_stats[..., 1]
+        logp, ent = token_stats[..., 0], token_stats[..., 1].detach()
         adv = adv.to(device)
         share = mask.sum() / max(total_tokens, 1)  # this micro-batch's share of the token-mean
         if a.loss == "dapo":
@@ -150,7 +170,8 @@ def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], ad
         (loss * share).backward()
         stats["entropy"] += float((ent * mask).sum() / max(total_tokens, 1))
 
-    chunks = [(rolls[i : i + mb], advantages[i : i + mb]) for i in range(0, len(rolls), mb)]
+    parts = micro_batches([_length(r) for r in rolls], cfg.optim)
+    chunks = [([rolls[i] for i in part], advantages[part]) for part in parts]
     backward(policy, chunks, run_chunk, pad_id)
     stats = distributed.sum_floats(stats)
     stats["grad_norm"] = optimizer_step(policy, opt, sched, cfg.optim.grad_clip)
@@ -166,7 +187,9 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True, overwrite
         llm = LLM(model, tok, kv_cache_gb=cfg.rollout.kv_cache_gb, attention=cfg.rollout.attention)
     problems = load_benchmark(cfg.data.source, cfg.data.size, cfg.data.problem_field, cfg.data.answer_field)
     reward_fn = get_reward(cfg.algo.reward)
-    opt, sched = make_optimizer(policy, cfg.optim, cfg.run.steps)
+    if cfg.algo.mini_batches < 1:
+        raise ValueError(f"algo.mini_batches must be >= 1, got {cfg.algo.mini_batches}")
+    opt, sched = make_optimizer(policy, cfg.optim, cfg.run.steps * cfg.algo.mini_batches)
     prompts = Stream(problems, cfg.run.seed)
     start = run.restore(opt, sched, prompts)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -205,9 +228,20 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True, overwrite
                 adv_fn = {"group": group_advantages, "batch": batch_advantages}[cfg.algo.advantage]
                 adv = adv_fn(rewards, groups)
                 local = [i for i, x in enumerate(flat) if (x["group"], x["sample"]) in mine]
-                rolls = [mine[flat[i]["group"], flat[i]["sample"]] for i in local]
-                total = sum(x["sampled"] for x in flat)
-                stats = train_step(policy, opt, sched, cfg, rolls, adv[local], llm.tags, pad, total)
+                mini = cfg.algo.mini_batches
+                if mini > 1:
+                    recompute_old_logprobs(policy, cfg, [mine[flat[i]["group"], flat[i]["sample"]] for i in local],
+                                           llm.tags, pad)  # fmt: skip
+                updates = []
+                for j in range(mini):  # the kept groups in `mini` parts, one optimiser step each
+                    part = set(range(j * len(kept) // mini, (j + 1) * len(kept) // mini))
+                    if not part:
+                        continue
+                    mine_part = [i for i in local if int(groups[i]) in part]
+                    rolls = [mine[flat[i]["group"], flat[i]["sample"]] for i in mine_part]
+                    total = sum(x["sampled"] for i, x in enumerate(flat) if int(groups[i]) in part)
+                    updates.append(train_step(policy, opt, sched, cfg, rolls, adv[mine_part], llm.tags, pad, total))
+                stats = {k: _mean([u[k] for u in updates]) for k in updates[0]}
             tokens = sum(x["total_tokens"] for x in seen)
             m = {
                 "step": step + 1,

@@ -25,7 +25,7 @@ from npr.topology import Layout, collate
 from npr.train import distributed
 from npr.train.config import Config
 from npr.train.distill import EXAMPLES, STATS
-from npr.train.loop import Run, Stream, backward, check_loss, make_optimizer, optimizer_step
+from npr.train.loop import Run, Stream, backward, check_loss, make_optimizer, micro_batches, optimizer_step
 
 Example = tuple[list[int], int]  # (prompt + response ids, prompt length)
 
@@ -112,7 +112,7 @@ def sft_loss(model, ids, topo, mask) -> torch.Tensor:
 
 def sft_step(policy, opt, sched, cfg: Config, rows, total: int, tags: dict, pad: int) -> tuple[float, float]:
     """One optimiser step over this rank's rows; (summed NLL over all ranks, gradient norm)."""
-    model, mb = policy.model, cfg.optim.micro_batch
+    model = policy.model
     device = next(model.parameters()).device
     loss_sum = 0.0
     model.train()
@@ -124,9 +124,10 @@ def sft_step(policy, opt, sched, cfg: Config, rows, total: int, tags: dict, pad:
         loss = sft_loss(model, ids.to(device), topo, mask.to(device))
         check_loss(loss, opt)
         (loss / total).backward()
-        loss_sum += float(loss)
+        loss_sum += float(loss.detach())
 
-    backward(policy, [rows[i : i + mb] for i in range(0, len(rows), mb)], run_chunk, pad)
+    lengths = [sum(len(ids) for ids, _ in row) for row in rows]
+    backward(policy, [[rows[i] for i in part] for part in micro_batches(lengths, cfg.optim)], run_chunk, pad)
     loss_sum = distributed.sum_floats({"loss": loss_sum})["loss"]
     norm = optimizer_step(policy, opt, sched, cfg.optim.grad_clip)
     model.eval()
@@ -141,9 +142,6 @@ def train_sft(cfg: Config, resume: bool = False, progress: bool = True, overwrit
     attention = s.attention if s.attention != "auto" else ("flex" if torch.cuda.is_available() else "default")
     if attention == "flex":
         use_flex_attention(model)  # no L x L mask: a BlockMask built from O(L) labels
-    if s.gradient_checkpointing:
-        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-        enable()
     examples = load_examples(cfg.data.source, tok, cfg.data.size or None)
     total_steps = s.steps or math.ceil(len(examples) * s.epochs / s.batch_size)
     opt, sched = make_optimizer(policy, cfg.optim, total_steps)
