@@ -280,6 +280,7 @@ def eval_cmd(
     enforce: bool = typer.Option(True, help="Mask tag tokens that would break the schema (--no-enforce: raw model)."),
     kv_cache_gb: float = typer.Option(None, help="KV pool size."),
     trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the checkpoint."),
+    overwrite: bool = typer.Option(False, help="Start afresh in an --out that holds another evaluation (deletes it)."),
 ) -> None:
     """Evaluate a model on benchmarks: accuracy, format validity, parallelism, tokens, speed."""
     from rich.progress import Progress
@@ -301,8 +302,13 @@ def eval_cmd(
                 "max_path_tokens": max_path_tokens, "enforce_structure": enforce}  # fmt: skip
     with Progress(transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
-        res = run_eval(llm, benches, out, n, mode, limit, sampling, compare_sequential, (problem_field, answer_field),
-                       progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+        try:
+            res = run_eval(llm, benches, out, n, mode, limit, sampling, compare_sequential,
+                           (problem_field, answer_field), overwrite=overwrite,
+                           progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            raise typer.Exit(1) from None
     print((out / "report.md").read_text())
     print(f"wrote {out}/results.json, samples.jsonl, report.md, accuracy.png, tokens.png")
     del res

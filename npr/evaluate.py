@@ -58,6 +58,69 @@ def sample_record(bench: str, mode: str, problem: dict, j: int, out) -> dict:
     return rec
 
 
+PROVENANCE = "provenance.json"
+OUTPUTS = ("samples.jsonl", "timing.json", "results.json", "report.md", "accuracy.png", "tokens.png", PROVENANCE)
+
+
+def weights_fingerprint(model) -> str:
+    """A cheap identity of the weights in memory: every tensor's name, shape, dtype and first 4 KiB.
+    Two different checkpoints (or training steps) differ in it; hashing whole 8 GB files would not
+    be cheap."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        head = t.detach().reshape(-1)[: 4096 // t.element_size()].cpu().contiguous()
+        h.update(head.view(torch.uint8).numpy().tobytes())  # bytes: works for bf16 too
+    return h.hexdigest()[:16]
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
+                             timeout=5)  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return (out.stdout.strip() or None) if out.returncode == 0 else None
+
+
+def provenance(llm, sampling: dict, parallel_prompt: bool, fields: tuple) -> dict:
+    """What an evaluation's samples depend on: a rerun may add to them only when all of it matches."""
+    import npr
+
+    return {
+        "model": str(getattr(llm.model.config, "_name_or_path", "") or ""),
+        "weights": weights_fingerprint(llm.model),
+        "sampling": {k: sampling[k] for k in sorted(sampling)},
+        "prompt": "npr" if parallel_prompt else "step-by-step",
+        "fields": list(fields),
+        "npr_version": npr.__version__,
+        "git_commit": _git_commit(),
+    }
+
+
+def check_provenance(out_dir: Path, now: dict, overwrite: bool) -> None:
+    """Refuse to mix samples of another model or other settings into `out_dir` (or clear it)."""
+    path = out_dir / PROVENANCE
+    before = json.loads(path.read_text()) if path.exists() else None
+    has_samples = (out_dir / "samples.jsonl").exists()
+    if overwrite:
+        for name in OUTPUTS:
+            (out_dir / name).unlink(missing_ok=True)
+    elif has_samples and before != now:
+        if before is None:
+            diff = "it records no provenance"
+        else:
+            diff = "; ".join(f"{k}: {before.get(k)!r} there, {now[k]!r} now" for k in now if before.get(k) != now[k])
+        raise ValueError(f"{out_dir} holds results of another evaluation ({diff}): use another --out, or --overwrite")
+    path.write_text(json.dumps(now, indent=1))
+
+
 def run_eval(
     llm,
     benches: list[str],
@@ -71,11 +134,17 @@ def run_eval(
     progress: Callable[[int, int], None] | None = None,
     batch: int = CHUNK,
     parallel_prompt: bool = True,
+    overwrite: bool = False,
 ) -> dict:
+    """Evaluate; a rerun into the same `out_dir` resumes only with the same model, sampling settings
+    and prompt (recorded in provenance.json), else it refuses (`overwrite`: start afresh)."""
     from npr.engine import SamplingParams
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    sampling = {"temperature": 1.0, "top_p": 0.7, "max_tokens": 2048} | (sampling or {})
+    prov = provenance(llm, sampling, parallel_prompt, fields)
+    check_provenance(out_dir, prov, overwrite)
     path = out_dir / "samples.jsonl"
     kept = [x for x in read_appended(path) if "error" not in x]  # failed samples are retried
     text = path.read_text(encoding="utf-8") if path.exists() else ""
@@ -85,7 +154,6 @@ def run_eval(
         tmp.replace(path)
     done = {_key(s) for s in kept}
     modes = [mode] + (["sequential"] if compare_sequential and mode != "sequential" else [])
-    sampling = {"temperature": 1.0, "top_p": 0.7, "max_tokens": 2048} | (sampling or {})
     timing_path = out_dir / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
     problems = {b: load_benchmark(b, limit, *fields) for b in benches}
@@ -118,7 +186,7 @@ def run_eval(
                     finished += len(chunk)
                     if progress:
                         progress(finished, todo_total)
-    results = summarize_run(read_appended(path), timing, benches, modes)
+    results = summarize_run(read_appended(path), timing, benches, modes) | {"provenance": prov}
     write_outputs(out_dir, results)
     return results
 

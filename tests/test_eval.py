@@ -79,3 +79,33 @@ def test_eval_end_to_end_and_resume(tmp_path):
     assert r.returncode == 0, r.stderr
     again = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines() if x.endswith("}")]
     assert len({(x["mode"], x["problem_id"], x["sample"]) for x in again}) == 12
+
+
+def test_eval_refuses_to_mix_models_or_settings_in_one_folder(tmp_path):
+    """The issue's case: a second model into the same --out must not 'resume' the first one's results."""
+    from conftest import make_model
+
+    from npr.engine import LLM
+    from npr.evaluate import run_eval
+    from npr.world.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    llms = []
+    for seed in (0, 1):
+        model = make_model("qwen3", len(tok), seed=seed)
+        model.config.eos_token_id = tok.eos_token_id
+        llms.append(LLM(model, tok, num_pages=128))
+    out, sampling = tmp_path / "X", {"max_tokens": 12}
+    first = run_eval(llms[0], ["countdown"], out, 2, "sequential", 2, sampling)
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["weights"] == first["provenance"]["weights"] and prov["sampling"]["max_tokens"] == 12
+    with pytest.raises(ValueError, match="another evaluation .*weights"):
+        run_eval(llms[1], ["countdown"], out, 2, "sequential", 2, sampling)
+    with pytest.raises(ValueError, match="another evaluation .*sampling"):
+        run_eval(llms[0], ["countdown"], out, 2, "sequential", 2, {"max_tokens": 13})
+    before = (out / "samples.jsonl").read_text()
+    assert run_eval(llms[0], ["countdown"], out, 2, "sequential", 2, sampling)["benchmarks"] == first["benchmarks"]
+    assert (out / "samples.jsonl").read_text() == before  # same model and settings: resumed, nothing redone
+    second = run_eval(llms[1], ["countdown"], out, 2, "sequential", 2, sampling, overwrite=True)
+    assert second["provenance"]["weights"] != prov["weights"]
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 4  # afresh, not appended
