@@ -240,3 +240,15 @@ def read_appended(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return out
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Replace `path` with `text` at once: a crash leaves the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def write_records(path: Path, rows: list[dict]) -> None:
+    """Rewrite an appended JSONL file with `rows` (atomically), e.g. to drop records a resume redoes."""
+    atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from npr import grammar, metrics
-from npr.data import load_benchmark, read_appended
+from npr.data import load_benchmark, read_appended, write_records
 from npr.tasks import grade, prompt_ids
 
 CHUNK = 64  # prompts per engine call: progress is saved between chunks
@@ -149,9 +149,7 @@ def run_eval(
     kept = [x for x in read_appended(path) if "error" not in x]  # failed samples are retried
     text = path.read_text(encoding="utf-8") if path.exists() else ""
     if len(kept) != len(text.splitlines()) or (text and not text.endswith("\n")):
-        tmp = path.with_suffix(".tmp")  # drop failed samples and lines cut by a crash
-        tmp.write_text("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in kept), encoding="utf-8")
-        tmp.replace(path)
+        write_records(path, kept)  # drop failed samples and lines cut by a crash
     done = {_key(s) for s in kept}
     modes = [mode] + (["sequential"] if compare_sequential and mode != "sequential" else [])
     timing_path = out_dir / "timing.json"

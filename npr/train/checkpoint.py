@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from npr.data import atomic_write
+
 STATE = "trainer_state.pt"
 
 
@@ -25,8 +27,7 @@ def save(out: Path, step: int, model, tokenizer, state: dict, state_dict: dict |
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     latest = root / "latest.json"
-    latest.with_suffix(".tmp").write_text(json.dumps({"step": step, "path": final.name}))
-    latest.with_suffix(".tmp").replace(latest)
+    atomic_write(latest, json.dumps({"step": step, "path": final.name}))
     return final
 
 

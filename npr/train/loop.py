@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from npr.data import read_appended
+from npr.data import atomic_write, read_appended, write_records
 from npr.progress import bar as progress_bar
 from npr.train import checkpoint, distributed
 from npr.train.config import Config, OptimConfig
@@ -133,35 +133,34 @@ RUN_FILES = ("metrics.jsonl", "samples.txt", "checkpoints", "tensorboard")
 SAMPLE_HEADER = re.compile(r"^=== step (\d+) ", re.M)
 
 
-def prepare_folder(out: Path, resumed_step: int | None, overwrite: bool) -> None:
-    """A fresh run refuses a folder that holds another run (unless `overwrite`: then it is cleared);
-    a resumed run drops what the previous attempt logged after its last checkpoint, so a step
-    redone after a crash is never recorded twice."""
+def check_folder(out: Path, resume: bool, overwrite: bool) -> list[str]:
+    """The run files already in `out`; a fresh run (neither resume nor overwrite) refuses them. Every
+    rank checks, so under torchrun no rank is left waiting for one that stopped."""
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    if found and not (resume or overwrite):
+        raise ValueError(
+            f"{out} already holds a run ({', '.join(found)}): --resume continues it, --overwrite starts afresh"
+        )
+    return found
+
+
+def prepare_folder(out: Path, found: list[str], resumed_step: int | None) -> None:
+    """Rank 0: a fresh run clears the run files `found` (checked by `check_folder`); a resumed run
+    drops what the previous attempt logged after its last checkpoint, so a step redone after a crash
+    is never recorded twice."""
     out.mkdir(parents=True, exist_ok=True)
     if resumed_step is None:
-        found = [name for name in RUN_FILES if (out / name).exists()]
-        if found and not overwrite:
-            raise ValueError(
-                f"{out} already holds a run ({', '.join(found)}): --resume continues it, --overwrite starts afresh"
-            )
         for name in found:
             shutil.rmtree(out / name) if (out / name).is_dir() else (out / name).unlink()
         return
     metrics = out / "metrics.jsonl"
     if metrics.exists():
-        kept = [r for r in read_appended(metrics) if r.get("step", 0) <= resumed_step]
-        atomic_write(metrics, "".join(json.dumps(r) + "\n" for r in kept))
+        write_records(metrics, [r for r in read_appended(metrics) if r.get("step", 0) <= resumed_step])
     samples = out / "samples.txt"
     if samples.exists():
         text = samples.read_text(encoding="utf-8")
         cut = next((m.start() for m in SAMPLE_HEADER.finditer(text) if int(m.group(1)) > resumed_step), len(text))
         atomic_write(samples, text[:cut])
-
-
-def atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 class Run:
@@ -176,8 +175,9 @@ class Run:
         self.ckpt = checkpoint.latest(self.out) if resume else None
         if resume and self.ckpt is None:
             raise ValueError(f"--resume: no checkpoint in {self.out}/checkpoints")
+        found = check_folder(self.out, resume, overwrite)
         if self.rank == 0:
-            prepare_folder(self.out, self.ckpt and checkpoint.step_of(self.ckpt), overwrite)
+            prepare_folder(self.out, found, None if self.ckpt is None else checkpoint.step_of(self.ckpt))
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         distributed.barrier()
         torch.manual_seed(cfg.run.seed)

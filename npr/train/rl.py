@@ -224,22 +224,23 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True, overwrite
                     rewards = rewards + overlong_penalty(
                         lengths, cfg.rollout.max_tokens, cfg.algo.overlong_buffer, cfg.algo.overlong_factor
                     )
-                groups = torch.tensor([i for i, g in enumerate(kept) for _ in g])
+                group_of = [i for i, g in enumerate(kept) for _ in g]  # kept group of each rollout in `flat`
                 adv_fn = {"group": group_advantages, "batch": batch_advantages}[cfg.algo.advantage]
-                adv = adv_fn(rewards, groups)
-                local = [i for i, x in enumerate(flat) if (x["group"], x["sample"]) in mine]
+                adv = adv_fn(rewards, torch.tensor(group_of))
+                local = {
+                    i: mine[x["group"], x["sample"]] for i, x in enumerate(flat) if (x["group"], x["sample"]) in mine
+                }
                 mini = cfg.algo.mini_batches
                 if mini > 1:
-                    recompute_old_logprobs(policy, cfg, [mine[flat[i]["group"], flat[i]["sample"]] for i in local],
-                                           llm.tags, pad)  # fmt: skip
+                    recompute_old_logprobs(policy, cfg, list(local.values()), llm.tags, pad)
                 updates = []
                 for j in range(mini):  # the kept groups in `mini` parts, one optimiser step each
-                    part = set(range(j * len(kept) // mini, (j + 1) * len(kept) // mini))
+                    part = range(j * len(kept) // mini, (j + 1) * len(kept) // mini)
                     if not part:
                         continue
-                    mine_part = [i for i in local if int(groups[i]) in part]
-                    rolls = [mine[flat[i]["group"], flat[i]["sample"]] for i in mine_part]
-                    total = sum(x["sampled"] for i, x in enumerate(flat) if int(groups[i]) in part)
+                    mine_part = [i for i in local if group_of[i] in part]
+                    rolls = [local[i] for i in mine_part]
+                    total = sum(x["sampled"] for i, x in enumerate(flat) if group_of[i] in part)
                     updates.append(train_step(policy, opt, sched, cfg, rolls, adv[mine_part], llm.tags, pad, total))
                 stats = {k: _mean([u[k] for u in updates]) for k in updates[0]}
             tokens = sum(x["total_tokens"] for x in seen)
