@@ -21,6 +21,11 @@ app = typer.Typer(
 )
 
 
+# one sampling default for every command that decodes: the paper's evaluation setting
+TEMPERATURE, TOP_P = 1.0, 0.7
+SAMPLING_HELP = "Sampling (every command's default: temperature 1.0, top-p 0.7, the paper's evaluation setting)."
+
+
 def _read(file: str) -> str:
     if file == "-":
         return sys.stdin.read()
@@ -95,11 +100,14 @@ def generate(
     mode: str = typer.Option("parallel", help="parallel (fork/join branches) or sequential (one stream)."),
     max_tokens: int = typer.Option(1024, help="Token budget over all branches."),
     max_path_tokens: int = typer.Option(None, help="Critical-path budget (default: --max-tokens)."),
-    temperature: float = typer.Option(0.7),
-    top_p: float = typer.Option(0.95),
+    temperature: float = typer.Option(TEMPERATURE, help=SAMPLING_HELP),
+    top_p: float = typer.Option(TOP_P, help=SAMPLING_HELP),
     top_k: int = typer.Option(0),
     seed: int = typer.Option(None, help="Sampling seed (same seed, same output)."),
-    chat: bool = typer.Option(True, help="Wrap the prompt in the tokenizer's chat template when it has one."),
+    task: str = typer.Option(
+        "math", help="Whose instruction to add: math, choice, or countdown (the default world's tiny model)."
+    ),
+    raw: bool = typer.Option(False, "--raw", help="Send the prompt as is: no chat template, no instruction."),
     enforce: bool = typer.Option(True, help="Mask tag tokens that would break the schema."),
     tree: bool = typer.Option(False, "--tree", help="Also print the branch tree."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
@@ -109,6 +117,9 @@ def generate(
     from npr.engine import LLM, SamplingParams, load
 
     try:
+        from npr.tasks import get_task
+
+        get_task(task)
         sp = SamplingParams(
             mode=mode, max_tokens=max_tokens, max_path_tokens=max_path_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, enforce_structure=enforce,
@@ -117,15 +128,17 @@ def generate(
         llm = LLM(lm, tok)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise typer.BadParameter(str(e)) from None
-    if chat:
-        from npr.prompts import chat_ids
+    if not raw:  # as eval does: the task's NPR instruction, then the chat template
+        from npr.tasks import prompt_ids
 
-        prompt = [chat_ids(tok, p) for p in prompt]
-    for out in llm.generate(prompt, sp, progress=len(prompt) > 1):
+        prompt = [prompt_ids(tok, {"problem": p, "grader": task}) for p in prompt]
+    else:
+        prompt = [tok.encode(p) for p in prompt]
+    for ids, out in zip(prompt, llm.generate(prompt, sp, progress=len(prompt) > 1)):
         answer = grammar.last_boxed(out.text)
         if as_json:
             print(json.dumps({"text": out.text, "answer": answer, "finish_reason": out.finish_reason,
-                              "stats": out.stats, "blocks": out.blocks}))  # fmt: skip
+                              "stats": out.stats, "blocks": out.blocks, "prompt_ids": ids}))  # fmt: skip
             continue
         print(out.text)
         print(f"\n-- answer: {answer}  finish: {out.finish_reason}  " + _stats_line(out.stats))
@@ -272,8 +285,8 @@ def eval_cmd(
     limit: int = typer.Option(None, help="Only the first N problems of each benchmark."),
     problem_field: str = typer.Option(None, help="Problem field of NAME=PATH files (default: detected)."),
     answer_field: str = typer.Option(None, help="Answer field of NAME=PATH files (default: detected)."),
-    temperature: float = typer.Option(1.0, help="Paper default 1.0."),
-    top_p: float = typer.Option(0.7, help="Paper default 0.7."),
+    temperature: float = typer.Option(TEMPERATURE, help=SAMPLING_HELP),
+    top_p: float = typer.Option(TOP_P, help=SAMPLING_HELP),
     max_tokens: int = typer.Option(2048, help="Token budget per response (all branches)."),
     max_path_tokens: int = typer.Option(None, help="Critical-path budget per response."),
     compare_sequential: bool = typer.Option(False, help="Also decode sequentially in the same run; report speedup."),
@@ -326,8 +339,8 @@ def distill(
     per_round: int = typer.Option(4, "--per-round", help="Responses sampled per problem at a time."),
     limit: int = typer.Option(None, help="Only the first N problems."),
     max_tokens: int = typer.Option(256, help="Token budget per response."),
-    temperature: float = typer.Option(1.0, help="Sampling temperature (paper: 1.0)."),
-    top_p: float = typer.Option(1.0, help="Nucleus sampling threshold."),
+    temperature: float = typer.Option(TEMPERATURE, help=SAMPLING_HELP),
+    top_p: float = typer.Option(TOP_P, help=SAMPLING_HELP),
     seed: int = typer.Option(0, help="Sampling seed."),
     kv_cache_gb: float = typer.Option(None, help="KV pool size."),
     trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the checkpoint."),
@@ -455,4 +468,7 @@ def pipeline(
 
 
 def main() -> None:
+    from npr.progress import quiet_libraries
+
+    quiet_libraries()  # the commands draw their own progress
     app()

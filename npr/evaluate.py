@@ -235,7 +235,7 @@ def report_markdown(results: dict) -> str:
     for b, per in results["benchmarks"].items():
         if "speedup" in per:
             lines.append(f"- {b}: wall-clock speedup of parallel over sequential decoding: {per['speedup']:.2f}x")
-    lines += ["", "Metric definitions: README.md, section Metrics (DESIGN §6)."]
+    lines += ["", "Metric definitions: docs/design.md §6 (in the NPR repository)."]
     return "\n".join(lines) + "\n"
 
 

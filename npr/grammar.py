@@ -1,4 +1,4 @@
-"""Parse, validate, score and canonicalise Map-Process-Reduce responses (DESIGN §2).
+"""Parse, validate, score and canonicalise Map-Process-Reduce responses (docs/design.md §2).
 
 A response is read as a stream of events (tags and the text between them), from
 characters or from token ids, so the same state machine serves both. Errors never
@@ -368,7 +368,7 @@ def canonical_pieces(resp: Response) -> list[str]:
 
 
 def canonical(resp: Response) -> str:
-    """Serialize with no glue between the tags of a block (DESIGN §2)."""
+    """Serialize with no glue between the tags of a block (docs/design.md §2)."""
     return "".join(canonical_pieces(resp))
 
 

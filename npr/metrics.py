@@ -1,4 +1,4 @@
-"""Evaluation metrics, as defined in DESIGN §6 (and README "Metrics")."""
+"""Evaluation metrics, as defined in docs/design.md §6."""
 
 from __future__ import annotations
 

@@ -22,3 +22,13 @@ def bar(label: str, progress):
     cols = [TextColumn(label), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}")]
     with Progress(*cols, TimeRemainingColumn(), disable=not progress, transient=True) as p:
         yield p
+
+
+def quiet_libraries() -> None:
+    """Silence the bars transformers and huggingface_hub draw on their own ("Loading weights",
+    "Writing model shards", downloads): inside a command's live display they break its lines."""
+    from huggingface_hub.utils import disable_progress_bars
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    disable_progress_bars()

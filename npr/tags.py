@@ -1,4 +1,4 @@
-"""The eight tags of the Map-Process-Reduce schema (DESIGN §2)."""
+"""The eight tags of the Map-Process-Reduce schema (docs/design.md §2)."""
 
 from __future__ import annotations
 

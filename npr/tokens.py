@@ -1,4 +1,4 @@
-"""The tags as special tokens of a Hugging Face tokenizer and model (DESIGN §2)."""
+"""The tags as special tokens of a Hugging Face tokenizer and model (docs/design.md §2)."""
 
 from __future__ import annotations
 

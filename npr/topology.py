@@ -1,4 +1,4 @@
-"""Positions and visibility of parallel trajectories: the paper's Algorithms 1 and 2 (DESIGN §3).
+"""Positions and visibility of parallel trajectories: the paper's Algorithms 1 and 2 (docs/design.md §3).
 
 From token ids alone, every token gets a position id and two labels: the block whose
 steps it belongs to and its branch (step index) there, -1 outside steps. A token sees

@@ -10,6 +10,7 @@ structure). Nothing falls back to sequential decoding silently.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,14 +32,41 @@ DEFAULT_KV_GB = 0.25
 
 
 def resolve_model_dir(path: str | Path) -> Path:
-    """A model folder, or a training run folder (its latest checkpoint)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory not found: {path}")
-    pointer = path / "checkpoints" / "latest.json"
-    if not (path / "config.json").exists() and pointer.exists():
-        return path / "checkpoints" / json.loads(pointer.read_text())["path"]
-    return path
+    """A model folder, a training run folder (its latest checkpoint) or a Hugging Face hub id
+    ("Qwen/Qwen3-0.6B") found in the local Hugging Face cache (downloaded when online)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        folder = _from_hub_cache(str(path))
+    pointer = folder / "checkpoints" / "latest.json"
+    if not (folder / "config.json").exists() and pointer.exists():
+        folder = folder / "checkpoints" / json.loads(pointer.read_text())["path"]
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(f"{path}: no model here (no config.json; expected a model folder or an npr run)")
+    return folder
+
+
+HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+def _from_hub_cache(name: str) -> Path:
+    parts = name.split("/")
+    if len(parts) != 2 or not all(parts) or name.startswith((".", "~")):
+        raise FileNotFoundError(f"model directory not found: {name}")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError):
+        if offline:
+            raise FileNotFoundError(
+                f"{name}: neither a folder nor a model in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
+            ) from None
+    try:
+        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+    except Exception as e:  # no network, unknown repository, gated model: one line, the hub's reason
+        raise FileNotFoundError(f"{name}: neither a folder nor a downloadable hub model ({type(e).__name__})") from None
 
 
 def load(path: str | Path, dtype=None, device=None, trust_remote_code: bool = False):

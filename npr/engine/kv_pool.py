@@ -1,4 +1,4 @@
-"""Paged KV memory shared by all requests: pages, segments and reference counts (DESIGN §4).
+"""Paged KV memory shared by all requests: pages, segments and reference counts (docs/design.md §4).
 
 A segment is a run of tokens of one trajectory (the prompt and main line, or one step)
 whose keys and values live in pool pages. A live branch holds a reference to every

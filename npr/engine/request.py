@@ -111,7 +111,7 @@ class Completion:
     text: str
     logprobs: list[float]  # of each token under the model (0.0 where forced)
     forced: list[bool]  # True where the engine wrote the token (fork/join), not the model
-    positions: list[int]  # position ids of the completion tokens (DESIGN §3)
+    positions: list[int]  # position ids of the completion tokens (docs/design.md §3)
     blocks: list[dict]  # {"plans": k, "branches": [[start, end), ...]} spans in token_ids
     finish_reason: str
     stats: dict

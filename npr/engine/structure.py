@@ -1,4 +1,4 @@
-"""The tag state machine the engine decodes under (DESIGN §4: structure is enforced).
+"""The tag state machine the engine decodes under (docs/design.md §4: structure is enforced).
 
 Each branch carries a `TagState`. With enforcement on, `allowed` names the tags (and
 whether text and end-of-sequence are allowed) so the sampler can mask the rest: a

@@ -151,6 +151,17 @@ def _coerce(value, default, where: str):
         raise ValueError(f"{where}: expected {kind.__name__}, got {value!r}") from None
 
 
+def _parse_yaml(text: str, where: str):
+    """yaml.safe_load with a one-line error naming the file (or override) and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ValueError(f"{where}:{at}: invalid YAML ({problem})") from None
+
+
 def read_yaml(path: str | Path | None, overrides: list[str] = (), top_level: bool = False) -> dict:
     """A YAML mapping (empty without a path) with `section.key=value` (or `key=value` when
     `top_level`) overrides applied; values are read as YAML."""
@@ -159,14 +170,14 @@ def read_yaml(path: str | Path | None, overrides: list[str] = (), top_level: boo
         path = Path(path)
         if not path.is_file():
             raise ValueError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
+        data = _parse_yaml(path.read_text(), str(path)) or {}
         if not isinstance(data, dict):
             raise ValueError(f"{path}: expected a mapping")
     for item in overrides:
         key = item.split("=", 1)[0]
         if "=" not in item or not ("." in key or top_level):
             raise ValueError(f"override {item!r}: expected section.key=value")
-        value = yaml.safe_load(item.split("=", 1)[1])
+        value = _parse_yaml(item.split("=", 1)[1], f"override {item!r}")
         if "." in key:
             section, name = key.split(".", 1)
             data.setdefault(section, {})[name] = value

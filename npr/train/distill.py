@@ -2,7 +2,7 @@
 
 The Stage-1 model answers each problem up to `tries` times (sequential decoding, temperature
 1.0); a response is accepted only when it is correct, well-formed and executable by the
-topology, and is stored in canonical form (DESIGN §2) as text and as token ids. Up to `keep`
+topology, and is stored in canonical form (docs/design.md §2) as text and as token ids. Up to `keep`
 distinct responses are kept per problem. Output folder:
 
     examples.jsonl  one accepted example per line (problem record, prompt/response ids, text)

@@ -1,4 +1,4 @@
-"""Advantages and policy losses of the RL loop (DESIGN §5): plain tensor functions."""
+"""Advantages and policy losses of the RL loop (docs/design.md §5): plain tensor functions."""
 
 from __future__ import annotations
 
