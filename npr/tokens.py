@@ -1,4 +1,8 @@
-"""The tags as special tokens of a Hugging Face tokenizer and model (docs/design.md §2)."""
+"""The tags as added tokens of a Hugging Face tokenizer and model (docs/design.md §2).
+
+Each tag is one id, matched before the tokenizer's own splitting, but not a *special* token: a
+`decode(..., skip_special_tokens=True)` (the default of vLLM and TRL) keeps the schema, as Qwen's
+tokenizers keep `<think>`."""
 
 from __future__ import annotations
 
@@ -10,15 +14,18 @@ from npr.tags import TAGS, tag_ids
 
 
 def _sub_tokens(tokenizer, tag: str) -> list[int]:
-    """The tag's text split into ordinary sub-tokens (even when it is already a special token)."""
+    """The tag's text split into ordinary sub-tokens (even when the tag is a token already)."""
     ids = tokenizer.encode(tag, add_special_tokens=False, split_special_tokens=True)
+    if len(ids) == 1 and ids[0] == tokenizer.convert_tokens_to_ids(tag):  # an added token: split by hand
+        ids = tokenizer.encode(tag[0], add_special_tokens=False) + tokenizer.encode(tag[1:], add_special_tokens=False)
     if not ids:
         raise ValueError(f"tokenizer encodes {tag!r} to no tokens")
     return ids
 
 
 def add_npr_tokens(tokenizer, model=None) -> dict[str, int]:
-    """Add the eight tags as special tokens and give the model rows for them; return tag -> id.
+    """Add the eight tags as single-id (non-special) tokens and give the model rows for them;
+    return tag -> id.
 
     Each new embedding row (input embeddings, and the output head when untied) starts as
     the mean of the rows of the tag's ordinary sub-tokens. Idempotent: tags the tokenizer
@@ -30,7 +37,7 @@ def add_npr_tokens(tokenizer, model=None) -> dict[str, int]:
     new = [t for t in TAGS if t not in vocab]
     sub = {t: _sub_tokens(tokenizer, t) for t in TAGS}
     if new:
-        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in new], special_tokens=True)
+        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in new])
     ids = tag_ids(tokenizer)
     if model is None:
         return ids

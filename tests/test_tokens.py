@@ -43,9 +43,9 @@ def test_rows_already_present_but_unused_are_initialised():
     tok = make_tokenizer()
     model = make_model("qwen3", len(tok) + 16)
     emb0 = model.get_input_embeddings().weight.detach().clone()
+    sub = tok.encode("</step>", add_special_tokens=False)  # ordinary sub-tokens before the tags exist
     ids = add_npr_tokens(tok, model)
     assert model.get_input_embeddings().weight.shape[0] == emb0.shape[0]  # no resize needed
-    sub = tok.encode("</step>", add_special_tokens=False, split_special_tokens=True)
     assert torch.allclose(model.get_input_embeddings().weight[ids["</step>"]], emb0[sub].mean(0))
 
 
@@ -57,6 +57,24 @@ def test_saved_tokenizer_keeps_tags(tmp_path, tokenizer):
     assert tag_ids(again) == tag_ids(tokenizer)
     ids = encode_pieces(again, ["hi", "<plan>", "1: x", "</plan>"])
     assert ids[-1] == tag_ids(again)["</plan>"] and again.decode(ids) == "hi<plan>1: x</plan>"
+
+
+def test_tags_survive_skip_special_tokens(tmp_path):
+    """vLLM and TRL decode with skip_special_tokens=True: the schema must not vanish."""
+    from transformers import AutoTokenizer
+
+    from npr.world.tokenizer import build_tokenizer
+
+    tok = make_tokenizer()
+    add_npr_tokens(tok)
+    tok.save_pretrained(tmp_path)
+    for t in (tok, AutoTokenizer.from_pretrained(tmp_path), build_tokenizer()):
+        ids = tag_ids(t)
+        text = "<guideline><plan>1: a</plan></guideline><step>1: b</step><takeaway>c</takeaway>"
+        enc = t.encode(text, add_special_tokens=False)
+        assert sum(i in ids.values() for i in enc) == 8  # one id per tag
+        out = t.decode(enc, skip_special_tokens=True)
+        assert [tag for tag in TAGS if tag in out] == list(TAGS)
 
 
 def test_missing_tags_error_names_them():

@@ -1,4 +1,4 @@
-"""The default world's tokenizer: whole words and whole numbers, the tags as special tokens.
+"""The default world's tokenizer: whole words and whole numbers, the tags as single tokens.
 
 Built with `tokenizers` (WordLevel) and saved in Hugging Face format with a chat template,
 so downstream code loads it with `AutoTokenizer` like any checkpoint's tokenizer. Text is
@@ -24,7 +24,7 @@ CHAT_TEMPLATE = (
 
 def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from transformers import AddedToken, PreTrainedTokenizerFast
 
     words = list(dict.fromkeys(WORDS + (NPR_INSTRUCTION + " " + SEQ_INSTRUCTION).split()))
     words = [w for w in words if not w.isdigit() and w not in SYMBOLS]
@@ -41,7 +41,9 @@ def build_tokenizer():
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
         unk_token="<unk>",
-        additional_special_tokens=["<|im_start|>", *TAGS],
+        additional_special_tokens=["<|im_start|>"],
     )
+    # single ids that survive decode(skip_special_tokens=True), like the tags of npr.tokens
+    fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
     fast.chat_template = CHAT_TEMPLATE
     return fast
