@@ -17,7 +17,8 @@ import statistics
 from pathlib import Path
 
 from npr.engine import LLM, load
-from npr.pipeline import ROW_KINDS, ROWS, eval_dir, eval_row, load_pipeline, quiet_third_party_bars
+from npr.pipeline import ROW_KINDS, ROWS, eval_dir, eval_row, load_pipeline
+from npr.progress import quiet_libraries
 from npr.train import checkpoint
 from npr.train.config import load_config
 from npr.train.rl import train_rl
@@ -46,7 +47,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="where the seed runs go (default: DEMO/seeds)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     args = ap.parse_args()
-    quiet_third_party_bars()
+    quiet_libraries()
     plan, _ = load_pipeline(args.demo / "pipeline.yaml")
     root = Path(__file__).resolve().parents[1] / "npr" / "configs" / "tiny"
     out = args.out or args.demo / "seeds"

@@ -23,6 +23,10 @@ app = typer.Typer(
 
 # one sampling default for every command that decodes: the paper's evaluation setting
 TEMPERATURE, TOP_P = 1.0, 0.7
+PROMPT_FILE_HELP = (
+    "Ask with this instruction instead of the NPR one (UTF-8 text; {problem} marks where the problem goes)."
+)
+LAYOUT_HELP = "Text forced at forks and joins: canonical, or paper (the layout of the authors' checkpoints)."
 SAMPLING_HELP = "Sampling (every command's default: temperature 1.0, top-p 0.7, the paper's evaluation setting)."
 
 
@@ -108,6 +112,8 @@ def generate(
         "math", help="Whose instruction to add: math, choice, or countdown (the default world's tiny model)."
     ),
     raw: bool = typer.Option(False, "--raw", help="Send the prompt as is: no chat template, no instruction."),
+    prompt_file: Path = typer.Option(None, help=PROMPT_FILE_HELP),
+    layout: str = typer.Option("canonical", help=LAYOUT_HELP),
     enforce: bool = typer.Option(True, help="Mask tag tokens that would break the schema."),
     tree: bool = typer.Option(False, "--tree", help="Also print the branch tree."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object per prompt."),
@@ -117,12 +123,14 @@ def generate(
     from npr.engine import LLM, SamplingParams, load
 
     try:
-        from npr.tasks import get_task
+        from npr.engine.params import layout_texts
+        from npr.tasks import get_task, read_prompt_file
 
         get_task(task)
+        instruction = read_prompt_file(prompt_file) if prompt_file else None
         sp = SamplingParams(
             mode=mode, max_tokens=max_tokens, max_path_tokens=max_path_tokens, temperature=temperature,
-            top_p=top_p, top_k=top_k, seed=seed, enforce_structure=enforce,
+            top_p=top_p, top_k=top_k, seed=seed, enforce_structure=enforce, **layout_texts(layout),
         )  # fmt: skip
         lm, tok = load(model, trust_remote_code=trust_remote_code)
         llm = LLM(lm, tok)
@@ -131,7 +139,7 @@ def generate(
     if not raw:  # as eval does: the task's NPR instruction, then the chat template
         from npr.tasks import prompt_ids
 
-        prompt = [prompt_ids(tok, {"problem": p, "grader": task}) for p in prompt]
+        prompt = [prompt_ids(tok, {"problem": p, "grader": task, "instruction": instruction}) for p in prompt]
     else:
         prompt = [tok.encode(p) for p in prompt]
     for ids, out in zip(prompt, llm.generate(prompt, sp, progress=len(prompt) > 1)):
@@ -294,17 +302,24 @@ def eval_cmd(
     kv_cache_gb: float = typer.Option(None, help="KV pool size."),
     trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the checkpoint."),
     overwrite: bool = typer.Option(False, help="Start afresh in an --out that holds another evaluation (deletes it)."),
+    prompt_file: Path = typer.Option(None, help=PROMPT_FILE_HELP),
+    layout: str = typer.Option("canonical", help=LAYOUT_HELP),
 ) -> None:
     """Evaluate a model on benchmarks: accuracy, format validity, parallelism, tokens, speed."""
     from rich.progress import Progress
 
     from npr.data import DataError, load_benchmark
     from npr.engine import LLM, SamplingParams, load
+    from npr.engine.params import layout_texts
     from npr.evaluate import run_eval
+    from npr.tasks import read_prompt_file
 
     benches = [b.strip() for b in bench.split(",") if b.strip()]
     try:
         SamplingParams(mode=mode, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
+        texts = layout_texts(layout)
+        if prompt_file:
+            read_prompt_file(prompt_file)
         for b in benches:
             load_benchmark(b, 1, problem_field, answer_field)
         lm, tok = load(model, trust_remote_code=trust_remote_code)
@@ -312,12 +327,12 @@ def eval_cmd(
     except (ValueError, DataError, FileNotFoundError, OSError) as e:
         raise typer.BadParameter(str(e)) from None
     sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
-                "max_path_tokens": max_path_tokens, "enforce_structure": enforce}  # fmt: skip
+                "max_path_tokens": max_path_tokens, "enforce_structure": enforce, **texts}  # fmt: skip
     with Progress(transient=True) as bar:
         task = bar.add_task("evaluating", total=None)
         try:
             res = run_eval(llm, benches, out, n, mode, limit, sampling, compare_sequential,
-                           (problem_field, answer_field), overwrite=overwrite,
+                           (problem_field, answer_field), overwrite=overwrite, prompt_file=prompt_file,
                            progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
@@ -344,10 +359,12 @@ def distill(
     seed: int = typer.Option(0, help="Sampling seed."),
     kv_cache_gb: float = typer.Option(None, help="KV pool size."),
     trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the checkpoint."),
+    prompt_file: Path = typer.Option(None, help=PROMPT_FILE_HELP),
 ) -> None:
     """Stage 2 data: rejection-sample the model's own correct, well-formed, executable responses."""
     from npr.data import DataError, load_benchmark
     from npr.engine import LLM, load
+    from npr.tasks import with_instruction
     from npr.train.distill import DistillConfig, run_distill
 
     cfg = DistillConfig(
@@ -360,7 +377,7 @@ def distill(
         seed=seed,
     )
     try:
-        problems = load_benchmark(data, limit)
+        problems = with_instruction(load_benchmark(data, limit), prompt_file)
         lm, tok = load(model, trust_remote_code=trust_remote_code)
         llm = LLM(lm, tok, kv_cache_gb=kv_cache_gb)
     except (ValueError, DataError, FileNotFoundError, OSError) as e:

@@ -7,6 +7,7 @@ error, the run goes on, and a rerun retries it. DIR/results.json, DIR/report.md 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 import zlib
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from npr import grammar, metrics
 from npr.data import load_benchmark, read_appended, write_records
-from npr.tasks import grade, prompt_ids
+from npr.tasks import grade, prompt_ids, read_prompt_file, with_instruction
 
 CHUNK = 64  # prompts per engine call: progress is saved between chunks
 
@@ -89,7 +90,7 @@ def _git_commit() -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
-def provenance(llm, sampling: dict, parallel_prompt: bool, fields: tuple) -> dict:
+def provenance(llm, sampling: dict, parallel_prompt: bool, fields: tuple, instruction: str | None = None) -> dict:
     """What an evaluation's samples depend on: a rerun may add to them only when all of it matches."""
     import npr
 
@@ -97,7 +98,13 @@ def provenance(llm, sampling: dict, parallel_prompt: bool, fields: tuple) -> dic
         "model": str(getattr(llm.model.config, "_name_or_path", "") or ""),
         "weights": weights_fingerprint(llm.model),
         "sampling": {k: sampling[k] for k in sorted(sampling)},
-        "prompt": "npr" if parallel_prompt else "step-by-step",
+        "prompt": (
+            "file:" + hashlib.sha256(instruction.encode()).hexdigest()[:16]
+            if instruction and parallel_prompt
+            else "npr"
+            if parallel_prompt
+            else "step-by-step"
+        ),  # fmt: skip
         "fields": list(fields),
         "npr_version": npr.__version__,
         "git_commit": _git_commit(),
@@ -135,6 +142,7 @@ def run_eval(
     batch: int = CHUNK,
     parallel_prompt: bool = True,
     overwrite: bool = False,
+    prompt_file: str | Path | None = None,
 ) -> dict:
     """Evaluate; a rerun into the same `out_dir` resumes only with the same model, sampling settings
     and prompt (recorded in provenance.json), else it refuses (`overwrite`: start afresh)."""
@@ -143,7 +151,8 @@ def run_eval(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sampling = {"temperature": 1.0, "top_p": 0.7, "max_tokens": 2048} | (sampling or {})
-    prov = provenance(llm, sampling, parallel_prompt, fields)
+    instruction = read_prompt_file(prompt_file) if prompt_file else None
+    prov = provenance(llm, sampling, parallel_prompt, fields, instruction)
     check_provenance(out_dir, prov, overwrite)
     path = out_dir / "samples.jsonl"
     kept = [x for x in read_appended(path) if "error" not in x]  # failed samples are retried
@@ -154,7 +163,7 @@ def run_eval(
     modes = [mode] + (["sequential"] if compare_sequential and mode != "sequential" else [])
     timing_path = out_dir / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
-    problems = {b: load_benchmark(b, limit, *fields) for b in benches}
+    problems = {b: with_instruction(load_benchmark(b, limit, *fields), prompt_file) for b in benches}
     todo_total = sum(len(ps) * n for ps in problems.values()) * len(modes)
     finished = len(done)
     with path.open("a", encoding="utf-8") as f:

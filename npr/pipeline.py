@@ -19,6 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from npr.engine.params import layout_texts
+from npr.progress import quiet_libraries
+from npr.tasks import read_prompt_file
 from npr.train.config import build, load_config, read_yaml
 
 DONE = ".stage-done"  # marks a finished stage folder
@@ -67,13 +70,20 @@ class Pipeline:
     stage3: StagePlan = field(default_factory=StagePlan)
     sr: bool = True  # train the sequential-RL baseline (Stage-2 and Stage-3 budgets, sequential topology)
     eval: EvalPlan = field(default_factory=EvalPlan)
+    prompt_file: str | None = None  # an instruction of your own for every stage (relative to this file)
+    layout: str = "canonical"  # text forced at forks and joins: canonical | paper
 
 
 def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Pipeline, Path]:
     """Read a pipeline YAML (`key=value` or `section.key=value` overrides); returns it and its folder."""
     if not Path(path).is_file():
         raise ValueError(f"pipeline file not found: {path}")
-    return build(Pipeline, read_yaml(path, overrides, top_level=True), str(path)), Path(path).parent
+    plan = build(Pipeline, read_yaml(path, overrides, top_level=True), str(path))
+    if plan.prompt_file:  # relative to the pipeline file, like the stage configs
+        plan.prompt_file = str(Path(path).parent / plan.prompt_file)
+        read_prompt_file(plan.prompt_file)
+    layout_texts(plan.layout)
+    return plan, Path(path).parent
 
 
 STAGES = ["base", "stage1", "distill", "stage2", "stage3", "sr", "eval", "report"]
@@ -91,7 +101,7 @@ def run_pipeline(plan: Pipeline, root: Path, progress: bool = True, only: str | 
     if world > 1 and only not in ("stage1", "stage2", "stage3", "sr"):
         raise ValueError("under torchrun run one training stage at a time: --only stage1|stage2|stage3|sr")
     progress = progress and rank == 0
-    quiet_third_party_bars()
+    quiet_libraries()  # one progress display
     out = Path(plan.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(plan), sort_keys=False))
@@ -120,16 +130,10 @@ def run_pipeline(plan: Pipeline, root: Path, progress: bool = True, only: str | 
     return result
 
 
-def quiet_third_party_bars() -> None:
-    """One progress display: transformers' loading/saving bars would cut through ours."""
-    from transformers.utils import logging
-
-    logging.disable_progress_bar()
-
-
-def _stage_config(sp: StagePlan, root: Path, forced: list[str]):
+def _stage_config(plan: Pipeline, sp: StagePlan, root: Path, forced: list[str]):
     path = (root / sp.config) if sp.config else None
-    return load_config(path, list(sp.overrides) + forced)
+    shared = [f"rollout.layout={plan.layout}"] + ([f"data.prompt_file={plan.prompt_file}"] if plan.prompt_file else [])
+    return load_config(path, list(sp.overrides) + shared + forced)
 
 
 def _continue(run: Path) -> dict:
@@ -172,13 +176,14 @@ def prepare_base(source: str, dest: Path, dtype: str = "auto") -> None:
 def stage1_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     from npr.train.rl import train_rl
 
-    cfg = _stage_config(plan.stage1, root, [f"model.path={out / 'base'}", f"run.out={out / 'stage1'}"])
+    cfg = _stage_config(plan, plan.stage1, root, [f"model.path={out / 'base'}", f"run.out={out / 'stage1'}"])
     train_rl(cfg, **_continue(out / "stage1"), progress=progress)
 
 
 def distill_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     from npr.data import load_benchmark
     from npr.engine import LLM, load
+    from npr.tasks import with_instruction
     from npr.train.distill import DistillConfig, run_distill
 
     d = plan.distill
@@ -186,21 +191,22 @@ def distill_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     cfg = DistillConfig(tries=d.tries, keep=d.keep, per_round=d.per_round, max_tokens=d.max_tokens,
                         temperature=d.temperature, top_p=d.top_p, seed=d.seed)  # fmt: skip
     llm = LLM(model, tok, kv_cache_gb=plan.eval.kv_cache_gb)
-    run_distill(llm, load_benchmark(d.data, d.limit or None), out / "distill", cfg, progress=progress)
+    problems = with_instruction(load_benchmark(d.data, d.limit or None), plan.prompt_file)
+    run_distill(llm, problems, out / "distill", cfg, progress=progress)
 
 
 def stage2_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     from npr.train.sft import train_sft
 
     forced = [f"model.path={out / 'stage1'}", f"data.source={out / 'distill'}", f"run.out={out / 'stage2'}"]
-    cfg = _stage_config(plan.stage2, root, forced)
+    cfg = _stage_config(plan, plan.stage2, root, forced)
     train_sft(cfg, **_continue(out / "stage2"), progress=progress)
 
 
 def stage3_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     from npr.train.rl import train_rl
 
-    cfg = _stage_config(plan.stage3, root, [f"model.path={out / 'stage2'}", f"run.out={out / 'stage3'}"])
+    cfg = _stage_config(plan, plan.stage3, root, [f"model.path={out / 'stage2'}", f"run.out={out / 'stage3'}"])
     train_rl(cfg, **_continue(out / "stage3"), progress=progress)
 
 
@@ -215,9 +221,9 @@ def sr_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
         return
     sft = out / "sr" / "sft"
     forced = [f"model.path={out / 'stage1'}", f"data.source={out / 'distill'}", f"run.out={sft}", "sft.sequential=true"]
-    train_sft(_stage_config(plan.stage2, root, forced), **_continue(sft), progress=progress)
+    train_sft(_stage_config(plan, plan.stage2, root, forced), **_continue(sft), progress=progress)
     forced = [f"model.path={sft}", f"run.out={out / 'sr'}", "rollout.mode=sequential"]
-    train_rl(_stage_config(plan.stage3, root, forced), **_continue(out / "sr"), progress=progress)
+    train_rl(_stage_config(plan, plan.stage3, root, forced), **_continue(out / "sr"), progress=progress)
 
 
 MODELS = ["base", "stage1", "stage2", "stage3", "sr"]
@@ -271,9 +277,10 @@ def eval_row(plan: Pipeline, llm, out_dir: Path, row: str, progress=None) -> dic
 
     e, kind = plan.eval, ROW_KINDS[row]
     sampling = {"temperature": e.temperature, "top_p": e.top_p, "max_tokens": e.max_tokens,
-                "max_path_tokens": e.max_path_tokens, "enforce_structure": kind.enforce}  # fmt: skip
+                "max_path_tokens": e.max_path_tokens, "enforce_structure": kind.enforce,
+                **layout_texts(plan.layout)}  # fmt: skip
     res = run_eval(llm, [e.bench], out_dir, e.n, kind.mode, e.limit or None, sampling, batch=e.batch,
-                   parallel_prompt=kind.npr_prompt, progress=progress)  # fmt: skip
+                   parallel_prompt=kind.npr_prompt, progress=progress, prompt_file=plan.prompt_file)  # fmt: skip
     return res["benchmarks"][e.bench][kind.mode]
 
 

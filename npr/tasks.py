@@ -57,8 +57,40 @@ def get_task(name: str) -> Task:
 
 
 def user_message(problem: dict, parallel: bool = True) -> str:
-    """The user turn for a problem record."""
+    """The user turn for a problem record. A record carrying an "instruction" (from a prompt file:
+    `with_instruction`) is asked with it instead of the task's own NPR instruction."""
+    template = problem.get("instruction")
+    if parallel and template:
+        return (
+            template.replace("{problem}", problem["problem"])
+            if "{problem}" in template
+            else (f"{template}\n\n{problem['problem']}")
+        )
     return get_task(problem.get("grader", "math")).prompt(problem, parallel)
+
+
+def read_prompt_file(path) -> str:
+    """The instruction in a prompt file: UTF-8 text, "{problem}" where the problem goes (else after it)."""
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"prompt file not found: {path}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: prompt file is not UTF-8 text") from None
+    if not text.strip():
+        raise ValueError(f"{path}: prompt file is empty")
+    return text
+
+
+def with_instruction(problems: list[dict], prompt_file) -> list[dict]:
+    """The records asked with the prompt file's instruction (unchanged without a file)."""
+    if not prompt_file:
+        return problems
+    text = read_prompt_file(prompt_file)
+    return [dict(p, instruction=text) for p in problems]
 
 
 def prompt_ids(tokenizer, problem: dict, parallel: bool = True) -> list[int]:

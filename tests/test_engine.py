@@ -83,6 +83,36 @@ def test_parallel_logprobs_equal_trainer_logprobs(tok, biased):
     assert llm.pool.free_pages == llm.pool.num_pages
 
 
+def test_paper_layout_forces_its_text_and_keeps_parity(tok, biased):
+    """Checkpoints trained on the authors' layout (a newline after the tags) decode in parallel too."""
+    from npr.engine.params import layout_texts
+
+    llm = LLM(biased, tok, num_pages=512, page_size=4)
+    outs = llm.generate(PROMPTS * 2, SamplingParams(max_tokens=200, seed=5, **layout_texts("paper")))
+    assert sum(o.stats["parallel_blocks"] for o in outs) >= 4
+    check_parity(biased, tok, outs)
+    tags = add_npr_tokens(tok)
+    newline = tok.encode("\n", add_special_tokens=False)
+    joins = 0
+    for o in outs:
+        for b in o.blocks:
+            for i, (s, e) in enumerate(b["branches"]):
+                assert o.token_ids[s] == tags["<step>"] and tok.decode(o.token_ids[s + 1 : e]).startswith(f"\n{i + 1}:")
+        for i, t in enumerate(o.token_ids):
+            if t == tags["<takeaway>"]:
+                joins += 1
+                assert o.forced[i] and o.token_ids[i + 1 : i + 1 + len(newline)] == newline
+                assert all(o.forced[i + 1 : i + 1 + len(newline)])
+        parsed = grammar.parse(o.text)
+        assert all(p.label == j + 1 for blk in parsed.blocks for j, p in enumerate(blk.steps))
+    assert joins >= 1
+    with pytest.raises(ValueError, match="placeholder"):
+        SamplingParams(fork_text="step:")
+    with pytest.raises(ValueError, match="unknown layout"):
+        layout_texts("mine")
+    assert llm.pool.free_pages == llm.pool.num_pages
+
+
 def test_branches_run_concurrently(tok, biased):
     """Sibling steps advance in the same forward passes: the critical path is shorter than the total."""
     llm = LLM(biased, tok, num_pages=512, page_size=4)

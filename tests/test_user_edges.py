@@ -95,3 +95,44 @@ def test_no_third_party_progress_bars(tiny_dir, tmp_path, capfd):
     AutoModelForCausalLM.from_pretrained(tiny_dir).save_pretrained(tmp_path / "copy")
     err = capfd.readouterr().err
     assert "Loading weights" not in err and "Writing model shards" not in err
+
+
+def test_prompt_file_replaces_the_instruction(tiny_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    from npr.tasks import user_message, with_instruction
+
+    rec = {"problem": "what is 2 + 3?", "grader": "math"}
+    assert user_message(dict(rec, instruction="Think in branches.\n{problem}\nGo.")) == (
+        "Think in branches.\nwhat is 2 + 3?\nGo."
+    )
+    assert user_message(dict(rec, instruction="Think in branches.")) == "Think in branches.\n\nwhat is 2 + 3?"
+    assert user_message(dict(rec, instruction="Think."), parallel=False) == user_message(rec, parallel=False)
+    with pytest.raises(ValueError, match="prompt file not found"):
+        with_instruction([rec], tmp_path / "absent.txt")
+    (tmp_path / "empty.txt").write_text("  \n")
+    with pytest.raises(ValueError, match="empty"):
+        with_instruction([rec], tmp_path / "empty.txt")
+
+    (tmp_path / "paper.txt").write_text("You reason in parallel, as trained.\n\n{problem}")
+    args = ["generate", "--model", str(tiny_dir), "--prompt", "what is 2 + 3?", "--max-tokens", "4", "--json"]
+    out = json.loads(npr(*args, "--prompt-file", str(tmp_path / "paper.txt"), "--layout", "paper").stdout)
+    text = AutoTokenizer.from_pretrained(tiny_dir).decode(out["prompt_ids"])
+    assert "You reason in parallel, as trained." in text and "in parallel. Use this structure" not in text
+    bad = npr(*args, "--layout", "mine")
+    assert bad.returncode == 2 and "unknown layout" in bad.stderr
+
+
+def test_pipeline_prompt_file_and_layout_reach_every_stage(tmp_path):
+    from npr.pipeline import _stage_config, load_pipeline
+
+    (tmp_path / "paper.txt").write_text("Reason in parallel: {problem}")
+    (tmp_path / "rl.yaml").write_text("rollout:\n  mode: parallel\n")
+    (tmp_path / "p.yaml").write_text("base: world\nprompt_file: paper.txt\nlayout: paper\nstage3:\n  config: rl.yaml\n")
+    plan, root = load_pipeline(tmp_path / "p.yaml")
+    assert plan.prompt_file == str(tmp_path / "paper.txt")
+    cfg = _stage_config(plan, plan.stage3, root, [])
+    assert cfg.data.prompt_file == str(tmp_path / "paper.txt") and cfg.rollout.layout == "paper"
+    (tmp_path / "bad.yaml").write_text("base: world\nlayout: mine\n")
+    with pytest.raises(ValueError, match="unknown layout"):
+        load_pipeline(tmp_path / "bad.yaml")

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# Text the engine forces after `<step>` at a fork ({i}: the step's label) and after `<takeaway>` at
+# a join. "canonical" is this project's layout; "paper" the layout of the authors' checkpoints.
+LAYOUTS = {"canonical": ("{i}:", ""), "paper": ("\n{i}:", "\n")}
 FINISH_REASONS = ("stop", "length", "path_length", "invalid_schema", "repetition", "aborted")
 MODES = ("parallel", "sequential")
 
@@ -30,6 +33,8 @@ class SamplingParams:
     enforce_structure: bool = True  # mask tag tokens that would break the schema
     max_plans: int = 8
     repetition_limit: int = 8  # finish with "repetition" after this many repeats of a short pattern
+    fork_text: str = LAYOUTS["canonical"][0]  # forced after <step>; must hold {i}
+    join_text: str = LAYOUTS["canonical"][1]  # forced after <takeaway>
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -44,7 +49,17 @@ class SamplingParams:
             raise ValueError("max_path_tokens must be >= 1")
         if self.repetition_penalty <= 0:
             raise ValueError("repetition_penalty must be > 0")
+        if "{i}" not in self.fork_text:
+            raise ValueError(f"fork_text must hold the label placeholder {{i}}, got {self.fork_text!r}")
 
     @property
     def path_budget(self) -> int:
         return self.max_tokens if self.max_path_tokens is None else self.max_path_tokens
+
+
+def layout_texts(name: str) -> dict[str, str]:
+    """SamplingParams fields (fork_text, join_text) of a named layout."""
+    if name not in LAYOUTS:
+        raise ValueError(f"unknown layout {name!r}; choose from {', '.join(LAYOUTS)}")
+    fork, join = LAYOUTS[name]
+    return {"fork_text": fork, "join_text": join}

@@ -43,7 +43,7 @@ class Scheduler:
         self.tags = tag_ids(tokenizer)
         self.tag_of = {i: t for t, i in self.tags.items() if t in TAGS}
         self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-        self._labels: dict[int, list[int]] = {}
+        self._texts: dict[str, list[int]] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.finished: dict[int, Request] = {}
@@ -206,15 +206,16 @@ class Scheduler:
         b.path += 1
         b.req.max_path = max(b.req.max_path, b.path)
 
-    def _label(self, i: int) -> list[int]:
-        if i not in self._labels:
-            self._labels[i] = self.tokenizer.encode(f"{i}:", add_special_tokens=False)
-        return self._labels[i]
+    def _text(self, text: str) -> list[int]:
+        """Token ids of forced text (cached: the same few labels recur in every block)."""
+        if text not in self._texts:
+            self._texts[text] = self.tokenizer.encode(text, add_special_tokens=False) if text else []
+        return self._texts[text]
 
     def _fork(self, b: Branch) -> None:
         req, p = b.req, b.req.params
         k = b.state.plans
-        forced = [[self.tags[STEP], *self._label(i + 1)] for i in range(k)]
+        forced = [[self.tags[STEP], *self._text(p.fork_text.replace("{i}", str(i + 1)))] for i in range(k)]
         if k > p.max_plans:
             req.refused["too_many_plans"] += 1
             return self.finish(req, "invalid_schema", f"{k} plans exceed max_plans={p.max_plans}")
@@ -258,9 +259,10 @@ class Scheduler:
         if block.ended < block.plans:
             return
         path = max(block.paths)
-        if req.total + 1 > req.params.max_tokens:
+        join = [self.tags[TAKEAWAY], *self._text(req.params.join_text)]
+        if req.total + len(join) > req.params.max_tokens:
             return self.finish(req, "length")
-        if path + 1 > req.params.path_budget:
+        if path + len(join) > req.params.path_budget:
             return self.finish(req, "path_length")
         run = Run(len(req.runs), (block.index, -1))
         req.runs.append(run)
@@ -276,9 +278,9 @@ class Scheduler:
         joined.length, joined.frees, block.rows = at, block.rows, []
         self.pool.acquire([r.seg for r in joined.context])
         self._unhold(block)
-        self._write(
-            joined, self.tags[TAKEAWAY], forced=True, position=join_position([r.positions[-1] for r in block.steps])
-        )
+        at = join_position([r.positions[-1] for r in block.steps])
+        for j, t in enumerate(join):
+            self._write(joined, t, forced=True, position=at + j)
         req.branches.append(joined)
 
     def _hit_stop(self, run: Run, stops: list[str]) -> bool:

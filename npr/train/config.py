@@ -27,6 +27,7 @@ class DataConfig:
     size: int = 4000  # problems drawn from the source (countdown) or first N of a file
     problem_field: str | None = None
     answer_field: str | None = None
+    prompt_file: str | None = None  # an instruction of your own ("{problem}" marks the problem)
 
 
 @dataclass
@@ -42,6 +43,7 @@ class RolloutConfig:
     repetition_penalty: float = 1.0
     kv_cache_gb: float = 0.5
     attention: str = "auto"  # engine kernel: auto (FlexAttention over the pool on CUDA, SDPA elsewhere) | sdpa | flex
+    layout: str = "canonical"  # text forced at forks and joins: canonical | paper (the authors' checkpoints)
 
 
 @dataclass

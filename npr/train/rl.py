@@ -18,9 +18,10 @@ import torch
 from npr import grammar
 from npr.data import load_benchmark
 from npr.engine import LLM, SamplingParams
+from npr.engine.params import layout_texts
 from npr.modeling import topology_token_stats
 from npr.rewards import get_reward
-from npr.tasks import grade, prompt_ids
+from npr.tasks import grade, prompt_ids, with_instruction
 from npr.topology import collate, executable
 from npr.train import distributed
 from npr.train.config import Config
@@ -78,6 +79,7 @@ def rollouts(llm: LLM, cfg: Config, problems: list[tuple[int, dict]], step: int,
                     enforce_structure=r.enforce_structure,
                     repetition_penalty=r.repetition_penalty,
                     seed=seed,
+                    **layout_texts(r.layout),
                 )  # fmt: skip
             )
             meta.append((p, g, j))
@@ -186,6 +188,8 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True, overwrite
     with policy.full_weights():
         llm = LLM(model, tok, kv_cache_gb=cfg.rollout.kv_cache_gb, attention=cfg.rollout.attention)
     problems = load_benchmark(cfg.data.source, cfg.data.size, cfg.data.problem_field, cfg.data.answer_field)
+    problems = with_instruction(problems, cfg.data.prompt_file)
+    layout_texts(cfg.rollout.layout)  # an unknown layout fails here, not at the first fork
     reward_fn = get_reward(cfg.algo.reward)
     if cfg.algo.mini_batches < 1:
         raise ValueError(f"algo.mini_batches must be >= 1, got {cfg.algo.mini_batches}")
