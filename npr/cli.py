@@ -124,10 +124,10 @@ def generate(
 
     try:
         from npr.engine.params import layout_texts
-        from npr.tasks import get_task, read_prompt_file
+        from npr.tasks import get_task, prompt_ids, read_prompt_file
 
         get_task(task)
-        instruction = read_prompt_file(prompt_file) if prompt_file else None
+        instruction = read_prompt_file(prompt_file)
         sp = SamplingParams(
             mode=mode, max_tokens=max_tokens, max_path_tokens=max_path_tokens, temperature=temperature,
             top_p=top_p, top_k=top_k, seed=seed, enforce_structure=enforce, **layout_texts(layout),
@@ -137,8 +137,6 @@ def generate(
     except (ValueError, FileNotFoundError, OSError) as e:
         raise typer.BadParameter(str(e)) from None
     if not raw:  # as eval does: the task's NPR instruction, then the chat template
-        from npr.tasks import prompt_ids
-
         prompt = [prompt_ids(tok, {"problem": p, "grader": task, "instruction": instruction}) for p in prompt]
     else:
         prompt = [tok.encode(p) for p in prompt]
@@ -318,8 +316,7 @@ def eval_cmd(
     try:
         SamplingParams(mode=mode, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         texts = layout_texts(layout)
-        if prompt_file:
-            read_prompt_file(prompt_file)
+        read_prompt_file(prompt_file)
         for b in benches:
             load_benchmark(b, 1, problem_field, answer_field)
         lm, tok = load(model, trust_remote_code=trust_remote_code)
@@ -364,7 +361,7 @@ def distill(
     """Stage 2 data: rejection-sample the model's own correct, well-formed, executable responses."""
     from npr.data import DataError, load_benchmark
     from npr.engine import LLM, load
-    from npr.tasks import with_instruction
+    from npr.tasks import read_prompt_file, with_instruction
     from npr.train.distill import DistillConfig, run_distill
 
     cfg = DistillConfig(
@@ -377,7 +374,7 @@ def distill(
         seed=seed,
     )
     try:
-        problems = with_instruction(load_benchmark(data, limit), prompt_file)
+        problems = with_instruction(load_benchmark(data, limit), read_prompt_file(prompt_file))
         lm, tok = load(model, trust_remote_code=trust_remote_code)
         llm = LLM(lm, tok, kv_cache_gb=kv_cache_gb)
     except (ValueError, DataError, FileNotFoundError, OSError) as e:

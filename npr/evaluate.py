@@ -90,6 +90,12 @@ def _git_commit() -> str | None:
     return (out.stdout.strip() or None) if out.returncode == 0 else None
 
 
+def _prompt_kind(parallel_prompt: bool, instruction: str | None) -> str:
+    if not parallel_prompt:
+        return "step-by-step"
+    return "file:" + hashlib.sha256(instruction.encode()).hexdigest()[:16] if instruction else "npr"
+
+
 def provenance(llm, sampling: dict, parallel_prompt: bool, fields: tuple, instruction: str | None = None) -> dict:
     """What an evaluation's samples depend on: a rerun may add to them only when all of it matches."""
     import npr
@@ -98,13 +104,7 @@ def provenance(llm, sampling: dict, parallel_prompt: bool, fields: tuple, instru
         "model": str(getattr(llm.model.config, "_name_or_path", "") or ""),
         "weights": weights_fingerprint(llm.model),
         "sampling": {k: sampling[k] for k in sorted(sampling)},
-        "prompt": (
-            "file:" + hashlib.sha256(instruction.encode()).hexdigest()[:16]
-            if instruction and parallel_prompt
-            else "npr"
-            if parallel_prompt
-            else "step-by-step"
-        ),  # fmt: skip
+        "prompt": _prompt_kind(parallel_prompt, instruction),
         "fields": list(fields),
         "npr_version": npr.__version__,
         "git_commit": _git_commit(),
@@ -151,7 +151,7 @@ def run_eval(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     sampling = {"temperature": 1.0, "top_p": 0.7, "max_tokens": 2048} | (sampling or {})
-    instruction = read_prompt_file(prompt_file) if prompt_file else None
+    instruction = read_prompt_file(prompt_file)
     prov = provenance(llm, sampling, parallel_prompt, fields, instruction)
     check_provenance(out_dir, prov, overwrite)
     path = out_dir / "samples.jsonl"
@@ -163,7 +163,7 @@ def run_eval(
     modes = [mode] + (["sequential"] if compare_sequential and mode != "sequential" else [])
     timing_path = out_dir / "timing.json"
     timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
-    problems = {b: with_instruction(load_benchmark(b, limit, *fields), prompt_file) for b in benches}
+    problems = {b: with_instruction(load_benchmark(b, limit, *fields), instruction) for b in benches}
     todo_total = sum(len(ps) * n for ps in problems.values()) * len(modes)
     finished = len(done)
     with path.open("a", encoding="utf-8") as f:

@@ -191,7 +191,7 @@ def distill_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     cfg = DistillConfig(tries=d.tries, keep=d.keep, per_round=d.per_round, max_tokens=d.max_tokens,
                         temperature=d.temperature, top_p=d.top_p, seed=d.seed)  # fmt: skip
     llm = LLM(model, tok, kv_cache_gb=plan.eval.kv_cache_gb)
-    problems = with_instruction(load_benchmark(d.data, d.limit or None), plan.prompt_file)
+    problems = with_instruction(load_benchmark(d.data, d.limit or None), read_prompt_file(plan.prompt_file))
     run_distill(llm, problems, out / "distill", cfg, progress=progress)
 
 

@@ -60,19 +60,20 @@ def user_message(problem: dict, parallel: bool = True) -> str:
     """The user turn for a problem record. A record carrying an "instruction" (from a prompt file:
     `with_instruction`) is asked with it instead of the task's own NPR instruction."""
     template = problem.get("instruction")
-    if parallel and template:
-        return (
-            template.replace("{problem}", problem["problem"])
-            if "{problem}" in template
-            else (f"{template}\n\n{problem['problem']}")
-        )
-    return get_task(problem.get("grader", "math")).prompt(problem, parallel)
+    if not (parallel and template):
+        return get_task(problem.get("grader", "math")).prompt(problem, parallel)
+    if "{problem}" in template:
+        return template.replace("{problem}", problem["problem"])
+    return f"{template}\n\n{problem['problem']}"
 
 
-def read_prompt_file(path) -> str:
-    """The instruction in a prompt file: UTF-8 text, "{problem}" where the problem goes (else after it)."""
+def read_prompt_file(path) -> str | None:
+    """The instruction in a prompt file: UTF-8 text, "{problem}" where the problem goes (else after
+    it); None without a path."""
     from pathlib import Path
 
+    if not path:
+        return None
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"prompt file not found: {path}")
@@ -85,12 +86,9 @@ def read_prompt_file(path) -> str:
     return text
 
 
-def with_instruction(problems: list[dict], prompt_file) -> list[dict]:
-    """The records asked with the prompt file's instruction (unchanged without a file)."""
-    if not prompt_file:
-        return problems
-    text = read_prompt_file(prompt_file)
-    return [dict(p, instruction=text) for p in problems]
+def with_instruction(problems: list[dict], instruction: str | None) -> list[dict]:
+    """The records asked with a prompt file's instruction (`read_prompt_file`); unchanged without one."""
+    return [dict(p, instruction=instruction) for p in problems] if instruction else problems
 
 
 def prompt_ids(tokenizer, problem: dict, parallel: bool = True) -> list[int]:

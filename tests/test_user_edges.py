@@ -100,7 +100,7 @@ def test_no_third_party_progress_bars(tiny_dir, tmp_path, capfd):
 def test_prompt_file_replaces_the_instruction(tiny_dir, tmp_path):
     from transformers import AutoTokenizer
 
-    from npr.tasks import user_message, with_instruction
+    from npr.tasks import read_prompt_file, user_message
 
     rec = {"problem": "what is 2 + 3?", "grader": "math"}
     assert user_message(dict(rec, instruction="Think in branches.\n{problem}\nGo.")) == (
@@ -109,10 +109,10 @@ def test_prompt_file_replaces_the_instruction(tiny_dir, tmp_path):
     assert user_message(dict(rec, instruction="Think in branches.")) == "Think in branches.\n\nwhat is 2 + 3?"
     assert user_message(dict(rec, instruction="Think."), parallel=False) == user_message(rec, parallel=False)
     with pytest.raises(ValueError, match="prompt file not found"):
-        with_instruction([rec], tmp_path / "absent.txt")
+        read_prompt_file(tmp_path / "absent.txt")
     (tmp_path / "empty.txt").write_text("  \n")
     with pytest.raises(ValueError, match="empty"):
-        with_instruction([rec], tmp_path / "empty.txt")
+        read_prompt_file(tmp_path / "empty.txt")
 
     (tmp_path / "paper.txt").write_text("You reason in parallel, as trained.\n\n{problem}")
     args = ["generate", "--model", str(tiny_dir), "--prompt", "what is 2 + 3?", "--max-tokens", "4", "--json"]

@@ -10,7 +10,6 @@ structure). Nothing falls back to sequential decoding silently.
 from __future__ import annotations
 
 import json
-import os
 import random
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,14 +51,13 @@ def _from_hub_cache(name: str) -> Path:
     parts = name.split("/")
     if len(parts) != 2 or not all(parts) or name.startswith((".", "~")):
         raise FileNotFoundError(f"model directory not found: {name}")
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
     try:
         return Path(snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True))
     except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError):
-        if offline:
+        if constants.HF_HUB_OFFLINE:
             raise FileNotFoundError(
                 f"{name}: neither a folder nor a model in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
             ) from None

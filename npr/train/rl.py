@@ -21,7 +21,7 @@ from npr.engine import LLM, SamplingParams
 from npr.engine.params import layout_texts
 from npr.modeling import topology_token_stats
 from npr.rewards import get_reward
-from npr.tasks import grade, prompt_ids, with_instruction
+from npr.tasks import grade, prompt_ids, read_prompt_file, with_instruction
 from npr.topology import collate, executable
 from npr.train import distributed
 from npr.train.config import Config
@@ -63,6 +63,7 @@ class Rollout:
 def rollouts(llm: LLM, cfg: Config, problems: list[tuple[int, dict]], step: int, round_: int, reward_fn):
     """n rollouts for each (group id, problem); seeds depend on the problem, not on the rank."""
     r = cfg.rollout
+    texts = layout_texts(r.layout)
     prompts, params, meta = [], [], []
     for g, p in problems:
         ids = prompt_ids(llm.tokenizer, p)
@@ -79,7 +80,7 @@ def rollouts(llm: LLM, cfg: Config, problems: list[tuple[int, dict]], step: int,
                     enforce_structure=r.enforce_structure,
                     repetition_penalty=r.repetition_penalty,
                     seed=seed,
-                    **layout_texts(r.layout),
+                    **texts,
                 )  # fmt: skip
             )
             meta.append((p, g, j))
@@ -182,14 +183,15 @@ def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], ad
 
 
 def train_rl(cfg: Config, resume: bool = False, progress: bool = True, overwrite: bool = False) -> dict:
+    instruction = read_prompt_file(cfg.data.prompt_file)
+    layout_texts(cfg.rollout.layout)  # an unknown layout fails here, not at the first fork
     run = Run(cfg, resume, progress, "RL", add_tags=True, overwrite=overwrite)
     policy, rank, world = run.policy, run.rank, run.world
     model, tok = policy.model, policy.tokenizer
     with policy.full_weights():
         llm = LLM(model, tok, kv_cache_gb=cfg.rollout.kv_cache_gb, attention=cfg.rollout.attention)
     problems = load_benchmark(cfg.data.source, cfg.data.size, cfg.data.problem_field, cfg.data.answer_field)
-    problems = with_instruction(problems, cfg.data.prompt_file)
-    layout_texts(cfg.rollout.layout)  # an unknown layout fails here, not at the first fork
+    problems = with_instruction(problems, instruction)
     reward_fn = get_reward(cfg.algo.reward)
     if cfg.algo.mini_batches < 1:
         raise ValueError(f"algo.mini_batches must be >= 1, got {cfg.algo.mini_batches}")
