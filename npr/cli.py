@@ -167,6 +167,44 @@ def _tree(out, tok) -> str:
     return "\n".join(lines)
 
 
+@app.command()
+def serve(
+    model: str = typer.Option(..., "--model", help="Model folder, run folder or hub id (from the local HF cache)."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (127.0.0.1: this machine only)."),
+    port: int = typer.Option(8000, help="TCP port."),
+    mode: str = typer.Option("parallel", help="Default decoding: parallel or sequential (a request may ask for either)."),
+    task: str = typer.Option("math", help="Whose NPR instruction chat requests get: math, choice or countdown."),
+    prompt_file: Path = typer.Option(None, help=PROMPT_FILE_HELP),
+    layout: str = typer.Option("canonical", help=LAYOUT_HELP),
+    served_model_name: str = typer.Option(None, help="Name clients pass as `model` (default: the folder's name)."),
+    max_tokens: int = typer.Option(1024, help="Budget of a request that gives no max_tokens."),
+    max_n: int = typer.Option(16, help="Largest `n` (choices per request) accepted."),
+    kv_cache_gb: float = typer.Option(None, help="KV pool size (default: 60% of free GPU memory; a small pool on CPU)."),
+    max_num_seqs: int = typer.Option(256, help="Branches decoded together, over all requests."),
+    attention: str = typer.Option("auto", help="auto, sdpa or flex."),
+    trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the checkpoint."),
+) -> None:
+    """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions) with a live tree page at /."""
+    from npr.engine.params import layout_texts
+    from npr.serve import ServeConfig, build, run
+    from npr.tasks import get_task, read_prompt_file
+
+    try:
+        get_task(task)
+        layout_texts(layout)
+        if mode not in ("parallel", "sequential"):
+            raise ValueError(f"--mode must be parallel or sequential, got {mode!r}")
+        name = served_model_name or Path(model.rstrip("/")).name
+        cfg = ServeConfig(name, mode=mode, task=task, instruction=read_prompt_file(prompt_file), layout=layout,
+                          max_tokens=max_tokens, max_n=max_n, temperature=TEMPERATURE, top_p=TOP_P)  # fmt: skip
+        app, _ = build(model, cfg, trust_remote_code, kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs,
+                       attention=attention)  # fmt: skip
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+    print(f"serving {name!r} on http://{host}:{port}  (page: /, API: /v1)")
+    run(app, host, port)
+
+
 bench_app = typer.Typer(help="Benchmarks that print figures (ratios measured side by side in one run).")
 app.add_typer(bench_app, name="bench")
 

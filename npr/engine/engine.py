@@ -147,6 +147,14 @@ class LLM:
         self.scheduler.waiting.append(req)
         return req.id
 
+    def abort(self, request_id: int) -> bool:
+        """Cancel a request between steps, freeing its KV pages at once; False if it is not live."""
+        return self.scheduler.abort(request_id) is not None
+
+    def completion(self, request_id: int) -> Completion:
+        """The finished request's `Completion` (removes it from `finished`)."""
+        return self._completion(self.finished.pop(request_id))
+
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
 
@@ -178,7 +186,7 @@ class LLM:
         finally:
             if bar:
                 bar.stop()
-        return [self._completion(self.finished.pop(i)) for i in ids]
+        return [self.completion(i) for i in ids]
 
     # ---- one engine step ----------------------------------------------------------------------
 

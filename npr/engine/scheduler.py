@@ -315,6 +315,23 @@ class Scheduler:
             self.pool.release([r.seg for r in block.prefix + block.steps])
             block.held = False
 
+    def abort(self, request_id: int) -> Request | None:
+        """Stop a waiting or running request now and free its pages and rows (a client went away).
+        Called between steps; the request is returned finished with reason "aborted", or None when
+        it is not waiting or running."""
+        for req in self.waiting:
+            if req.id == request_id:
+                self.waiting.remove(req)
+                break
+        else:
+            req = next((r for r in self.running if r.id == request_id), None)
+            if req is None:
+                return None
+            self.running.remove(req)
+            self.paused = False
+        self.finish(req, "aborted", "cancelled")
+        return req
+
     def finish(self, req: Request, reason: str, error: str | None = None) -> None:
         if req.finish_reason is not None:
             return

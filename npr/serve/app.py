@@ -1,0 +1,331 @@
+"""`npr serve`: an OpenAI-compatible HTTP server for parallel reasoners, and the live tree page.
+
+Endpoints follow the convention of vLLM's and SGLang's servers: `GET /v1/models`,
+`POST /v1/completions` (the prompt as given) and `POST /v1/chat/completions` (chat template,
+and the NPR instruction added to the last user turn unless `"npr_instruction": false`), both
+with `stream: true` as server-sent events ending in `data: [DONE]`. NPR extras ride in an `npr`
+field: per choice the blocks with their step texts, branches, critical-path tokens and the
+engine's finish reason; per streamed chunk the new text of each branch (`deltas`). Bad input is refused
+with HTTP 400 and an OpenAI-style error body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from npr.engine import SamplingParams
+from npr.engine.params import MODES, layout_texts
+from npr.engine.request import Completion
+from npr.serve.loop import Delta, Done, EngineLoop
+
+ROLES = ("system", "user", "assistant")
+MAX_STOP = 8
+
+
+@dataclass
+class ServeConfig:
+    model_name: str
+    mode: str = "parallel"  # default decoding when a request names none
+    task: str = "math"  # whose NPR instruction chat requests get
+    instruction: str | None = None  # a prompt file's instruction instead of the task's
+    layout: str = "canonical"
+    max_tokens: int = 1024  # default budget when a request gives none
+    max_tokens_limit: int = 32768  # refuse requests asking for more
+    max_n: int = 16
+    temperature: float = 1.0
+    top_p: float = 0.7
+
+
+class BadRequest(ValueError):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
+
+
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+
+
+# ---- request parsing --------------------------------------------------------------------------
+
+
+def _number(body: dict, name: str, default, lo, hi, kind=int):
+    value = body.get(name)
+    if value is None:
+        return default
+    ok = isinstance(value, int) if kind is int else isinstance(value, (int, float))
+    if not ok or isinstance(value, bool):
+        raise BadRequest(f"'{name}' must be {'an integer' if kind is int else 'a number'}, got {value!r}", name)
+    if not lo <= value <= hi:
+        raise BadRequest(f"'{name}' must be between {lo} and {hi}, got {value}", name)
+    return kind(value)
+
+
+def sampling(body: dict, cfg: ServeConfig, vocab: int) -> list[SamplingParams]:
+    """One SamplingParams per choice (`n`); seeds seed, seed+1, ... when a seed is given."""
+    n = _number(body, "n", 1, 1, cfg.max_n)
+    budget = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = _number({"max_tokens": budget}, "max_tokens", cfg.max_tokens, 1, cfg.max_tokens_limit)
+    path = _number(body, "max_path_tokens", None, 1, cfg.max_tokens_limit)
+    temperature = _number(body, "temperature", cfg.temperature, 0.0, 2.0, float)
+    top_p = _number(body, "top_p", cfg.top_p, 0.0, 1.0, float)
+    if top_p == 0:
+        raise BadRequest("'top_p' must be in (0, 1]", "top_p")
+    top_k = _number(body, "top_k", 0, -1, vocab)
+    seed = _number(body, "seed", None, -(2**63), 2**63 - 1)
+    stop = body.get("stop") or []
+    stop = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
+        raise BadRequest(f"'stop' must be a string or a list of at most {MAX_STOP} non-empty strings", "stop")
+    mode = body.get("mode", cfg.mode)
+    if mode not in MODES:
+        raise BadRequest(f"'mode' must be one of {', '.join(MODES)}, got {mode!r}", "mode")
+    return [
+        SamplingParams(
+            mode=mode,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=max(top_k, 0),
+            max_tokens=max_tokens,
+            max_path_tokens=path,
+            seed=None if seed is None else seed + i,
+            stop=list(stop),
+            **layout_texts(cfg.layout),
+        )  # fmt: skip
+        for i in range(n)
+    ]
+
+
+def completion_prompt(body: dict, tokenizer) -> list[int]:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        ids = tokenizer.encode(prompt)
+    elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        if not all(0 <= t < len(tokenizer) for t in prompt):
+            raise BadRequest(f"'prompt' holds token ids outside the vocabulary [0, {len(tokenizer)})", "prompt")
+        ids = list(prompt)
+    elif prompt is None:
+        raise BadRequest("missing field 'prompt'", "prompt")
+    else:
+        raise BadRequest("'prompt' must be a string or a list of token ids (one prompt; use n for samples)", "prompt")
+    if not ids:
+        raise BadRequest("'prompt' is empty", "prompt")
+    return ids
+
+
+def chat_prompt(body: dict, tokenizer, cfg: ServeConfig, mode: str) -> list[int]:
+    from npr.tasks import user_message
+
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list of {role, content}", "messages")
+    turns = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise BadRequest(f"messages[{i}]: 'role' must be one of {', '.join(ROLES)}", f"messages[{i}].role")
+        content = m.get("content")
+        if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
+            if not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in content):
+                raise BadRequest(f"messages[{i}]: only text content parts are supported", f"messages[{i}].content")
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise BadRequest(f"messages[{i}]: 'content' must be a string", f"messages[{i}].content")
+        turns.append({"role": m["role"], "content": content})
+    add = body.get("npr_instruction", True)
+    if not isinstance(add, bool):
+        raise BadRequest("'npr_instruction' must be true or false", "npr_instruction")
+    users = [i for i, t in enumerate(turns) if t["role"] == "user"]
+    if add and users:
+        last = turns[users[-1]]
+        record = {"problem": last["content"], "grader": cfg.task, "instruction": cfg.instruction}
+        last["content"] = user_message(record, parallel=mode == "parallel")
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        return tokenizer.encode(text, add_special_tokens=False)
+    return tokenizer.encode("\n\n".join(t["content"] for t in turns))
+
+
+# ---- responses --------------------------------------------------------------------------------
+
+
+def finish_reason(c: Completion) -> str:
+    """OpenAI's reason; the engine's own (path_length, invalid_schema, ...) is in the npr extras."""
+    return "length" if c.finish_reason in ("length", "path_length") else "stop"
+
+
+def npr_extras(c: Completion, decode) -> dict:
+    return {
+        "finish_reason": c.finish_reason,
+        "error": c.error,
+        "total_tokens": c.stats["total_tokens"],
+        "critical_path_tokens": c.stats["critical_path_tokens"],
+        "branches": c.stats["branches"],
+        "parallel_blocks": c.stats["parallel_blocks"],
+        "wall_time": round(c.stats["wall_time"], 4),
+        "blocks": [
+            {"plans": b["plans"], "steps": [decode(c.token_ids[s:e]) for s, e in b["branches"]]} for b in c.blocks
+        ],
+    }
+
+
+def usage(prompt: list[int], completions: list[Completion]) -> dict:
+    gen = sum(c.stats["total_tokens"] for c in completions)  # every branch's tokens
+    return {"prompt_tokens": len(prompt), "completion_tokens": gen, "total_tokens": len(prompt) + gen}
+
+
+def sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+# ---- the app ----------------------------------------------------------------------------------
+
+
+def create_app(engine: EngineLoop, cfg: ServeConfig):
+    @asynccontextmanager
+    async def lifespan(_):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="npr serve", docs_url=None, redoc_url=None, lifespan=lifespan)
+    tok = engine.llm.tokenizer
+    decode = engine.decode
+    page = resources.files("npr.serve").joinpath("static/index.html").read_text(encoding="utf-8")
+
+    @app.exception_handler(BadRequest)
+    async def _bad(_, e: BadRequest):
+        return JSONResponse(error_body(str(e), e.param), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http(_, e: HTTPException):
+        return JSONResponse(error_body(str(e.detail), kind="not_found_error"), status_code=e.status_code)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return page
+
+    @app.get("/v1/models")
+    async def models():
+        card = {"id": cfg.model_name, "object": "model", "created": int(time.time()), "owned_by": "npr"}
+        return {"object": "list", "data": [dict(card, max_model_len=cfg.max_tokens_limit)]}
+
+    async def parse(request: Request) -> dict:
+        try:
+            body = json.loads(await request.body())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BadRequest(f"invalid JSON body: {e}") from None
+        if not isinstance(body, dict):
+            raise BadRequest("the body must be a JSON object")
+        model = body.get("model")
+        if model is None:
+            raise BadRequest("missing field 'model'", "model")
+        if model != cfg.model_name:
+            raise BadRequest(f"model {model!r} is not served here; this server has {cfg.model_name!r}", "model")
+        if not isinstance(body.get("stream", False), bool):
+            raise BadRequest("'stream' must be true or false", "stream")
+        return body
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await parse(request)
+        params = sampling(body, cfg, len(tok))
+        return await respond(request, body, completion_prompt(body, tok), params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        body = await parse(request)
+        params = sampling(body, cfg, len(tok))
+        return await respond(request, body, chat_prompt(body, tok, cfg, params[0].mode), params, chat=True)
+
+    async def respond(request, body: dict, prompt: list[int], params: list[SamplingParams], chat: bool):
+        if len(prompt) > cfg.max_tokens_limit:
+            raise BadRequest(f"the prompt has {len(prompt)} tokens; this server takes at most {cfg.max_tokens_limit}")
+        sink: asyncio.Queue = asyncio.Queue()
+        try:
+            ids = await engine.submit(prompt, params, sink)
+        except ValueError as e:
+            raise BadRequest(str(e)) from None
+        head = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+            "created": int(time.time()),
+            "model": cfg.model_name,
+        }
+        if body.get("stream"):
+            options = body.get("stream_options") or {}
+            with_usage = isinstance(options, dict) and options.get("include_usage") is True
+            return StreamingResponse(stream(head, prompt, ids, sink, chat, with_usage), media_type="text/event-stream")
+        return await whole(head, prompt, ids, sink, chat)
+
+    async def whole(head: dict, prompt: list[int], ids: list[int], sink: asyncio.Queue, chat: bool):
+        done: dict[int, Done] = {}
+        try:
+            while len(done) < len(ids):
+                ev = await sink.get()
+                if isinstance(ev, Done):
+                    done[ev.choice] = ev
+        except asyncio.CancelledError:
+            engine.cancel(ids)
+            raise
+        failed = [d.error for d in done.values() if d.completion is None]
+        if failed:
+            return JSONResponse(error_body(failed[0], kind="server_error"), status_code=500)
+        comps = [done[i].completion for i in range(len(ids))]
+        choices = []
+        for i, c in enumerate(comps):
+            text = decode(c.token_ids)
+            body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
+            choices.append({"index": i, **body, "finish_reason": finish_reason(c), "npr": npr_extras(c, decode)})
+        obj = "chat.completion" if chat else "text_completion"
+        return {**head, "object": obj, "choices": choices, "usage": usage(prompt, comps)}
+
+    async def stream(head, prompt, ids, sink: asyncio.Queue, chat: bool, with_usage: bool):
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        comps: dict[int, Completion] = {}
+        ended = 0
+
+        def chunk(choice: int, text: str | None, finish: str | None, npr: dict | None) -> str:
+            if chat:
+                part = {"delta": {} if text is None else {"content": text}}
+            else:
+                part = {"text": text or "", "logprobs": None}
+            c = {"index": choice, **part, "finish_reason": finish}
+            if npr is not None:
+                c["npr"] = npr
+            return sse({**head, "object": obj, "choices": [c]})
+
+        try:
+            if chat:
+                for i in range(len(ids)):
+                    role = {"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+                    yield sse({**head, "object": obj, "choices": [role]})
+            while ended < len(ids):
+                ev = await sink.get()
+                if isinstance(ev, Delta):
+                    yield chunk(ev.choice, ev.text, None, {"deltas": ev.branches})
+                    continue
+                ended += 1
+                if ev.completion is None:
+                    yield sse(error_body(ev.error or "engine error", kind="server_error"))
+                    continue
+                comps[ev.choice] = ev.completion
+                yield chunk(ev.choice, None, finish_reason(ev.completion), npr_extras(ev.completion, decode))
+            if with_usage:
+                yield sse({**head, "object": obj, "choices": [], "usage": usage(prompt, list(comps.values()))})
+            yield "data: [DONE]\n\n"
+        finally:
+            if ended < len(ids):  # the client went away: free its pages now
+                engine.cancel(ids)
+
+    return app

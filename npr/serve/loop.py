@@ -1,0 +1,205 @@
+"""One engine, many clients: the decode loop on its own thread, and per-request text streams.
+
+Every HTTP request becomes engine requests added between steps, so all clients share one
+continuous batch. After each step the loop turns new tokens into text deltas on the client's
+asyncio queue: one delta per branch (run) for NPR-aware clients, and the canonical text
+(main line, step 1, step 2, ..., takeaway) for plain clients — a run's text is released to the
+canonical stream once every run before it is closed, so the concatenated stream equals the
+finished completion's text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import traceback
+from dataclasses import dataclass, field
+
+from npr.engine import LLM, SamplingParams
+from npr.engine.request import Completion, Request
+
+
+class Detokenizer:
+    """Incremental decoding: text of each new token, robust to tokens that only make sense together
+    (byte-level pieces of one character, word pieces that change the spacing)."""
+
+    def __init__(self, decode):
+        self.decode = decode
+        self.ids: list[int] = []
+        self.prefix = 0  # start of the window decoded each time
+        self.read = 0  # tokens whose text is already out
+
+    def push(self, new: list[int], final: bool = False) -> str:
+        """Text the new tokens add; with `final`, everything still held back."""
+        self.ids += new
+        if len(self.ids) == self.read:
+            return ""
+        before = self.decode(self.ids[self.prefix : self.read])
+        after = self.decode(self.ids[self.prefix :])
+        if not final and (after.endswith("\ufffd") or len(after) < len(before)):  # a character still incomplete
+            return ""
+        self.prefix, self.read = self.read, len(self.ids)
+        return after[len(before) :]
+
+
+@dataclass(frozen=True)
+class Delta:
+    """New text of one request: `text` for the canonical stream, `branches` per run."""
+
+    choice: int
+    text: str
+    branches: list[dict]  # {"run", "block", "step", "text"}; block/step are -1 on the main line
+
+
+@dataclass(frozen=True)
+class Done:
+    choice: int
+    completion: Completion | None
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class _Stream:
+    request_id: int
+    choice: int
+    sink: asyncio.Queue
+    loop: asyncio.AbstractEventLoop
+    canonical: Detokenizer
+    sent: int = 0  # canonical tokens already pushed
+    runs: dict[int, Detokenizer] = field(default_factory=dict)
+    run_sent: dict[int, int] = field(default_factory=dict)
+
+    def put(self, item) -> None:
+        self.loop.call_soon_threadsafe(self.sink.put_nowait, item)
+
+
+class EngineLoop:
+    """Owns the `LLM`; HTTP handlers talk to it through `submit` and `cancel` only."""
+
+    def __init__(self, llm: LLM, decode=None):
+        self.llm = llm
+        self.decode = decode or (lambda ids: llm.tokenizer.decode(ids, skip_special_tokens=True))
+        self.inbox: queue.Queue = queue.Queue()
+        self.streams: dict[int, _Stream] = {}
+        self.steps = 0
+        self.cancelled = 0  # requests aborted while live
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="npr-engine", daemon=True)
+
+    def start(self) -> None:
+        if not self._thread.is_alive():
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.inbox.put(("wake",))
+        self._thread.join(timeout=30)
+
+    async def submit(self, prompt: list[int], params: list[SamplingParams], sink: asyncio.Queue) -> list[int]:
+        """Add one engine request per params (the choices); events arrive on `sink`. Returns their ids."""
+        loop = asyncio.get_running_loop()
+        accepted = loop.create_future()
+        self.inbox.put(("add", prompt, params, sink, loop, accepted))
+        return await accepted
+
+    def cancel(self, request_ids: list[int]) -> None:
+        """Abort requests whose client went away; their pages are freed before the next step."""
+        self.inbox.put(("abort", list(request_ids)))
+
+    # ---- the engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain(block=not self.llm.has_work())
+            if not self.llm.has_work():
+                continue
+            try:
+                self.llm.step()
+            except Exception as e:  # noqa: BLE001 - a failed step must not leave clients hanging
+                traceback.print_exc()
+                self._fail_all(f"engine error: {type(e).__name__}: {e}")
+                continue
+            self.steps += 1
+            self._publish()
+
+    def _drain(self, block: bool) -> None:
+        while True:
+            try:
+                msg = self.inbox.get(timeout=0.5) if block else self.inbox.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if msg[0] == "add":
+                _, prompt, params, sink, loop, accepted = msg
+                try:
+                    ids = [self.llm.add_request(prompt, p) for p in params]
+                except Exception as e:  # noqa: BLE001 - handed back to the HTTP handler
+                    loop.call_soon_threadsafe(_settle, accepted, None, e)
+                    continue
+                for choice, rid in enumerate(ids):
+                    self.streams[rid] = _Stream(rid, choice, sink, loop, Detokenizer(self.decode))
+                loop.call_soon_threadsafe(_settle, accepted, ids, None)
+            elif msg[0] == "abort":
+                for rid in msg[1]:
+                    self.streams.pop(rid, None)
+                    self.cancelled += self.llm.abort(rid)
+                    self.llm.finished.pop(rid, None)
+
+    def _publish(self) -> None:
+        live = {r.id: r for r in self.llm.scheduler.running}
+        for rid, s in list(self.streams.items()):
+            req = live.get(rid) or self.llm.finished.get(rid)
+            if req is None:
+                continue  # still waiting for admission
+            finished = req.finish_reason is not None
+            delta = _delta(s, req, finished, self.decode)
+            if delta.text or delta.branches:
+                s.put(delta)
+            if finished:
+                del self.streams[rid]
+                s.put(Done(s.choice, self.llm.completion(rid)))
+
+    def _fail_all(self, error: str) -> None:
+        for rid, s in list(self.streams.items()):
+            self.llm.abort(rid)
+            self.llm.finished.pop(rid, None)
+            s.put(Done(s.choice, None, error))
+        self.streams.clear()
+
+
+def _settle(fut: asyncio.Future, value, error) -> None:
+    if fut.done():
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(value)
+
+
+def _delta(s: _Stream, req: Request, finished: bool, decode) -> Delta:
+    """New text per run, and the canonical text of the runs that are settled in canonical order."""
+    branches = []
+    for run in req.runs:
+        toks = run.tokens[run.offset :]
+        sent = s.run_sent.get(run.index, 0)
+        if len(toks) > sent:  # a preempted request decodes again: only tokens past what was sent
+            det = s.runs.setdefault(run.index, Detokenizer(decode))
+            text = det.push(toks[sent:])
+            s.run_sent[run.index] = len(toks)
+            if text:
+                step = run.key[1] >= 0
+                branches.append(
+                    {"run": run.index, "block": run.key[0] if step else -1, "step": run.key[1], "text": text}
+                )
+    writing = {b.run.index for b in req.branches if not b.done}
+    canonical: list[int] = []
+    for i, run in enumerate(req.runs):  # closed runs, then the first open one
+        canonical += run.tokens[run.offset :]
+        if not finished and (run.index in writing or i == len(req.runs) - 1):
+            break
+    text = ""
+    if len(canonical) > s.sent or finished:
+        text = s.canonical.push(canonical[s.sent :], final=finished)
+        s.sent = len(canonical)
+    return Delta(s.choice, text, branches)
