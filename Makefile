@@ -22,6 +22,7 @@ demo: $(STAMP)
 	bash examples/demo.sh $(BIN)/npr
 
 test: $(STAMP)
+	bash tools/install_browser.sh
 	$(BIN)/ruff check npr tests examples
 	$(BIN)/ruff format --check npr tests examples
 	$(BIN)/python -m pytest
