@@ -259,3 +259,13 @@ def test_paper_layout_forces_its_fork_text(served):
         assert steps and all(s.startswith("<step>\n") for s in steps)
     finally:
         server.stop()
+
+
+def test_served_text_keeps_tags_registered_as_special_and_drops_end_of_turn():
+    from npr.serve.loop import text_decoder
+    from npr.tags import TAGS
+
+    tok = make_tokenizer()
+    tok.add_tokens(list(TAGS), special_tokens=True)  # as some checkpoints made elsewhere have them
+    ids = tok.encode("<guideline><plan>1: a</plan></guideline>") + [tok.eos_token_id]
+    assert text_decoder(tok)(ids) == "<guideline><plan>1: a</plan></guideline>"

@@ -79,7 +79,7 @@ class EngineLoop:
 
     def __init__(self, llm: LLM, decode=None):
         self.llm = llm
-        self.decode = decode or (lambda ids: llm.tokenizer.decode(ids, skip_special_tokens=True))
+        self.decode = decode or text_decoder(llm.tokenizer)
         self.inbox: queue.Queue = queue.Queue()
         self.streams: dict[int, _Stream] = {}
         self.steps = 0
@@ -166,6 +166,15 @@ class EngineLoop:
             self.llm.finished.pop(rid, None)
             s.put(Done(s.choice, None, error))
         self.streams.clear()
+
+
+def text_decoder(tokenizer):
+    """decode() that drops special tokens (end of turn, padding) but keeps the schema's tags, even
+    for tokenizers that registered them as special."""
+    from npr.tags import tag_ids
+
+    hidden = set(tokenizer.all_special_ids) - set(tag_ids(tokenizer).values())
+    return lambda ids: tokenizer.decode([t for t in ids if t not in hidden], skip_special_tokens=False)
 
 
 def _settle(fut: asyncio.Future, value, error) -> None:
