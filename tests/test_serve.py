@@ -146,6 +146,18 @@ def test_a_cancelled_stream_frees_its_pages(served):
     assert not engine.llm.scheduler.running and not engine.streams
 
 
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_pages(served):
+    server, engine = served
+    wait_idle(engine)
+    start, cancelled = engine.llm.pool.free_pages, engine.cancelled
+    body = {"model": NAME, "prompt": PROMPTS[2], "max_tokens": 4000, "n": 8, "seed": 4, "temperature": 1.0}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
+    wait_idle(engine)
+    assert engine.cancelled > cancelled
+    assert engine.llm.pool.free_pages == start
+
+
 def wait_idle(engine, timeout=60):
     deadline = time.time() + timeout
     while engine.streams or engine.llm.has_work() or not engine.inbox.empty():

@@ -266,13 +266,19 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
             options = body.get("stream_options") or {}
             with_usage = isinstance(options, dict) and options.get("include_usage") is True
             return StreamingResponse(stream(head, prompt, ids, sink, chat, with_usage), media_type="text/event-stream")
-        return await whole(head, prompt, ids, sink, chat)
+        return await whole(request, head, prompt, ids, sink, chat)
 
-    async def whole(head: dict, prompt: list[int], ids: list[int], sink: asyncio.Queue, chat: bool):
+    async def whole(request, head: dict, prompt: list[int], ids: list[int], sink: asyncio.Queue, chat: bool):
         done: dict[int, Done] = {}
         try:
             while len(done) < len(ids):
-                ev = await sink.get()
+                try:
+                    ev = await asyncio.wait_for(sink.get(), timeout=0.5)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():  # nobody will read the answer: free its pages now
+                        engine.cancel(ids)
+                        return JSONResponse(error_body("client disconnected"), status_code=499)
+                    continue
                 if isinstance(ev, Done):
                     done[ev.choice] = ev
         except asyncio.CancelledError:
