@@ -28,14 +28,16 @@ SHAPES = {
 def word_tokenizer(vocab_size: int):
     """A word-level tokenizer whose vocabulary fills `vocab_size`: tags, labels "i:", filler words."""
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AddedToken, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
+
+    from npr.tokens import add_tag_tokens
 
     words = ["<eos>", *TAGS, *(f"{i}:" for i in range(1, 33))]
     words += [f"w{i}" for i in range(vocab_size - len(words))]
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<eos>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<eos>")
-    fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])  # as npr.tokens does
+    add_tag_tokens(fast)  # the tags are in the word vocabulary too; this makes them split out of text
     return fast
 
 

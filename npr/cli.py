@@ -11,6 +11,8 @@ from pathlib import Path
 import typer
 
 from npr import grammar, topology
+from npr.engine.params import DEFAULT_TEMPERATURE as TEMPERATURE
+from npr.engine.params import DEFAULT_TOP_P as TOP_P
 from npr.tags import TAGS
 
 app = typer.Typer(
@@ -21,8 +23,6 @@ app = typer.Typer(
 )
 
 
-# one sampling default for every command that decodes: the paper's evaluation setting
-TEMPERATURE, TOP_P = 1.0, 0.7
 PROMPT_FILE_HELP = (
     "Ask with this instruction instead of the NPR one (UTF-8 text; {problem} marks where the problem goes)."
 )
@@ -185,18 +185,13 @@ def serve(
     trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the checkpoint."),
 ) -> None:
     """Serve a model over the OpenAI API (/v1/completions, /v1/chat/completions) with a live tree page at /."""
-    from npr.engine.params import layout_texts
     from npr.serve import ServeConfig, build, run
-    from npr.tasks import get_task, read_prompt_file
+    from npr.tasks import read_prompt_file
 
     try:
-        get_task(task)
-        layout_texts(layout)
-        if mode not in ("parallel", "sequential"):
-            raise ValueError(f"--mode must be parallel or sequential, got {mode!r}")
         name = served_model_name or Path(model.rstrip("/")).name
         cfg = ServeConfig(name, mode=mode, task=task, instruction=read_prompt_file(prompt_file), layout=layout,
-                          max_tokens=max_tokens, max_n=max_n, temperature=TEMPERATURE, top_p=TOP_P)  # fmt: skip
+                          max_tokens=max_tokens, max_n=max_n)  # fmt: skip
         app, _ = build(model, cfg, trust_remote_code, kv_cache_gb=kv_cache_gb, max_num_seqs=max_num_seqs,
                        attention=attention)  # fmt: skip
     except (ValueError, FileNotFoundError, OSError) as e:

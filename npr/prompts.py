@@ -12,11 +12,11 @@ STEP_INSTRUCTION = "Solve the problem step by step. End with the final answer in
 CHOICE_SUFFIX = "Put the letter of the correct option in \\boxed{}."
 
 
-def chat_ids(tokenizer, message: str) -> list[int]:
-    """Token ids of a user turn: the chat template (with the assistant cue) when the tokenizer has one."""
+def chat_ids(tokenizer, message: str | list[dict]) -> list[int]:
+    """Token ids of a user turn, or of a conversation ([{role, content}, ...]): the chat template
+    (with the assistant cue) when the tokenizer has one, else the contents one after another."""
+    turns = [{"role": "user", "content": message}] if isinstance(message, str) else message
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": message}], tokenize=False, add_generation_prompt=True
-        )
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
         return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode(message)
+    return tokenizer.encode("\n\n".join(t["content"] for t in turns))

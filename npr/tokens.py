@@ -23,6 +23,14 @@ def _sub_tokens(tokenizer, tag: str) -> list[int]:
     return ids
 
 
+def add_tag_tokens(tokenizer, tags=TAGS) -> None:
+    """Register tags as added tokens: one id each, matched before the tokenizer's own splitting,
+    not special (so decoding with skip_special_tokens keeps them)."""
+    from transformers import AddedToken
+
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in tags])
+
+
 def add_npr_tokens(tokenizer, model=None) -> dict[str, int]:
     """Add the eight tags as single-id (non-special) tokens and give the model rows for them;
     return tag -> id.
@@ -31,13 +39,11 @@ def add_npr_tokens(tokenizer, model=None) -> dict[str, int]:
     the mean of the rows of the tag's ordinary sub-tokens. Idempotent: tags the tokenizer
     already has, with rows the model already has, are left alone.
     """
-    from transformers import AddedToken
-
     vocab = tokenizer.get_vocab()
     new = [t for t in TAGS if t not in vocab]
     sub = {t: _sub_tokens(tokenizer, t) for t in TAGS}
     if new:
-        tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in new])
+        add_tag_tokens(tokenizer, new)
     ids = tag_ids(tokenizer)
     if model is None:
         return ids

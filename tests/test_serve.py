@@ -23,13 +23,17 @@ NAME = "tiny-npr"
 PROMPTS = ["the plan is", "x + y = z so", "Let us try small cases first", "1: 2: 3:"]
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Server:
     """uvicorn on a free local port, in a thread, for the module's tests."""
 
     def __init__(self, app):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -229,9 +233,7 @@ def test_npr_serve_command(tmp_path):
     tok.save_pretrained(tmp_path / "m")
     instruction = "Answer with <guideline><plan>1: a plan</plan></guideline><step>1: a step</step> {problem}"
     (tmp_path / "prompt.txt").write_text(instruction, encoding="utf-8")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     args = [sys.executable, "-m", "npr", "serve", "--model", str(tmp_path / "m"), "--port", str(port)]
     bad = subprocess.run([*args, "--layout", "diagonal"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unknown layout" in bad.stderr

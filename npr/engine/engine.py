@@ -153,7 +153,8 @@ class LLM:
 
     def completion(self, request_id: int) -> Completion:
         """The finished request's `Completion` (removes it from `finished`)."""
-        return self._completion(self.finished.pop(request_id))
+        req = self.finished.pop(request_id)
+        return completion(req, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
 
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)
@@ -268,6 +269,3 @@ class LLM:
                 f"{type(self.model).__name__} does not route attention through transformers' AttentionInterface "
                 f"({attention.STATE.calls} of {layers} layers did); the NPR engine cannot run it"
             )
-
-    def _completion(self, req: Request) -> Completion:
-        return completion(req, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))

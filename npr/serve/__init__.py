@@ -10,14 +10,13 @@ from npr.serve.loop import EngineLoop
 __all__ = ["ServeConfig", "EngineLoop", "create_app", "build", "run"]
 
 
-def build(model: str | Path, cfg: ServeConfig | None = None, trust_remote_code: bool = False, **engine_options):
-    """(app, engine loop) for a model folder or hub id; the loop starts with the app."""
+def build(model: str | Path, cfg: ServeConfig, trust_remote_code: bool = False, **engine_options):
+    """(app, engine loop) for a model folder, run folder or hub id; the loop starts with the app.
+    The request budget is capped by the model's context length."""
     from npr.engine import LLM, load
 
     lm, tok = load(model, trust_remote_code=trust_remote_code)
     llm = LLM(lm, tok, **engine_options)
-    if cfg is None:
-        cfg = ServeConfig(model_name=Path(str(model)).name)
     limit = getattr(lm.config, "max_position_embeddings", None)
     if limit and cfg.max_tokens_limit > limit:
         cfg.max_tokens_limit = limit

@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from npr.engine import SamplingParams
-from npr.engine.params import MODES, layout_texts
+from npr.engine.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MODES, layout_texts
 from npr.engine.request import Completion
 from npr.serve.loop import Delta, Done, EngineLoop
 
@@ -42,14 +42,24 @@ class ServeConfig:
     max_tokens: int = 1024  # default budget when a request gives none
     max_tokens_limit: int = 32768  # refuse requests asking for more
     max_n: int = 16
-    temperature: float = 1.0
-    top_p: float = 0.7
+    temperature: float = DEFAULT_TEMPERATURE
+    top_p: float = DEFAULT_TOP_P
+
+    def __post_init__(self):  # refuse a bad setting at start-up, not on the first request
+        from npr.tasks import get_task
+
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        get_task(self.task)
+        layout_texts(self.layout)
 
 
 class BadRequest(ValueError):
-    def __init__(self, message: str, param: str | None = None, status: int = 400):
+    """Refused with HTTP 400; `param` names the offending field."""
+
+    def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
-        self.param, self.status = param, status
+        self.param = param
 
 
 def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
@@ -126,6 +136,7 @@ def completion_prompt(body: dict, tokenizer) -> list[int]:
 
 
 def chat_prompt(body: dict, tokenizer, cfg: ServeConfig, mode: str) -> list[int]:
+    from npr.prompts import chat_ids
     from npr.tasks import user_message
 
     messages = body.get("messages")
@@ -151,10 +162,7 @@ def chat_prompt(body: dict, tokenizer, cfg: ServeConfig, mode: str) -> list[int]
         last = turns[users[-1]]
         record = {"problem": last["content"], "grader": cfg.task, "instruction": cfg.instruction}
         last["content"] = user_message(record, parallel=mode == "parallel")
-    if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-        return tokenizer.encode(text, add_special_tokens=False)
-    return tokenizer.encode("\n\n".join(t["content"] for t in turns))
+    return chat_ids(tokenizer, turns)
 
 
 # ---- responses --------------------------------------------------------------------------------
@@ -206,11 +214,12 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
 
     @app.exception_handler(BadRequest)
     async def _bad(_, e: BadRequest):
-        return JSONResponse(error_body(str(e), e.param), status_code=e.status)
+        return JSONResponse(error_body(str(e), e.param), status_code=400)
 
     @app.exception_handler(HTTPException)
     async def _http(_, e: HTTPException):
-        return JSONResponse(error_body(str(e.detail), kind="not_found_error"), status_code=e.status_code)
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e.detail), kind=kind), status_code=e.status_code)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -319,7 +328,7 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
             while ended < len(ids):
                 ev = await sink.get()
                 if isinstance(ev, Delta):
-                    yield chunk(ev.choice, ev.text, None, {"deltas": ev.branches})
+                    yield chunk(ev.choice, ev.text, None, {"deltas": ev.deltas})
                     continue
                 ended += 1
                 if ev.completion is None:

@@ -45,11 +45,11 @@ class Detokenizer:
 
 @dataclass(frozen=True)
 class Delta:
-    """New text of one request: `text` for the canonical stream, `branches` per run."""
+    """New text of one request: `text` for the canonical stream, `deltas` per run."""
 
     choice: int
     text: str
-    branches: list[dict]  # {"run", "block", "step", "text"}; block/step are -1 on the main line
+    deltas: list[dict]  # {"run", "block", "step", "text"}; block is -1 and step -1 on the main line
 
 
 @dataclass(frozen=True)
@@ -61,14 +61,13 @@ class Done:
 
 @dataclass(eq=False)
 class _Stream:
-    request_id: int
     choice: int
     sink: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     canonical: Detokenizer
-    sent: int = 0  # canonical tokens already pushed
-    runs: dict[int, Detokenizer] = field(default_factory=dict)
-    run_sent: dict[int, int] = field(default_factory=dict)
+    frontier: int = 0  # the first run (index in req.runs) not yet wholly in the canonical stream
+    before: int = 0  # canonical tokens of the runs before it
+    runs: dict[int, Detokenizer] = field(default_factory=dict)  # per run: what its deltas have carried
 
     def put(self, item) -> None:
         self.loop.call_soon_threadsafe(self.sink.put_nowait, item)
@@ -138,13 +137,12 @@ class EngineLoop:
                     loop.call_soon_threadsafe(_settle, accepted, None, e)
                     continue
                 for choice, rid in enumerate(ids):
-                    self.streams[rid] = _Stream(rid, choice, sink, loop, Detokenizer(self.decode))
+                    self.streams[rid] = _Stream(choice, sink, loop, Detokenizer(self.decode))
                 loop.call_soon_threadsafe(_settle, accepted, ids, None)
             elif msg[0] == "abort":
                 for rid in msg[1]:
                     self.streams.pop(rid, None)
                     self.cancelled += self.llm.abort(rid)
-                    self.llm.finished.pop(rid, None)
 
     def _publish(self) -> None:
         live = {r.id: r for r in self.llm.scheduler.running}
@@ -153,8 +151,8 @@ class EngineLoop:
             if req is None:
                 continue  # still waiting for admission
             finished = req.finish_reason is not None
-            delta = _delta(s, req, finished, self.decode)
-            if delta.text or delta.branches:
+            delta = Delta(s.choice, _canonical(s, req, finished), _run_deltas(s, req, self.decode))
+            if delta.text or delta.deltas:
                 s.put(delta)
             if finished:
                 del self.streams[rid]
@@ -186,29 +184,36 @@ def _settle(fut: asyncio.Future, value, error) -> None:
         fut.set_result(value)
 
 
-def _delta(s: _Stream, req: Request, finished: bool, decode) -> Delta:
-    """New text per run, and the canonical text of the runs that are settled in canonical order."""
-    branches = []
+def _run_deltas(s: _Stream, req: Request, decode) -> list[dict]:
+    """The new text of every run that grew since the last step."""
+    out = []
     for run in req.runs:
+        det = s.runs.setdefault(run.index, Detokenizer(decode))
         toks = run.tokens[run.offset :]
-        sent = s.run_sent.get(run.index, 0)
-        if len(toks) > sent:  # a preempted request decodes again: only tokens past what was sent
-            det = s.runs.setdefault(run.index, Detokenizer(decode))
-            text = det.push(toks[sent:])
-            s.run_sent[run.index] = len(toks)
+        if len(toks) > len(det.ids):  # a preempted request decodes again: only tokens past what was sent
+            text = det.push(toks[len(det.ids) :])
             if text:
                 step = run.key[1] >= 0
-                branches.append(
-                    {"run": run.index, "block": run.key[0] if step else -1, "step": run.key[1], "text": text}
-                )
+                out.append({"run": run.index, "block": run.key[0] if step else -1, "step": run.key[1], "text": text})
+    return out
+
+
+def _canonical(s: _Stream, req: Request, finished: bool) -> str:
+    """New canonical text: runs in creation order, each released once every run before it is
+    closed (no live branch writes it and a later run exists). Only runs from the frontier on are
+    read, so a step costs the new tokens, not the whole answer."""
     writing = {b.run.index for b in req.branches if not b.done}
-    canonical: list[int] = []
-    for i, run in enumerate(req.runs):  # closed runs, then the first open one
-        canonical += run.tokens[run.offset :]
-        if not finished and (run.index in writing or i == len(req.runs) - 1):
-            break
     text = ""
-    if len(canonical) > s.sent or finished:
-        text = s.canonical.push(canonical[s.sent :], final=finished)
-        s.sent = len(canonical)
-    return Delta(s.choice, text, branches)
+    while s.frontier < len(req.runs):
+        run = req.runs[s.frontier]
+        toks = run.tokens[run.offset :]
+        pushed = len(s.canonical.ids) - s.before
+        if len(toks) > pushed:
+            text += s.canonical.push(toks[pushed:])
+        if not finished and (run.index in writing or s.frontier == len(req.runs) - 1):
+            break
+        s.before += len(toks)
+        s.frontier += 1
+    if finished:
+        text += s.canonical.push([], final=True)
+    return text

@@ -24,7 +24,9 @@ CHAT_TEMPLATE = (
 
 def build_tokenizer():
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import AddedToken, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
+
+    from npr.tokens import add_tag_tokens
 
     words = list(dict.fromkeys(WORDS + (NPR_INSTRUCTION + " " + SEQ_INSTRUCTION).split()))
     words = [w for w in words if not w.isdigit() and w not in SYMBOLS]
@@ -44,6 +46,6 @@ def build_tokenizer():
         additional_special_tokens=["<|im_start|>"],
     )
     # single ids that survive decode(skip_special_tokens=True), like the tags of npr.tokens
-    fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAGS])
+    add_tag_tokens(fast)
     fast.chat_template = CHAT_TEMPLATE
     return fast
