@@ -20,22 +20,43 @@ def _flex_attention(module, query, key, value, attention_mask, scaling=None, dro
     from torch.nn.attention.flex_attention import flex_attention
 
     fn = flex_attention
-    if query.is_cuda:  # eager flex attention materialises scores; compile it on GPU
-        fn = _compiled_flex()
+    backend = COMPILE_BACKEND or ("inductor" if query.is_cuda else None)
+    if backend:  # eager flex attention materialises [B, H, L, L] scores: compile it on GPU
+        fn = _compiled_flex(backend)
     out = fn(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
-_COMPILED = None
+COMPILE_BACKEND: str | None = None  # None: inductor on CUDA, eager elsewhere (tests set "eager" to count graphs)
+_COMPILED: dict[str, object] = {}
 
 
-def _compiled_flex():
-    global _COMPILED
-    if _COMPILED is None:
+def _compiled_flex(backend: str):
+    """flex_attention compiled once with dynamic shapes: packed rows change width at almost every
+    micro-batch, and a static compile would recompile per width until torch's recompile limit,
+    then fall back to the eager kernel (which materialises the scores: 128 GiB at 32k, 32 heads)."""
+    if backend not in _COMPILED:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _COMPILED = torch.compile(flex_attention, dynamic=False)
-    return _COMPILED
+        _COMPILED[backend] = torch.compile(flex_attention, dynamic=True, backend=backend)
+    return _COMPILED[backend]
+
+
+ATTENTION = ("auto", "flex", "default")
+
+
+def use_trainer_attention(model, choice: str) -> str:
+    """The trainer's attention (`model.attention`): "flex" (FlexAttention with a BlockMask built
+    from O(L) labels: no L x L mask), "default" (the model's own kernel with a dense additive
+    mask) or "auto" (flex on CUDA, default elsewhere). Returns the kernel used. The engine is not
+    affected: it runs its own paged kernel over the KV pool."""
+    if choice not in ATTENTION:
+        raise ValueError(f"model.attention: expected one of {', '.join(ATTENTION)}, got {choice!r}")
+    if choice == "auto":
+        choice = "flex" if next(model.parameters()).is_cuda else "default"
+    if choice == "flex":
+        use_flex_attention(model)
+    return choice
 
 
 def use_flex_attention(model) -> None:

@@ -123,6 +123,22 @@ def test_branches_run_concurrently(tok, biased):
         assert o.stats["critical_path_tokens"] < o.stats["total_tokens"]
 
 
+def test_sleeping_engine_frees_its_pool_and_wakes_to_the_same_answers(tok, biased):
+    llm = LLM(biased, tok, num_pages=512, page_size=4)
+    sp = SamplingParams(max_tokens=120, seed=7, temperature=0.9)
+    before = llm.generate(PROMPTS, sp)
+    size = llm.pool.k.numel()
+    llm.sleep()
+    assert llm.pool.k.numel() == llm.pool.v.numel() == 0 and llm.table.slots.shape[1] <= 256
+    after = llm.generate(PROMPTS, sp)  # wakes by itself
+    assert llm.pool.k.numel() == size and llm.pool.free_pages == 512
+    assert [o.token_ids for o in before] == [o.token_ids for o in after]
+    assert [o.logprobs for o in before] == [o.logprobs for o in after]
+    llm.add_request(PROMPTS[0], sp)
+    with pytest.raises(RuntimeError, match="in flight"):
+        llm.sleep()
+
+
 def test_same_seed_same_output_whatever_the_batch(tok, biased):
     llm = LLM(biased, tok, num_pages=512, page_size=4)
     sp = SamplingParams(max_tokens=120, seed=7, temperature=0.9, top_p=0.95, top_k=50)

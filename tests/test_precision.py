@@ -62,3 +62,27 @@ def test_without_masters_bf16_adam_steps_are_lost(tokenizer):
     opt.step()
     moved = sum(int((p.detach() != s).sum()) for p, s in zip(model.parameters(), start))
     assert moved < 0.2 * sum(p.numel() for p in model.parameters())
+
+
+def test_micro_batch_gradients_accumulate_in_fp32_masters(tokenizer):
+    """Two micro-batches of a bf16 model: the master's gradient is the fp32 sum of the two bf16
+    gradients (a bf16 buffer would round the sum), and no bf16 gradient is left on the model."""
+    model = make_model("qwen3", len(tokenizer)).to(torch.bfloat16).train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 2, 24), generator=torch.Generator().manual_seed(1))
+    alone = []
+    for part in ids:  # each micro-batch's gradient on its own, in bf16
+        model.zero_grad(set_to_none=True)
+        model(input_ids=part, labels=part).loss.backward()
+        alone.append([p.grad.clone() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    policy = Policy(model, tokenizer)
+    make_optimizer(policy, OptimConfig(lr=1e-6), 1)
+    for part in ids:
+        model(input_ids=part, labels=part).loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    rounded = 0
+    for m, g1, g2 in zip(policy.master, *alone):
+        exact = g1.float() + g2.float()
+        assert torch.equal(m.grad, exact)
+        rounded += int(((g1 + g2).float() != exact).sum())  # what bf16 accumulation would have lost
+    assert rounded > 0

@@ -232,14 +232,16 @@ def test_mini_batches_recompute_old_logprobs_and_let_the_clip_act(tiny_dir, tmp_
     from npr.train.rl import recompute_old_logprobs, rollouts
 
     monkeypatch.setitem(rewards.REWARDS, "even", even)
-    cfg = _cfg(tiny_dir, tmp_path / "parity", 1)
-    policy = load_policy(cfg.model)
-    llm = LLM(policy.model, policy.tokenizer, num_pages=256)
-    probs = list(enumerate(load_benchmark(cfg.data.source, 2)))
-    rolls = rollouts(llm, cfg, probs, 0, 0, even)
-    recompute_old_logprobs(policy, cfg, rolls, tag_ids(policy.tokenizer), policy.tokenizer.pad_token_id)
-    for r in rolls:
-        torch.testing.assert_close(r.old, torch.tensor(r.out.logprobs), atol=1e-4, rtol=0)
+    for attention in ("default", "flex"):  # the trainer's kernel (FlexAttention on GPUs) against the engine's
+        cfg = _cfg(tiny_dir, tmp_path / "parity", 1, **{"model.attention": attention})
+        policy = load_policy(cfg.model)
+        assert (policy.model.config._attn_implementation == "npr_flex") == (attention == "flex")
+        llm = LLM(policy.model, policy.tokenizer, num_pages=256)
+        probs = list(enumerate(load_benchmark(cfg.data.source, 2)))
+        rolls = rollouts(llm, cfg, probs, 0, 0, even)
+        recompute_old_logprobs(policy, cfg, rolls, tag_ids(policy.tokenizer), policy.tokenizer.pad_token_id)
+        for r in rolls:
+            torch.testing.assert_close(r.old, torch.tensor(r.out.logprobs), atol=1e-4, rtol=0)
 
     clip = {}
     for mini in (1, 2):
@@ -247,3 +249,25 @@ def test_mini_batches_recompute_old_logprobs_and_let_the_clip_act(tiny_dir, tmp_
         train_rl(_cfg(tiny_dir, out, 1, **{"algo.loss": "dapo", "algo.mini_batches": mini}), progress=False)
         clip[mini] = json.loads((out / "metrics.jsonl").read_text())["clip_fraction"]
     assert clip[1] == 0.0 and clip[2] > 0.0, clip
+
+
+def test_kv_pool_sleeps_through_the_update(tiny_dir, tmp_path, monkeypatch):
+    """The engine's KV pool holds no memory while the trainer updates, and is back for the next
+    rollouts (the run's results are those of an engine that never slept: see the resume test)."""
+    from npr.train import rl
+
+    monkeypatch.setitem(rewards.REWARDS, "even", even)
+    seen, step = [], rl.train_step
+
+    def spy(policy, *args, **kw):
+        seen.append(engines[0].pool.k.numel())
+        return step(policy, *args, **kw)
+
+    engines, make = [], rl.LLM
+    monkeypatch.setattr(rl, "LLM", lambda *a, **kw: engines.append(make(*a, **kw)) or engines[-1])
+    monkeypatch.setattr(rl, "train_step", spy)
+    train_rl(_cfg(tiny_dir, tmp_path / "run", 2), progress=False)
+    assert seen == [0, 0] and engines[0].pool.k.numel() == 0  # asleep at each update
+    # and it wakes for the next generation with its full size
+    completion = engines[0].generate([[5, 6, 7]], rl.SamplingParams(max_tokens=4, seed=1))[0]
+    assert engines[0].pool.k.numel() > 0 and len(completion.token_ids) == 4

@@ -126,6 +126,32 @@ def test_flex_attention_matches_dense(tokenizer, family):
     assert lp.shape == (2, ids.shape[1] - 1) and torch.all(lp[real[:, 1:]] <= 0)
 
 
+def test_compiled_flex_attention_does_not_recompile_for_new_widths(tokenizer, monkeypatch):
+    """Packed rows change width at every micro-batch: the compiled kernel must take them all with
+    one graph (a static compile recompiles per width, then falls back to eager flex attention).
+    Compiled here with dynamo's eager backend, which counts graphs without generating code."""
+    from torch._dynamo.utils import counters
+
+    from npr import modeling
+
+    monkeypatch.setattr(modeling, "COMPILE_BACKEND", "eager")
+    model = make_model("qwen3", len(tokenizer), "sdpa")
+    t = tag_ids(tokenizer)
+    x = trajectory(tokenizer)
+    full = x[0] + x[1] + sum(x[2], []) + x[3]
+    with torch.no_grad():
+        widths = (1, 2, 3, 5, 8)  # 53 to 424 tokens: one to four 128-token blocks
+        dense = [topology_forward(model, *collate([(full * k, len(x[0]))], t)).logits for k in widths]
+        use_flex_attention(model)
+        torch._dynamo.reset()
+        counters.clear()
+        flex = [topology_forward(model, *collate([(full * k, len(x[0]))], t)).logits for k in widths]
+    # one graph for rows of a single 128-token block (dynamo specialises sizes of 1), one for all wider rows
+    assert counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    for d, f in zip(dense, flex):
+        assert torch.allclose(d, f, atol=ATOL)
+
+
 @pytest.mark.parametrize("tie", [False, True])
 def test_token_stats_through_the_head_in_chunks_equal_full_logits(tokenizer, tie):
     """Log-probs, entropy and gradients equal the full-logits computation within 1e-5 (fp32), and no

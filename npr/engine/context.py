@@ -47,6 +47,12 @@ class ContextTable:
     def release(self, row: int) -> None:
         self.free.append(row)
 
+    def shrink(self, cols: int = 256) -> None:
+        """Back to the starting width once no row is live (the widest context may have been 30k)."""
+        self.slots = self.slots.new_zeros(self.rows, min(cols, self.slots.shape[1]))
+        self.pages = self.pages.new_zeros(self.rows, min(16, self.pages.shape[1]))
+        self.seen = None  # [rows, vocab]: allocated again on first use
+
     def reserve(self, cols: int, pages: int) -> None:
         """Make room for `cols` tokens and `pages` pages per row (doubling: amortised growth)."""
         self.slots = _widen(self.slots, cols)

@@ -144,6 +144,7 @@ class LLM:
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         req = Request(self._next_id, ids, params, seed, replay=replay)
         self._next_id += 1
+        self.pool.wake()
         self.scheduler.waiting.append(req)
         return req.id
 
@@ -155,6 +156,21 @@ class LLM:
         """The finished request's `Completion` (removes it from `finished`)."""
         req = self.finished.pop(request_id)
         return completion(req, lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False))
+
+    def sleep(self) -> None:
+        """Give back the KV pool's memory (and the context table's width) between generations, so
+        a training update can use it; the next `generate` or `add_request` wakes the engine. At
+        the real setting the pool is most of what the weights leave free (40 GB in the Qwen3
+        configs), which the update's activations need."""
+        if self.has_work():
+            raise RuntimeError("the engine cannot sleep with requests in flight")
+        self.pool.sleep()
+        self.table.shrink()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def wake(self) -> None:
+        self.pool.wake()
 
     def has_work(self) -> bool:
         return bool(self.scheduler.waiting or self.scheduler.running)

@@ -49,6 +49,22 @@ class KVPool:
         self.free: list[int] = list(range(num_pages - 1, -1, -1))
         self.live: set[int] = set()  # ids of segments holding pages, for leak checks
 
+    @property
+    def asleep(self) -> bool:
+        return self.k.numel() == 0
+
+    def sleep(self) -> None:
+        """Free the K/V memory while nothing is cached (e.g. for a training update); `wake` restores it."""
+        if self.live:
+            raise RuntimeError(f"the KV pool cannot sleep: {len(self.live)} segments still hold pages")
+        self._shape = self.k.shape
+        self.k = self.v = self.k.new_empty(0)
+
+    def wake(self) -> None:
+        if self.asleep:
+            self.k = torch.zeros(self._shape, dtype=self.k.dtype, device=self.k.device)
+            self.v = torch.zeros_like(self.k)
+
     @staticmethod
     def pages_for_budget(gb: float, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype) -> int:
         per_page = 2 * num_layers * page_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8

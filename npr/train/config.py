@@ -19,6 +19,7 @@ class ModelConfig:
     lora_alpha: int = 32
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     gradient_checkpointing: bool = False  # recompute each layer's activations in the backward (RL and SFT)
+    attention: str = "auto"  # trainer forward: auto (flex on GPU) | flex (BlockMask) | default (dense mask)
 
 
 @dataclass
@@ -85,7 +86,6 @@ class SFTConfig:
     packing: bool = False  # pack several examples per row (up to max_length tokens) instead of padding
     max_length: int = 4096
     sequential: bool = False  # the sequential-SFT baseline: causal mask, positions 0..L-1
-    attention: str = "auto"  # auto (flex on GPU) | flex | default (the model's own, dense mask)
 
 
 @dataclass

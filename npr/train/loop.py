@@ -52,6 +52,9 @@ def make_optimizer(policy: Policy, o: OptimConfig, total_steps: int):
     params = policy.trainable()
     if not policy.fsdp and any(p.dtype in (torch.bfloat16, torch.float16) for p in params):
         policy.master = [p.detach().float().clone().requires_grad_(True) for p in params]
+        for h in policy.hooks:  # a second optimiser on the same policy replaces the first one's masters
+            h.remove()
+        policy.hooks = [p.register_post_accumulate_grad_hook(_into_master(m)) for p, m in zip(params, policy.master)]
         params = policy.master
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, betas=tuple(o.betas))
     if o.schedule not in ("constant", "linear", "cosine"):
@@ -68,6 +71,21 @@ def make_optimizer(policy: Policy, o: OptimConfig, total_steps: int):
         return floor + (1 - floor) * shape
 
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _into_master(master: torch.Tensor):
+    """A hook that moves each micro-batch's gradient into the fp32 master as soon as it is
+    accumulated: the sum over micro-batches is then taken in fp32 (a bf16 sum would round every
+    addition), and no bf16 gradient buffer outlives its backward pass."""
+
+    def hook(p: torch.Tensor) -> None:
+        if master.grad is None:
+            master.grad = p.grad.float()
+        else:
+            master.grad.add_(p.grad)
+        p.grad = None
+
+    return hook
 
 
 def micro_batches(lengths: list[int], o: OptimConfig) -> list[list[int]]:
@@ -110,11 +128,7 @@ def check_loss(loss: torch.Tensor, opt) -> None:
 def optimizer_step(policy: Policy, opt, sched, grad_clip: float) -> float:
     """Sum gradients over ranks, clip, step; returns the gradient norm before clipping."""
     if not policy.fsdp:  # FSDP has already reduce-scattered (summed) the gradients
-        distributed.sum_gradients(policy.trainable())
-    if policy.master is not None:  # gradients into the fp32 masters (clipped and applied there)
-        for p, m in zip(policy.trainable(), policy.master):
-            m.grad = None if p.grad is None else p.grad.float()
-            p.grad = None
+        distributed.sum_gradients(policy.master or policy.trainable())  # masters: fp32 sums (_into_master)
     norm = torch.nn.utils.clip_grad_norm_(policy.master or policy.trainable(), grad_clip)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     if not torch.isfinite(norm):

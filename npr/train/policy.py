@@ -10,12 +10,13 @@ weights (LoRA merged in), so the next stage and `npr eval` load them like any mo
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from npr.engine import load
+from npr.modeling import use_trainer_attention
 from npr.train import checkpoint
 from npr.train.config import ModelConfig
 
@@ -29,6 +30,7 @@ class Policy:
     lora: bool = False
     fsdp: bool = False
     master: list[torch.Tensor] | None = None  # fp32 copies of the trainable weights (bf16/fp16 models)
+    hooks: list = field(default_factory=list)  # the hooks that move gradients into `master`
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -116,6 +118,7 @@ def load_policy(cfg: ModelConfig, ckpt: Path | None = None, add_tags: bool = Fal
     source = cfg.path if (ckpt is None or cfg.lora_rank) else ckpt
     model, tok = load(source, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     model.eval()
+    use_trainer_attention(model, cfg.attention)  # the trainer's kernel; the engine runs its own
     if add_tags:
         from npr.tags import TAGS
         from npr.tokens import add_npr_tokens

@@ -221,6 +221,7 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True, overwrite
                 kept, dropped, filtered = kept + groups, dropped + n_dropped, filtered + n_filtered
                 need = cfg.rollout.prompts_per_step - len(kept)
             gen_time = time.perf_counter() - t0
+            llm.sleep()  # the KV pool's memory goes to the update; the next rollouts wake the engine
             flat = [x for g in kept for x in g]
             stats = {}
             if flat:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from npr import grammar
-from npr.modeling import topology_token_stats, use_flex_attention
+from npr.modeling import topology_token_stats
 from npr.tags import tag_ids
 from npr.tasks import prompt_ids
 from npr.tokens import encode_pieces
@@ -138,10 +138,7 @@ def train_sft(cfg: Config, resume: bool = False, progress: bool = True, overwrit
     s = cfg.sft
     run = Run(cfg, resume, progress, "SFT", add_tags=True, overwrite=overwrite)
     policy, rank, world = run.policy, run.rank, run.world
-    model, tok = policy.model, policy.tokenizer
-    attention = s.attention if s.attention != "auto" else ("flex" if torch.cuda.is_available() else "default")
-    if attention == "flex":
-        use_flex_attention(model)  # no L x L mask: a BlockMask built from O(L) labels
+    tok = policy.tokenizer
     examples = load_examples(cfg.data.source, tok, cfg.data.size or None)
     total_steps = s.steps or math.ceil(len(examples) * s.epochs / s.batch_size)
     opt, sched = make_optimizer(policy, cfg.optim, total_steps)
