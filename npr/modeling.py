@@ -67,6 +67,16 @@ def use_flex_attention(model) -> None:
     model.set_attn_implementation(FLEX)
 
 
+def compute_dtype(model) -> torch.dtype:
+    """The dtype activations have: the weights' dtype, or under FSDP2 mixed precision (fp32 shards,
+    bf16 compute) the dtype the weights are gathered in, which `load_policy` records in the config."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule) and model.config.dtype is not None:
+        return model.config.dtype
+    return model.dtype
+
+
 def topology_forward(model, input_ids: torch.Tensor, topo: Topology, **kwargs):
     """Forward `input_ids` [B, L] with the topology's positions and visibility; returns the model output.
 
@@ -77,7 +87,7 @@ def topology_forward(model, input_ids: torch.Tensor, topo: Topology, **kwargs):
     if model.config._attn_implementation == FLEX:
         mask = block_mask(topo)
     else:
-        mask = additive_mask(topo, dtype=model.dtype)
+        mask = additive_mask(topo, dtype=compute_dtype(model))
     return model(input_ids=input_ids, attention_mask=mask, position_ids=topo.position_ids, **kwargs)
 
 

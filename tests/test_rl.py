@@ -182,6 +182,48 @@ def test_fsdp_two_process_resumed_run_matches_one_process(tiny_dir, tmp_path):
     assert [x["grad_norm"] for x in m1] == pytest.approx([x["grad_norm"] for x in m2], rel=1e-4)  # summed, not averaged
 
 
+def test_fsdp_bf16_keeps_fp32_masters_and_matches_one_process(tiny_dir, tmp_path):
+    """model.dtype=bfloat16 under FSDP2: fp32 shards and Adam state, bf16 compute (MixedPrecisionPolicy),
+    fp32 gradient reduction; the checkpoint is bf16 and equals what one process with fp32 masters gets."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import load_file, save_file
+
+    # one process loads the weights in bf16, FSDP in fp32: start both from bf16-representable values
+    start = tmp_path / "start"
+    shutil.copytree(tiny_dir, start)
+    w = load_file(start / "model.safetensors")
+    save_file({k: v.to(torch.bfloat16).float() for k, v in w.items()}, start / "model.safetensors", {"format": "pt"})
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1")
+    over = [f"model.path={start}", "model.dtype=bfloat16", "rollout.n=4", "rollout.prompts_per_step=2",
+            "rollout.max_tokens=16", "optim.lr=1e-4", "optim.micro_batch=2", "algo.reward=test_rl:even",
+            "data.size=50", "algo.dynamic_sampling=false", "run.steps=1"]  # fmt: skip
+    one = [sys.executable, "-m", "npr", "train", "rl", *over, f"run.out={tmp_path / 'one'}"]
+    fsdp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
+            "-m", "npr", "train", "rl", *over, "model.fsdp=true", f"run.out={tmp_path / 'fsdp'}"]  # fmt: skip
+    for cmd in (one, fsdp):
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+    ckpts = [tmp_path / d / "checkpoints" / "step-000001" for d in ("one", "fsdp")]
+    a, b = (load_file(c / "model.safetensors") for c in ckpts)
+    base = load_file(start / "model.safetensors")
+    assert all(v.dtype == torch.bfloat16 for v in b.values())
+    assert json.loads((ckpts[1] / "config.json").read_text())["dtype"] == "bfloat16"
+    layers = [k for k in b if ".layers." in k]  # (embedding rows of unused tokens get no gradient)
+    moved = sum(int((b[k] != base[k].to(torch.bfloat16)).sum()) for k in layers)
+    assert moved > 0.1 * sum(b[k].numel() for k in layers)  # it trained
+    from npr.train.checkpoint import load_state
+
+    adam = [t for st in load_state(ckpts[1])["optimizer"]["state"].values() for t in st.values() if t.numel() > 1]
+    assert adam and all(t.dtype == torch.float32 for t in adam)  # fp32 optimiser state for the fp32 shards
+    differ = sum(int((a[k] != b[k]).sum()) for k in a)  # reduction order: a last-bit difference, rarely
+    assert differ <= 1e-3 * sum(v.numel() for v in a.values()), differ
+
+
 def test_lora_checkpoint_holds_merged_weights_and_resumes_exactly(tiny_dir, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 

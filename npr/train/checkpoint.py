@@ -21,7 +21,7 @@ def save(out: Path, step: int, model, tokenizer, state: dict, state_dict: dict |
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp, state_dict=state_dict)
-    _plain_architecture(tmp, model)
+    _plain_config(tmp, model, state_dict)
     tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / STATE)
     shutil.rmtree(final, ignore_errors=True)
@@ -48,8 +48,9 @@ def load_state(path: Path) -> dict:
     return torch.load(path / STATE, weights_only=True)
 
 
-def _plain_architecture(folder: Path, model) -> None:
-    """FSDP2 renames a model's class (FSDPQwen3ForCausalLM); the saved config must name the HF class."""
+def _plain_config(folder: Path, model, state_dict: dict | None) -> None:
+    """FSDP2 renames a model's class (FSDPQwen3ForCausalLM) and holds fp32 shards under mixed
+    precision; the saved config must name the HF class and the dtype the weights were saved in."""
     from torch.distributed.fsdp import FSDPModule
 
     if not isinstance(model, FSDPModule):
@@ -57,4 +58,7 @@ def _plain_architecture(folder: Path, model) -> None:
     plain = next(c for c in type(model).__mro__[1:] if not issubclass(c, FSDPModule))
     config = json.loads((folder / "config.json").read_text())
     config["architectures"] = [plain.__name__]
+    dtypes = {v.dtype for v in (state_dict or {}).values() if v.is_floating_point()}
+    if len(dtypes) == 1:
+        config["dtype"] = str(dtypes.pop()).removeprefix("torch.")
     (folder / "config.json").write_text(json.dumps(config, indent=2))

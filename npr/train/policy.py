@@ -31,6 +31,7 @@ class Policy:
     fsdp: bool = False
     master: list[torch.Tensor] | None = None  # fp32 copies of the trainable weights (bf16/fp16 models)
     hooks: list = field(default_factory=list)  # the hooks that move gradients into `master`
+    dtype: torch.dtype = torch.float32  # compute and checkpoint dtype (model.dtype)
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -59,7 +60,8 @@ class Policy:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_model_state_dict(self.model, options=opts)
+            full = get_model_state_dict(self.model, options=opts)  # fp32 masters: saved in the model's dtype
+            return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in full.items()}
         if self.lora:
             return _merged_lora(self.model)
         return None
@@ -116,7 +118,10 @@ def load_policy(cfg: ModelConfig, ckpt: Path | None = None, add_tags: bool = Fal
         raise ValueError("model.lora_rank and model.fsdp together are not supported (LoRA keeps a full copy per rank)")
     # LoRA resumes from the frozen base plus the saved adapter, so the base weights stay bit-exact.
     source = cfg.path if (ckpt is None or cfg.lora_rank) else ckpt
-    model, tok = load(source, dtype=DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    dtype = DTYPES[cfg.dtype]
+    # FSDP keeps the sharded weights (the masters) and Adam's state in fp32 and computes in `dtype`
+    held = torch.float32 if cfg.fsdp else dtype
+    model, tok = load(source, dtype=held, trust_remote_code=cfg.trust_remote_code)
     model.eval()
     use_trainer_attention(model, cfg.attention)  # the trainer's kernel; the engine runs its own
     if add_tags:
@@ -127,7 +132,7 @@ def load_policy(cfg: ModelConfig, ckpt: Path | None = None, add_tags: bool = Fal
         if missing and cfg.lora_rank:
             raise ValueError(f"{source}: the model lacks the tags {missing}; LoRA cannot train new embedding rows")
         add_npr_tokens(tok, model)
-    policy = Policy(model, tok)
+    policy = Policy(model, tok, dtype=dtype)
     if cfg.lora_rank:
         _add_lora(model, cfg)
         policy.lora = True
@@ -140,7 +145,8 @@ def load_policy(cfg: ModelConfig, ckpt: Path | None = None, add_tags: bool = Fal
                 for k, v in adapter.items():
                     params[k].copy_(v)
     if cfg.fsdp:
-        _shard(model)
+        model.config.dtype = dtype  # what it computes in and what its checkpoints hold
+        _shard(model, dtype)
         policy.fsdp = True
     return policy
 
@@ -181,10 +187,14 @@ def _fsdp_modules(model) -> list:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def _shard(model) -> None:
-    """FSDP2: one shard group per decoder layer, the rest (embeddings, head) in the root group."""
+def _shard(model, dtype: torch.dtype) -> None:
+    """FSDP2: one shard group per decoder layer, the rest (embeddings, head) in the root group.
+
+    Mixed precision: the shards (master weights) and the optimiser state are fp32; each forward
+    all-gathers the weights cast to `dtype` (bf16: half the traffic, bf16 compute) and gradients
+    are reduce-scattered in fp32, so small updates and sums are not rounded away."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():
         raise ValueError("model.fsdp needs a distributed launch: torchrun --nproc_per_node N npr train ...")
@@ -192,9 +202,10 @@ def _shard(model) -> None:
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
     if not layers:
         raise ValueError(f"model.fsdp: cannot find the decoder layers of {type(model).__name__}")
+    mp = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
     for layer in layers:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
     for m in _fsdp_modules(model):
         # The loss is already a global token-mean: sum the shards' gradients, do not average them.
         m.set_gradient_divide_factor(1.0)
