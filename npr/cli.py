@@ -265,6 +265,40 @@ def bench_engine_cmd(
         print(f"  {k:30s} {v:.4g}" if isinstance(v, float) else f"  {k:30s} {v}")
 
 
+@bench_app.command("train")
+def bench_train_cmd(
+    config: str = typer.Option(
+        "narrow-152k", help="Random model shape: tiny, narrow-152k, qwen3-0.6b-shape, qwen3-4b-shape."
+    ),
+    length: list[int] = typer.Option([2048, 4096, 8192], help="Sequence length in tokens (repeat for several)."),
+    step: list[str] = typer.Option(["sft", "papo"], help="Training step: sft (Stage 2) or papo (Stage 3)."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU)."),
+    attention: str = typer.Option("auto", help="Trainer attention: auto (flex on CUDA), flex or default."),
+    checkpointing: bool = typer.Option(True, help="Gradient checkpointing (as the Qwen configs train)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Peak memory and time of one real training step (the trainers' own functions, random weights).
+
+    On a CPU each length runs in a fresh process and the peak is its RSS; on a GPU it is
+    torch.cuda.max_memory_allocated, and the time is the second step's (the first compiles)."""
+    from npr.bench import SHAPES
+    from npr.bench.train import measure, table
+
+    if config not in SHAPES:
+        raise typer.BadParameter(f"unknown shape {config!r}; choose from {', '.join(SHAPES)}", param_hint="--config")
+    rows = []
+    try:
+        for s in step:
+            for n in length:
+                rows.append(measure(config, n, s, dtype, attention, checkpointing))
+                if not as_json:
+                    print(table(rows[-1:]).splitlines()[-1] if len(rows) > 1 else table(rows), flush=True)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    if as_json:
+        print(json.dumps(rows))
+
+
 @app.command()
 def base(
     out: Path = typer.Option(Path("runs/base"), "--out", help="Where the base checkpoint is written (and cached)."),

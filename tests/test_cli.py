@@ -94,3 +94,22 @@ def test_bench_engine_json():
     assert set(res) == keys
     assert res["ideal_speedup"] > 1.2 and res["parity_max_abs_logprob_diff"] <= 1e-4
     assert all(res[k] > 0 for k in ("parallel_tps", "sequential_tps", "hf_generate_tps", "speedup"))
+
+
+def test_bench_train_json_and_exact_lengths():
+    from npr.bench import word_tokenizer
+    from npr.bench.train import trajectory
+    from npr.grammar import parse
+
+    tok = word_tokenizer(512)
+    for n in (300, 2048, 5000):
+        prompt, completion = trajectory(tok, n)
+        assert len(prompt + completion) == n
+        assert parse(tok.decode(completion)).blocks  # a real parallel trajectory, not filler
+    r = npr("bench", "train", "--config", "tiny", "--length", "300", "--length", "600", "--step", "papo", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [(x["step"], x["length"]) for x in rows] == [("papo", 300), ("papo", 600)]
+    assert all(x["peak_gib"] > 0 and x["step_s"] > 0 and x["checkpointing"] for x in rows)
+    bad = npr("bench", "train", "--config", "tiny", "--step", "ppo")
+    assert bad.returncode == 2 and "sft, papo" in bad.stderr

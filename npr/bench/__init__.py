@@ -1,4 +1,6 @@
-"""`npr bench engine`: parallel vs sequential decoding vs HF `generate` on one structured workload.
+"""Benchmarks that print figures. This file: the random models of real shapes both benchmarks use,
+and `npr bench engine` (parallel vs sequential decoding vs HF `generate` on one structured
+workload); `train.py`: `npr bench train` (memory and time of one training step).
 
 Both engine modes replay the same trajectories (tokens are forced from a target instead of
 sampled; the model still runs every forward), so they decode identical token ids and the
@@ -20,6 +22,9 @@ SHAPES = {
                  num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=False),
     "qwen3-0.6b-shape": dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
                              num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
+    # Qwen3's real vocabulary behind a narrow body: nearly all memory is the trainer's own (logits, masks)
+    "narrow-152k": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16, vocab_size=151936, tie_word_embeddings=False),
     "qwen3-4b-shape": dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
                            num_key_value_heads=8, head_dim=128, vocab_size=151936, tie_word_embeddings=True),
 }  # fmt: skip
