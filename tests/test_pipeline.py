@@ -27,7 +27,8 @@ def setup(tmp_path_factory):
     (root / "math.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
     data = f"toy={root / 'math.jsonl'}"
     rl = ["rollout.n=2", "rollout.prompts_per_step=2", "rollout.max_tokens=12", "run.steps=2", "data.size=4",
-          f"data.source={data}", "rollout.kv_cache_gb=0.05", "model.dtype=float32", "algo.max_resample=0"]  # fmt: skip
+          f"data.source={data}", "rollout.kv_cache_gb=0.05", "model.dtype=float32", "algo.max_resample=0",
+          "model.fsdp=false"]  # one process here; the configs shard over torchrun ranks  # fmt: skip
     plan = {
         "out": str(root / "run"),
         "base": str(root / "hf-model"),
@@ -36,7 +37,13 @@ def setup(tmp_path_factory):
         "distill": {"data": data, "limit": 4, "tries": 2, "keep": 1, "max_tokens": 12},
         "stage2": {
             "config": "stage2.yaml",
-            "overrides": ["sft.steps=2", "sft.batch_size=2", "optim.warmup_steps=0", "model.dtype=float32"],
+            "overrides": [
+                "sft.steps=2",
+                "sft.batch_size=2",
+                "optim.warmup_steps=0",
+                "model.dtype=float32",
+                "model.fsdp=false",
+            ],  # fmt: skip
         },
         "stage3": {"config": "stage3.yaml", "overrides": rl},
         "eval": {"bench": data, "limit": 2, "n": 1, "max_tokens": 12, "kv_cache_gb": 0.05},

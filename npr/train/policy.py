@@ -197,7 +197,10 @@ def _shard(model, dtype: torch.dtype) -> None:
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():
-        raise ValueError("model.fsdp needs a distributed launch: torchrun --nproc_per_node N npr train ...")
+        raise ValueError(
+            "model.fsdp needs a distributed launch: torchrun --nproc_per_node N -m npr train ... "
+            "(or model.fsdp=false for one process)"
+        )
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
     if not layers:
