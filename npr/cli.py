@@ -281,13 +281,13 @@ def bench_train_cmd(
 
     On a CPU each length runs in a fresh process and the peak is its RSS; on a GPU it is
     torch.cuda.max_memory_allocated, and the time is the second step's (the first compiles)."""
-    from npr.bench import SHAPES
-    from npr.bench.train import measure, table
+    from npr.bench.train import check, measure, table
 
-    if config not in SHAPES:
-        raise typer.BadParameter(f"unknown shape {config!r}; choose from {', '.join(SHAPES)}", param_hint="--config")
     rows = []
     try:
+        for s in step:  # every setting is checked before the first step runs
+            for n in length:
+                check(config, n, s, dtype, attention)
         for s in step:
             for n in length:
                 rows.append(measure(config, n, s, dtype, attention, checkpointing))

@@ -22,7 +22,7 @@ def _flex_attention(module, query, key, value, attention_mask, scaling=None, dro
     fn = flex_attention
     backend = COMPILE_BACKEND or ("inductor" if query.is_cuda else None)
     if backend:  # eager flex attention materialises [B, H, L, L] scores: compile it on GPU
-        fn = _compiled_flex(backend)
+        fn = compiled_flex(backend)
     out = fn(query, key, value, block_mask=attention_mask, scale=scaling, enable_gqa=query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
@@ -31,13 +31,19 @@ COMPILE_BACKEND: str | None = None  # None: inductor on CUDA, eager elsewhere (t
 _COMPILED: dict[str, object] = {}
 
 
-def _compiled_flex(backend: str):
-    """flex_attention compiled once with dynamic shapes: packed rows change width at almost every
-    micro-batch, and a static compile would recompile per width until torch's recompile limit,
-    then fall back to the eager kernel (which materialises the scores: 128 GiB at 32k, 32 heads)."""
+def compiled_flex(backend: str = "inductor"):
+    """flex_attention compiled with dynamic shapes, for the trainer and the engine alike: packed
+    rows change width at almost every micro-batch, and a static compile would recompile per width
+    until torch's recompile limit, then fall back to the eager kernel (which materialises the
+    scores: 128 GiB at 32k tokens, 32 heads). Dynamo keeps one cache per function, shared by
+    every caller, and guards on grad mode, batch size 1 and single-block masks, so the engine's
+    inference calls and the trainer's grad and no-grad calls need more than the default 8
+    entries: the limit is raised to 32 (still bounded, so a real shape leak would show)."""
     if backend not in _COMPILED:
+        import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention
 
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         _COMPILED[backend] = torch.compile(flex_attention, dynamic=True, backend=backend)
     return _COMPILED[backend]
 
@@ -69,12 +75,9 @@ def use_flex_attention(model) -> None:
 
 def compute_dtype(model) -> torch.dtype:
     """The dtype activations have: the weights' dtype, or under FSDP2 mixed precision (fp32 shards,
-    bf16 compute) the dtype the weights are gathered in, which `load_policy` records in the config."""
-    from torch.distributed.fsdp import FSDPModule
-
-    if isinstance(model, FSDPModule) and model.config.dtype is not None:
-        return model.config.dtype
-    return model.dtype
+    bf16 compute) the dtype the weights are gathered in, which `load_policy` sets as
+    `model.npr_compute_dtype` (not in the config: `save_pretrained` rewrites its dtype)."""
+    return getattr(model, "npr_compute_dtype", None) or model.dtype
 
 
 def topology_forward(model, input_ids: torch.Tensor, topo: Topology, **kwargs):

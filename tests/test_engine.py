@@ -370,7 +370,7 @@ def test_no_hidden_device_syncs_per_step(tok, biased, kernel, monkeypatch):
     if kernel == "flex":  # the kernel itself is one compiled op on GPUs; here its metadata path is under test
         from npr.engine import attention
 
-        monkeypatch.setattr(attention, "_FLEX", lambda q, k, v, **kw: torch.zeros_like(q))
+        monkeypatch.setattr(attention, "flex_kernel", lambda: lambda q, k, v, **kw: torch.zeros_like(q))
     few = _hidden_syncs(LLM(biased, tok, num_pages=512, page_size=16, attention=kernel), 2, tok)
     many = _hidden_syncs(LLM(biased, tok, num_pages=512, page_size=16, attention=kernel), 12, tok)
     assert few == 0 and many == 0, (few, many)

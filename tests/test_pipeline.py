@@ -27,8 +27,7 @@ def setup(tmp_path_factory):
     (root / "math.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
     data = f"toy={root / 'math.jsonl'}"
     rl = ["rollout.n=2", "rollout.prompts_per_step=2", "rollout.max_tokens=12", "run.steps=2", "data.size=4",
-          f"data.source={data}", "rollout.kv_cache_gb=0.05", "model.dtype=float32", "algo.max_resample=0",
-          "model.fsdp=false"]  # one process here; the configs shard over torchrun ranks  # fmt: skip
+          f"data.source={data}", "rollout.kv_cache_gb=0.05", "model.dtype=float32", "algo.max_resample=0"]  # fmt: skip
     plan = {
         "out": str(root / "run"),
         "base": str(root / "hf-model"),

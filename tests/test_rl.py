@@ -120,23 +120,15 @@ def test_non_finite_loss_stops_with_a_clear_error(tiny_dir, tmp_path, monkeypatc
 
 def test_two_process_run_matches_one_process(tiny_dir, tmp_path):
     """torchrun with 2 CPU processes (gloo) and the same global batch gives the 1-process weights."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     from safetensors.torch import load_file
 
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1")
     over = [f"model.path={tiny_dir}", "run.steps=2", "rollout.n=4", "rollout.prompts_per_step=4",
             "rollout.max_tokens=16", "optim.lr=0.02", "optim.micro_batch=4", "algo.reward=test_rl:even",
             "data.size=50", "algo.dynamic_sampling=true", "run.save_every=2"]  # fmt: skip
-    one = [sys.executable, "-m", "npr", "train", "rl", *over, f"run.out={tmp_path / 'one'}"]
-    two = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-           "-m", "npr", "train", "rl", *over, f"run.out={tmp_path / 'two'}"]  # fmt: skip
-    for cmd in (one, two):
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+    _run(None, *over, f"run.out={tmp_path / 'one'}")
+    _run(2, *over, f"run.out={tmp_path / 'two'}")
     a = load_file(tmp_path / "one" / "checkpoints" / "step-000002" / "model.safetensors")
     b = load_file(tmp_path / "two" / "checkpoints" / "step-000002" / "model.safetensors")
     base = load_file(Path(tiny_dir) / "model.safetensors")
@@ -150,24 +142,17 @@ def test_two_process_run_matches_one_process(tiny_dir, tmp_path):
 
 def test_fsdp_two_process_resumed_run_matches_one_process(tiny_dir, tmp_path):
     """FSDP2 over 2 CPU ranks, cut after step 1 and resumed, gives the plain 1-process weights."""
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
     from safetensors.torch import load_file
 
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1")
     over = [f"model.path={tiny_dir}", "rollout.n=4", "rollout.prompts_per_step=3", "rollout.max_tokens=16",
             "optim.lr=0.02", "optim.micro_batch=4", "algo.reward=test_rl:even", "data.size=50",
             "algo.dynamic_sampling=false", "run.save_every=1"]  # fmt: skip
-    npr = [sys.executable, "-m", "npr", "train", "rl", *over]
-    fsdp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29534",
-            "-m", "npr", "train", "rl", *over, "model.fsdp=true", f"run.out={tmp_path / 'fsdp'}"]  # fmt: skip
-    for cmd in (npr + ["run.steps=2", f"run.out={tmp_path / 'one'}"], fsdp + ["run.steps=1"],
-                fsdp + ["run.steps=2", "--resume"]):  # fmt: skip
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+    _run(None, *over, "run.steps=2", f"run.out={tmp_path / 'one'}")
+    fsdp = [*over, "model.fsdp=true", f"run.out={tmp_path / 'fsdp'}"]
+    _run(2, *fsdp, "run.steps=1")
+    _run(2, *fsdp, "run.steps=2", "--resume")
     ckpt = tmp_path / "fsdp" / "checkpoints" / "step-000002"
     a = load_file(tmp_path / "one" / "checkpoints" / "step-000002" / "model.safetensors")
     b = load_file(ckpt / "model.safetensors")
@@ -182,46 +167,61 @@ def test_fsdp_two_process_resumed_run_matches_one_process(tiny_dir, tmp_path):
     assert [x["grad_norm"] for x in m1] == pytest.approx([x["grad_norm"] for x in m2], rel=1e-4)  # summed, not averaged
 
 
-def test_fsdp_bf16_keeps_fp32_masters_and_matches_one_process(tiny_dir, tmp_path):
+def test_fsdp_bf16_keeps_fp32_masters_matches_one_process_and_resumes_exactly(tiny_dir, tmp_path):
     """model.dtype=bfloat16 under FSDP2: fp32 shards and Adam state, bf16 compute (MixedPrecisionPolicy),
-    fp32 gradient reduction; the checkpoint is bf16 and equals what one process with fp32 masters gets."""
-    import os
+    fp32 gradient reduction. The checkpoint is bf16 and equals what one process with fp32 masters gets;
+    a run that saves and goes on, and one resumed from that save (fp32 masters restored, not the
+    rounded weights), end with the same weights."""
     import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
 
     from safetensors.torch import load_file, save_file
+
+    from npr.train.checkpoint import load_state
 
     # one process loads the weights in bf16, FSDP in fp32: start both from bf16-representable values
     start = tmp_path / "start"
     shutil.copytree(tiny_dir, start)
     w = load_file(start / "model.safetensors")
     save_file({k: v.to(torch.bfloat16).float() for k, v in w.items()}, start / "model.safetensors", {"format": "pt"})
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1")
     over = [f"model.path={start}", "model.dtype=bfloat16", "rollout.n=4", "rollout.prompts_per_step=2",
             "rollout.max_tokens=16", "optim.lr=1e-4", "optim.micro_batch=2", "algo.reward=test_rl:even",
-            "data.size=50", "algo.dynamic_sampling=false", "run.steps=1"]  # fmt: skip
-    one = [sys.executable, "-m", "npr", "train", "rl", *over, f"run.out={tmp_path / 'one'}"]
-    fsdp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29535",
-            "-m", "npr", "train", "rl", *over, "model.fsdp=true", f"run.out={tmp_path / 'fsdp'}"]  # fmt: skip
-    for cmd in (one, fsdp):
-        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-    ckpts = [tmp_path / d / "checkpoints" / "step-000001" for d in ("one", "fsdp")]
-    a, b = (load_file(c / "model.safetensors") for c in ckpts)
+            "data.size=50", "algo.dynamic_sampling=false", "run.save_every=1"]  # fmt: skip
+    _run(None, *over, "run.steps=1", f"run.out={tmp_path / 'one'}")
+    fsdp = [*over, "model.fsdp=true"]
+    _run(2, *fsdp, "run.steps=2", f"run.out={tmp_path / 'fsdp'}")  # saves after step 1 and goes on
+    _run(2, *fsdp, "run.steps=1", f"run.out={tmp_path / 'cut'}")
+    _run(2, *fsdp, "run.steps=2", f"run.out={tmp_path / 'cut'}", "--resume")
+    ckpt = {d: tmp_path / d / "checkpoints" for d in ("one", "fsdp", "cut")}
+    a, b = (load_file(ckpt[d] / "step-000001" / "model.safetensors") for d in ("one", "fsdp"))
     base = load_file(start / "model.safetensors")
     assert all(v.dtype == torch.bfloat16 for v in b.values())
-    assert json.loads((ckpts[1] / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((ckpt["fsdp"] / "step-000001" / "config.json").read_text())["dtype"] == "bfloat16"
     layers = [k for k in b if ".layers." in k]  # (embedding rows of unused tokens get no gradient)
     moved = sum(int((b[k] != base[k].to(torch.bfloat16)).sum()) for k in layers)
     assert moved > 0.1 * sum(b[k].numel() for k in layers)  # it trained
-    from npr.train.checkpoint import load_state
-
-    adam = [t for st in load_state(ckpts[1])["optimizer"]["state"].values() for t in st.values() if t.numel() > 1]
+    state = load_state(ckpt["fsdp"] / "step-000001")["optimizer"]
+    adam = [t for st in state["state"].values() for t in st.values() if t.numel() > 1]
     assert adam and all(t.dtype == torch.float32 for t in adam)  # fp32 optimiser state for the fp32 shards
+    assert all(t.dtype == torch.float32 for t in state["master_weights"].values())
     differ = sum(int((a[k] != b[k]).sum()) for k in a)  # reduction order: a last-bit difference, rarely
     assert differ <= 1e-3 * sum(v.numel() for v in a.values()), differ
+    c, d = (load_file(ckpt[x] / "step-000002" / "model.safetensors") for x in ("fsdp", "cut"))
+    assert all(torch.equal(c[k], d[k]) for k in c)
+
+
+def _run(procs: int | None, *args: str) -> None:
+    """`npr train rl ARGS` in one process, or under torchrun with `procs` CPU ranks."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", "29535"]
+    launch = [sys.executable] if procs is None else torchrun
+    r = subprocess.run([*launch, "-m", "npr", "train", "rl", *args], env=env, capture_output=True, text=True,
+                       timeout=600)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_lora_checkpoint_holds_merged_weights_and_resumes_exactly(tiny_dir, tmp_path, monkeypatch):

@@ -26,8 +26,7 @@ STEPS = ("sft", "papo")
 def trajectory(tok, length: int, plans: int = 4, prompt_tokens: int = 64) -> tuple[list[int], list[int]]:
     """(prompt ids, completion ids) with len(prompt + completion) == length: blocks of `plans` steps
     (one block per 2k tokens), the tail filled or cut to the exact length."""
-    if length < prompt_tokens + 128:
-        raise ValueError(f"--length must be at least {prompt_tokens + 128}, got {length}")
+    trajectory_check(length, prompt_tokens)
     blocks = max(1, length // 2048)
     overhead = 2 + plans * 10 + 2 + plans * 3 + 10  # tags, labels, plans and takeaway of one block
     step = max(1, ((length - prompt_tokens - 6) // blocks - overhead) // plans)
@@ -37,6 +36,11 @@ def trajectory(tok, length: int, plans: int = 4, prompt_tokens: int = 64) -> tup
     return prompt, completion
 
 
+def trajectory_check(length: int, prompt_tokens: int = 64) -> None:
+    if length < prompt_tokens + 128:
+        raise ValueError(f"--length must be at least {prompt_tokens + 128}, got {length}")
+
+
 def train_step(shape: str, length: int, step: str, dtype: torch.dtype, attention: str, checkpointing: bool,
                repeat: int = 2) -> dict:  # fmt: skip
     """Run `repeat` steps (the first warms up compiled kernels); the last one's time, the peak of all."""
@@ -44,19 +48,17 @@ def train_step(shape: str, length: int, step: str, dtype: torch.dtype, attention
     from npr.tags import tag_ids
     from npr.train.config import Config
     from npr.train.loop import make_optimizer
-    from npr.train.policy import Policy
+    from npr.train.policy import Policy, enable_checkpointing
     from npr.train.rl import Rollout
     from npr.train.rl import train_step as rl_step
     from npr.train.sft import sft_step
 
-    if step not in STEPS:
-        raise ValueError(f"--step must be one of {', '.join(STEPS)}, got {step!r}")
     cuda = torch.cuda.is_available()
     model = random_model(shape, dtype, "cuda" if cuda else "cpu")
     tok = word_tokenizer(model.config.vocab_size)
     kernel = use_trainer_attention(model, attention)
     if checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     cfg = Config()
     cfg.optim.lr, cfg.algo.loss = 1e-6, "papo"
     policy = Policy(model, tok, dtype=dtype)
@@ -64,6 +66,8 @@ def train_step(shape: str, length: int, step: str, dtype: torch.dtype, attention
     tags, pad = tag_ids(tok), tok.pad_token_id
     prompt, completion = trajectory(tok, length)
     m = len(completion)
+    if cuda:  # the peak of the steps, not of building the random model
+        torch.cuda.reset_peak_memory_stats()
     times = []
     for _ in range(repeat):
         if cuda:
@@ -90,15 +94,9 @@ def train_step(shape: str, length: int, step: str, dtype: torch.dtype, attention
 
 def measure(shape: str, length: int, step: str, dtype: str, attention: str, checkpointing: bool) -> dict:
     """One length; on a CPU in a fresh process so its peak RSS is this step's alone."""
-    dt = {"auto": torch.bfloat16 if torch.cuda.is_available() else torch.float32, "float32": torch.float32,
-          "bfloat16": torch.bfloat16}  # fmt: skip
-    if dtype not in dt:
-        raise ValueError(f"--dtype must be float32, bfloat16 or auto, got {dtype!r}")
-    if step not in STEPS:
-        raise ValueError(f"--step must be one of {', '.join(STEPS)}, got {step!r}")
+    check(shape, length, step, dtype, attention)
     if torch.cuda.is_available():
-        torch.cuda.reset_peak_memory_stats()
-        return train_step(shape, length, step, dt[dtype], attention, checkpointing)
+        return train_step(shape, length, step, _dtype(dtype), attention, checkpointing)
     cmd = [sys.executable, "-c", "import sys, json; from npr.bench.train import one; one(sys.argv[1:])",
            shape, str(length), step, dtype, attention, str(int(checkpointing))]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True)
@@ -107,12 +105,36 @@ def measure(shape: str, length: int, step: str, dtype: str, attention: str, chec
     return json.loads(r.stdout.splitlines()[-1])
 
 
+def check(shape: str, length: int, step: str, dtype: str, attention: str) -> None:
+    """Refuse bad settings here, before any (child) process starts."""
+    from npr.bench import SHAPES
+    from npr.modeling import ATTENTION
+    from npr.train.policy import DTYPES
+
+    if shape not in SHAPES:
+        raise ValueError(f"--config must be one of {', '.join(SHAPES)}, got {shape!r}")
+    if step not in STEPS:
+        raise ValueError(f"--step must be one of {', '.join(STEPS)}, got {step!r}")
+    if dtype != "auto" and dtype not in DTYPES:
+        raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    if attention not in ATTENTION:
+        raise ValueError(f"--attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    trajectory_check(length)
+
+
+def _dtype(name: str) -> torch.dtype:
+    from npr.train.policy import DTYPES
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return DTYPES[name]
+
+
 def one(argv: list[str]) -> None:
     """Entry point of the per-length child process: prints one JSON row."""
     shape, length, step, dtype, attention, ckpt = argv
     torch.set_num_threads(2)
-    dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype, torch.float32)
-    print(json.dumps(train_step(shape, int(length), step, dt, attention, ckpt == "1")))
+    print(json.dumps(train_step(shape, int(length), step, _dtype(dtype), attention, ckpt == "1")))
 
 
 def table(rows: list[dict]) -> str:

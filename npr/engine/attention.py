@@ -71,17 +71,16 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     return sdpa_buckets(q_all, pool.k[layer], pool.v[layer], batch.buckets, scaling)[None], None
 
 
-_FLEX = None
-
-
 def flex_kernel():
-    """flex_attention, compiled with dynamic shapes on CUDA (widths change every step), eager elsewhere."""
-    global _FLEX
-    if _FLEX is None:
-        from torch.nn.attention.flex_attention import flex_attention
+    """flex_attention, compiled with dynamic shapes on CUDA (widths change every step; the one
+    compiled function the trainer uses too), eager elsewhere."""
+    if torch.cuda.is_available():
+        from npr.modeling import compiled_flex
 
-        _FLEX = torch.compile(flex_attention, dynamic=True) if torch.cuda.is_available() else flex_attention
-    return _FLEX
+        return compiled_flex()
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
 
 
 def flex_buckets(q_all: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, buckets: list[Bucket], scaling):

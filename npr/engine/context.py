@@ -49,6 +49,8 @@ class ContextTable:
 
     def shrink(self, cols: int = 256) -> None:
         """Back to the starting width once no row is live (the widest context may have been 30k)."""
+        if len(self.free) != self.rows:
+            raise RuntimeError(f"cannot shrink the context table: {self.rows - len(self.free)} rows are live")
         self.slots = self.slots.new_zeros(self.rows, min(cols, self.slots.shape[1]))
         self.pages = self.pages.new_zeros(self.rows, min(16, self.pages.shape[1]))
         self.seen = None  # [rows, vocab]: allocated again on first use

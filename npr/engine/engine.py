@@ -144,7 +144,7 @@ class LLM:
         seed = params.seed if params.seed is not None else random.getrandbits(62)
         req = Request(self._next_id, ids, params, seed, replay=replay)
         self._next_id += 1
-        self.pool.wake()
+        self.wake()
         self.scheduler.waiting.append(req)
         return req.id
 

@@ -57,6 +57,8 @@ class KVPool:
         """Free the K/V memory while nothing is cached (e.g. for a training update); `wake` restores it."""
         if self.live:
             raise RuntimeError(f"the KV pool cannot sleep: {len(self.live)} segments still hold pages")
+        if self.asleep:
+            return
         self._shape = self.k.shape
         self.k = self.v = self.k.new_empty(0)
 

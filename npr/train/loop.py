@@ -127,9 +127,10 @@ def check_loss(loss: torch.Tensor, opt) -> None:
 
 def optimizer_step(policy: Policy, opt, sched, grad_clip: float) -> float:
     """Sum gradients over ranks, clip, step; returns the gradient norm before clipping."""
+    stepped = policy.master or policy.trainable()  # the fp32 masters hold the gradients (_into_master)
     if not policy.fsdp:  # FSDP has already reduce-scattered (summed) the gradients
-        distributed.sum_gradients(policy.master or policy.trainable())  # masters: fp32 sums (_into_master)
-    norm = torch.nn.utils.clip_grad_norm_(policy.master or policy.trainable(), grad_clip)
+        distributed.sum_gradients(stepped)
+    norm = torch.nn.utils.clip_grad_norm_(stepped, grad_clip)
     norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     if not torch.isfinite(norm):
         opt.zero_grad(set_to_none=True)
@@ -197,9 +198,6 @@ class Run:
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
         self.policy = load_policy(cfg.model, self.ckpt, add_tags)
-        if cfg.model.gradient_checkpointing:  # active in train mode only: rollouts are unaffected
-            model = self.policy.model
-            (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
         self.progress, self.label = (progress if self.rank == 0 else False), label
         self.writer = None
         if cfg.run.tensorboard and self.rank == 0:

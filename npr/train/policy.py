@@ -9,6 +9,7 @@ weights (LoRA merged in), so the next stage and `npr eval` load them like any mo
 
 from __future__ import annotations
 
+import sys
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 
 from npr.engine import load
 from npr.modeling import use_trainer_attention
-from npr.train import checkpoint
+from npr.train import checkpoint, distributed
 from npr.train.config import ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -61,7 +62,11 @@ class Policy:
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             full = get_model_state_dict(self.model, options=opts)  # fp32 masters: saved in the model's dtype
-            return {k: v.to(self.dtype) if v.is_floating_point() else v for k, v in full.items()}
+            cast = {}  # by tensor, so tied weights stay one tensor (save_pretrained drops the duplicate)
+            for v in full.values():
+                if id(v) not in cast:
+                    cast[id(v)] = v.to(self.dtype) if v.is_floating_point() else v
+            return {k: cast[id(v)] for k, v in full.items()}
         if self.lora:
             return _merged_lora(self.model)
         return None
@@ -74,10 +79,17 @@ class Policy:
 
     def optimizer_state(self, opt) -> dict:
         if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_model_state_dict,
+                get_optimizer_state_dict,
+            )
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            return get_optimizer_state_dict(self.model, opt, options=opts)
+            state = get_optimizer_state_dict(self.model, opt, options=opts)
+            if self.dtype != torch.float32:  # the fp32 shards are the masters; the saved weights are rounded
+                state["master_weights"] = get_model_state_dict(self.model, options=opts)
+            return state
         state = opt.state_dict()
         if self.master is not None:  # an exact resume needs the masters' low bits too
             state["master"] = [m.detach().cpu().clone() for m in self.master]
@@ -85,9 +97,17 @@ class Policy:
 
     def load_optimizer_state(self, opt, state: dict) -> None:
         if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
 
             opts = StateDictOptions(full_state_dict=True)
+            state = dict(state)
+            masters = state.pop("master_weights", None)
+            if masters is not None:  # the fp32 values, not the checkpoint's rounded weights
+                set_model_state_dict(self.model, masters, options=opts)
             set_optimizer_state_dict(self.model, opt, optim_state_dict=state, options=opts)
         else:
             state = dict(state)
@@ -116,11 +136,14 @@ def load_policy(cfg: ModelConfig, ckpt: Path | None = None, add_tags: bool = Fal
         raise ValueError(f"model.dtype: expected one of {', '.join(DTYPES)}, got {cfg.dtype!r}")
     if cfg.lora_rank and cfg.fsdp:
         raise ValueError("model.lora_rank and model.fsdp together are not supported (LoRA keeps a full copy per rank)")
+    fsdp = cfg.fsdp and distributed.init()[1] > 1
+    if cfg.fsdp and not fsdp:
+        print("model.fsdp: one process, nothing to shard; training unsharded (fp32 masters for bf16)", file=sys.stderr)
     # LoRA resumes from the frozen base plus the saved adapter, so the base weights stay bit-exact.
     source = cfg.path if (ckpt is None or cfg.lora_rank) else ckpt
     dtype = DTYPES[cfg.dtype]
     # FSDP keeps the sharded weights (the masters) and Adam's state in fp32 and computes in `dtype`
-    held = torch.float32 if cfg.fsdp else dtype
+    held = torch.float32 if fsdp else dtype
     model, tok = load(source, dtype=held, trust_remote_code=cfg.trust_remote_code)
     model.eval()
     use_trainer_attention(model, cfg.attention)  # the trainer's kernel; the engine runs its own
@@ -144,11 +167,18 @@ def load_policy(cfg: ModelConfig, ckpt: Path | None = None, add_tags: bool = Fal
             with torch.no_grad():
                 for k, v in adapter.items():
                     params[k].copy_(v)
-    if cfg.fsdp:
-        model.config.dtype = dtype  # what it computes in and what its checkpoints hold
+    if fsdp:
+        model.npr_compute_dtype = dtype  # the gathered weights' dtype (npr.modeling.compute_dtype)
         _shard(model, dtype)
         policy.fsdp = True
+    if cfg.gradient_checkpointing:  # active in train mode only: rollouts are unaffected
+        enable_checkpointing(model)
     return policy
+
+
+def enable_checkpointing(model) -> None:
+    """Recompute each decoder layer's activations in the backward pass (train mode only)."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
 
 
 def _add_lora(model, cfg: ModelConfig) -> None:
@@ -193,14 +223,8 @@ def _shard(model, dtype: torch.dtype) -> None:
     Mixed precision: the shards (master weights) and the optimiser state are fp32; each forward
     all-gathers the weights cast to `dtype` (bf16: half the traffic, bf16 compute) and gradients
     are reduce-scattered in fp32, so small updates and sums are not rounded away."""
-    import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    if not dist.is_initialized():
-        raise ValueError(
-            "model.fsdp needs a distributed launch: torchrun --nproc_per_node N -m npr train ... "
-            "(or model.fsdp=false for one process)"
-        )
     blocks = set(getattr(model, "_no_split_modules", None) or [])
     layers = [m for m in model.modules() if type(m).__name__ in blocks]
     if not layers:
