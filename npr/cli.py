@@ -231,14 +231,15 @@ def bench_engine_cmd(
     from npr.engine import load
 
     cuda = torch.cuda.is_available()
-    dt = {"auto": torch.bfloat16 if cuda else torch.float32, "float32": torch.float32, "bfloat16": torch.bfloat16}
-    if dtype not in dt:
-        raise typer.BadParameter(f"unknown dtype {dtype!r}", param_hint="--dtype")
+    try:
+        dt = bench.resolve_dtype(dtype)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--dtype") from None
     try:
         if model:
-            lm, tok = load(model, dtype=dt[dtype])
+            lm, tok = load(model, dtype=dt)
         else:
-            lm = bench.random_model(config, dt[dtype], "cuda" if cuda else "cpu")
+            lm = bench.random_model(config, dt, "cuda" if cuda else "cpu")
             tok = bench.word_tokenizer(lm.config.vocab_size)
     except (ValueError, FileNotFoundError, OSError) as e:
         raise typer.BadParameter(str(e)) from None
@@ -259,7 +260,7 @@ def bench_engine_cmd(
         print(json.dumps({k: res[k] for k in keys}))
         return
     name = model or config
-    print(f"engine benchmark: {name}, {dt[dtype]}, {'cuda' if cuda else 'cpu'}; {requests} requests x {blocks} blocks"
+    print(f"engine benchmark: {name}, {dt}, {'cuda' if cuda else 'cpu'}; {requests} requests x {blocks} blocks"
           f" x {plans} steps of {step_tokens} tokens ({res['tokens']} tokens)")  # fmt: skip
     for k, v in res.items():
         print(f"  {k:30s} {v:.4g}" if isinstance(v, float) else f"  {k:30s} {v}")

@@ -46,6 +46,17 @@ def word_tokenizer(vocab_size: int):
     return fast
 
 
+def resolve_dtype(name: str) -> torch.dtype:
+    """--dtype of the benchmarks: float32, bfloat16, or auto (bf16 on a GPU, fp32 on a CPU)."""
+    from npr.train.policy import DTYPES
+
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
 def random_model(shape: str, dtype=torch.float32, device="cpu", seed: int = 0):
     from transformers import Qwen3Config, Qwen3ForCausalLM
 

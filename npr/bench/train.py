@@ -18,7 +18,7 @@ from types import SimpleNamespace
 
 import torch
 
-from npr.bench import random_model, word_tokenizer, workload
+from npr.bench import random_model, resolve_dtype, word_tokenizer, workload
 
 STEPS = ("sft", "papo")
 
@@ -96,8 +96,8 @@ def measure(shape: str, length: int, step: str, dtype: str, attention: str, chec
     """One length; on a CPU in a fresh process so its peak RSS is this step's alone."""
     check(shape, length, step, dtype, attention)
     if torch.cuda.is_available():
-        return train_step(shape, length, step, _dtype(dtype), attention, checkpointing)
-    cmd = [sys.executable, "-c", "import sys, json; from npr.bench.train import one; one(sys.argv[1:])",
+        return train_step(shape, length, step, resolve_dtype(dtype), attention, checkpointing)
+    cmd = [sys.executable, "-c", "import sys; from npr.bench.train import one; one(sys.argv[1:])",
            shape, str(length), step, dtype, attention, str(int(checkpointing))]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
@@ -109,32 +109,22 @@ def check(shape: str, length: int, step: str, dtype: str, attention: str) -> Non
     """Refuse bad settings here, before any (child) process starts."""
     from npr.bench import SHAPES
     from npr.modeling import ATTENTION
-    from npr.train.policy import DTYPES
 
     if shape not in SHAPES:
         raise ValueError(f"--config must be one of {', '.join(SHAPES)}, got {shape!r}")
     if step not in STEPS:
         raise ValueError(f"--step must be one of {', '.join(STEPS)}, got {step!r}")
-    if dtype != "auto" and dtype not in DTYPES:
-        raise ValueError(f"--dtype must be auto or one of {', '.join(DTYPES)}, got {dtype!r}")
+    resolve_dtype(dtype)
     if attention not in ATTENTION:
         raise ValueError(f"--attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
     trajectory_check(length)
-
-
-def _dtype(name: str) -> torch.dtype:
-    from npr.train.policy import DTYPES
-
-    if name == "auto":
-        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return DTYPES[name]
 
 
 def one(argv: list[str]) -> None:
     """Entry point of the per-length child process: prints one JSON row."""
     shape, length, step, dtype, attention, ckpt = argv
     torch.set_num_threads(2)
-    print(json.dumps(train_step(shape, int(length), step, _dtype(dtype), attention, ckpt == "1")))
+    print(json.dumps(train_step(shape, int(length), step, resolve_dtype(dtype), attention, ckpt == "1")))
 
 
 def table(rows: list[dict]) -> str:

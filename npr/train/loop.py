@@ -241,12 +241,11 @@ class Run:
         state = {
             "step": step,
             "position": stream.position,
-            "optimizer": self.policy.optimizer_state(opt),
             "scheduler": sched.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "python_rng": random.getstate(),
         }
-        self.policy.save(self.out, step, state)
+        self.policy.save(self.out, step, opt, state)
         distributed.barrier()
 
     def bar(self):

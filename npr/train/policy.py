@@ -32,7 +32,7 @@ class Policy:
     fsdp: bool = False
     master: list[torch.Tensor] | None = None  # fp32 copies of the trainable weights (bf16/fp16 models)
     hooks: list = field(default_factory=list)  # the hooks that move gradients into `master`
-    dtype: torch.dtype = torch.float32  # compute and checkpoint dtype (model.dtype)
+    dtype: torch.dtype = torch.float32  # compute and checkpoint dtype (model.dtype in the config)
 
     def trainable(self) -> list[torch.nn.Parameter]:
         return [p for p in self.model.parameters() if p.requires_grad]
@@ -55,13 +55,18 @@ class Policy:
                 m.reshard()
                 m.set_reshard_after_forward(True, recurse=False)
 
-    def state_dict(self) -> dict | None:
-        """Full Hugging Face weights for a checkpoint (None: the model's own). A collective under FSDP."""
-        if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    def gathered(self) -> dict | None:
+        """Under FSDP the full fp32 weights (the masters), gathered once per checkpoint: a collective."""
+        if not self.fsdp:
+            return None
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-            opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-            full = get_model_state_dict(self.model, options=opts)  # fp32 masters: saved in the model's dtype
+        return get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def state_dict(self, full: dict | None) -> dict | None:
+        """Full Hugging Face weights for a checkpoint, in the model's dtype (None: the model's own);
+        `full`: `gathered()`."""
+        if full is not None:
             cast = {}  # by tensor, so tied weights stay one tensor (save_pretrained drops the duplicate)
             for v in full.values():
                 if id(v) not in cast:
@@ -77,18 +82,16 @@ class Policy:
             return {}
         return {"adapter": {k: v.detach().cpu().clone() for k, v in self.model.named_parameters() if v.requires_grad}}
 
-    def optimizer_state(self, opt) -> dict:
+    def optimizer_state(self, opt, full: dict | None = None) -> dict:
+        """The optimiser's state and, for bf16/fp16 models, the fp32 masters (`full`: `gathered()`
+        under FSDP) so that a resume continues from them, not from the rounded weights."""
         if self.fsdp:
-            from torch.distributed.checkpoint.state_dict import (
-                StateDictOptions,
-                get_model_state_dict,
-                get_optimizer_state_dict,
-            )
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
             opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
             state = get_optimizer_state_dict(self.model, opt, options=opts)
-            if self.dtype != torch.float32:  # the fp32 shards are the masters; the saved weights are rounded
-                state["master_weights"] = get_model_state_dict(self.model, options=opts)
+            if self.dtype != torch.float32:
+                state["master_weights"] = full
             return state
         state = opt.state_dict()
         if self.master is not None:  # an exact resume needs the masters' low bits too
@@ -118,12 +121,14 @@ class Policy:
                         m.copy_(saved)
             opt.load_state_dict(state)
 
-    def save(self, out: Path, step: int, state: dict) -> None:
-        """Every rank calls this (the full weights are gathered collectively); rank 0 writes."""
+    def save(self, out: Path, step: int, opt, state: dict) -> None:
+        """Weights, optimiser state and `state`. Every rank calls this (under FSDP the full weights
+        are gathered collectively, once for both); rank 0 writes."""
         import torch.distributed as dist
 
-        weights = self.state_dict()
-        state = {**state, **self.extra_state()}
+        full = self.gathered()
+        weights = self.state_dict(full)
+        state = {**state, "optimizer": self.optimizer_state(opt, full), **self.extra_state()}
         if not dist.is_initialized() or dist.get_rank() == 0:
             checkpoint.save(out, step, self.model, self.tokenizer, state, state_dict=weights)
 
