@@ -38,7 +38,8 @@ class Bucket:
 
     queries: torch.Tensor  # [G, n] index of each query among the T new tokens
     context: torch.Tensor | None = None  # sdpa: [G, C] pool slots of each group's context (right-padded)
-    mask: torch.Tensor | None = None  # sdpa: [G, 1, n, C] bool, None when nothing is padded and n == 1
+    mask: torch.Tensor | None = None  # sdpa: [G, 1, n, C] additive (0 / -inf) in the query dtype, or None
+    causal: bool = False  # sdpa: no mask needed but causality (a whole prompt in one chunk)
     block_mask: object = None  # flex: BlockMask over the pool's pages
 
 
@@ -98,31 +99,24 @@ def flex_buckets(q_all: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
 def sdpa_buckets(q_all: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, buckets: list[Bucket], scaling):
     """The reference path: gather each bucket's context out of the pool, one SDPA per bucket.
 
-    Grouped-query heads are folded into the query axis ([G, Hkv, group * n, D]) so keys and
-    values are never repeated per query head.
+    Grouped-query heads go to SDPA as they are (`enable_gqa`), so keys and values are never
+    repeated per query head and one [G, 1, n, C] mask, built once per step, serves every head
+    and layer (a boolean mask would be converted to an additive one in every call).
     """
     out = torch.empty_like(q_all)
     heads, dim = q_all.shape[1:]
     kv_heads = k_pool.shape[1]
-    group = heads // kv_heads
     for bk in buckets:
         g, n = bk.queries.shape
         width = bk.context.shape[1]
         flat = bk.context.reshape(-1)
         k = k_pool.index_select(0, flat).view(g, width, kv_heads, dim).transpose(1, 2).to(q_all.dtype)
         v = v_pool.index_select(0, flat).view(g, width, kv_heads, dim).transpose(1, 2).to(q_all.dtype)
-        q = (
-            q_all[bk.queries]
-            .view(g, n, kv_heads, group, dim)
-            .permute(0, 2, 3, 1, 4)
-            .reshape(g, kv_heads, group * n, dim)
+        q = q_all[bk.queries].transpose(1, 2)  # [G, H, n, D]
+        o = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bk.mask, is_causal=bk.causal, scale=scaling, enable_gqa=heads != kv_heads
         )
-        mask = bk.mask
-        if mask is not None:  # [G, 1, n, C] -> [G, 1, group * n, C], the same rows for every folded head
-            mask = mask[:, :, None].expand(g, 1, group, n, width).reshape(g, 1, group * n, width)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-        o = o.view(g, kv_heads, group, n, dim).permute(0, 3, 1, 2, 4).reshape(g * n, heads, dim)
-        out[bk.queries.flatten()] = o
+        out[bk.queries.flatten()] = o.transpose(1, 2).reshape(g * n, heads, dim)
     return out
 
 

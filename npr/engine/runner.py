@@ -26,6 +26,7 @@ class ModelRunner:
             raise ValueError(f"attention kernel must be one of {KERNELS}, got {kernel!r}")
         self.model, self.pool, self.table = model, pool, table
         self.device = table.device
+        self.dtype = next(model.parameters()).dtype  # the queries' dtype: the sdpa masks are built in it
         self.kernel = ("flex" if self.device.type == "cuda" else "sdpa") if kernel == "auto" else kernel
         ps = pool.page_size
         if self.kernel == "flex":
@@ -130,11 +131,13 @@ class ModelRunner:
             uniform = all(lengths[g] == width for g in members)
             rows, lens = groups[0][idx], groups[1][idx]
             context = self.table.slots[rows, :width]
-            mask = None
-            if n > 1 or not uniform:
+            mask, causal = None, n > 1 and uniform and width == n  # a whole prompt in one chunk: plain causal
+            if (n > 1 or not uniform) and not causal:
                 limit = (lens - n)[:, None] + torch.arange(n, device=self.device)[None, :]  # query j sees [0, limit]
-                mask = (torch.arange(width, device=self.device)[None, None, :] <= limit[:, :, None])[:, None]
-            buckets.append(attention.Bucket(queries, context, mask))
+                hidden = torch.arange(width, device=self.device)[None, None, :] > limit[:, :, None]
+                mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, -torch.inf)
+                mask = mask[:, None]
+            buckets.append(attention.Bucket(queries, context, mask, causal=causal))
         return attention.Batch(slot_mapping, buckets)
 
     def _flex_buckets(self, slot_mapping, sizes: list[int], group_rows: list[int]) -> attention.Batch:
