@@ -238,8 +238,10 @@ class LLM:
             sb.penalty.append(p.repetition_penalty if b.state.phase == "step" else 1.0)
             sb.keys.append(noise_seed(b.req.seed, b.run.key, len(b.run.tokens)))
             sb.forced.append(-1 if target is None else max(target, 0))  # -1 past the end: finishes
-            allowed = b.state.allowed(p.max_plans, self.scheduler.block_fits(b))
-            sb.masks.append(self._mask(allowed, p) if p.enforce_structure and target is None else -1)
+            if p.enforce_structure and target is None:
+                sb.masks.append(self._mask(b.state.allowed(p.max_plans, self.scheduler.block_fits(b)), p))
+            else:
+                sb.masks.append(-1)
         return sb
 
     def _mask(self, allowed: Allowed, p: SamplingParams) -> int:

@@ -83,6 +83,11 @@ class KVPool:
 
     def append(self, seg: Segment, n: int) -> list[int]:
         """Reserve slots for `n` more tokens of `seg` (all or nothing); return them."""
+        self.reserve(seg, n)
+        return seg.slots(seg.length - n, seg.length, self.page_size)
+
+    def reserve(self, seg: Segment, n: int) -> None:
+        """`append` without building the slot list (the engine's per-step path)."""
         need = self.pages_needed(seg, n)
         if need > len(self.free):
             raise PoolFull(f"need {need} pages, {len(self.free)} free")
@@ -90,7 +95,6 @@ class KVPool:
             seg.pages.append(self.free.pop())
         self.live.add(id(seg))
         seg.length += n
-        return seg.slots(seg.length - n, seg.length, self.page_size)
 
     def acquire(self, segs: list[Segment]) -> None:
         for s in segs:

@@ -53,12 +53,20 @@ class ModelRunner:
             if g == flushed:  # after the flushed branches' pages: lay out the forks' and joins' rows
                 ops = self._layout(copies)
             run, c = b.run, b.run.computed
-            ids += run.tokens[c : c + n]
-            pos += run.positions[c : c + n]
-            slots += run.seg.slots(c, c + n, ps)
-            rows += [b.row] * n
-            cols += range(b.length, b.length + n)
-            fresh += [c + i >= run.offset for i in range(n)]  # completion tokens: the penalty's "seen"
+            if n == 1:  # a decode step: the common case, without the chunk's list building
+                ids.append(run.tokens[c])
+                pos.append(run.positions[c])
+                slots.append(run.seg.pages[c // ps] * ps + c % ps)
+                rows.append(b.row)
+                cols.append(b.length)
+                fresh.append(c >= run.offset)  # completion tokens: the penalty's "seen"
+            else:
+                ids += run.tokens[c : c + n]
+                pos += run.positions[c : c + n]
+                slots += run.seg.slots(c, c + n, ps)
+                rows += [b.row] * n
+                cols += range(b.length, b.length + n)
+                fresh += [c + i >= run.offset for i in range(n)]
             for i in range(-(-c // ps) * ps, c + n, ps):  # pages this chunk starts
                 prow.append(b.row)
                 pcol.append(table.npages[b.row])

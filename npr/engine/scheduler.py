@@ -42,7 +42,7 @@ class Scheduler:
         self.watermark = max(1, int(watermark * pool.num_pages))  # free pages kept for running requests
         self.tags = tag_ids(tokenizer)
         self.tag_of = {i: t for t, i in self.tags.items() if t in TAGS}
-        self.eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        self.eos = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
         self._texts: dict[str, list[int]] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -55,6 +55,8 @@ class Scheduler:
         return sum(not b.done for r in self.running for b in r.branches)
 
     def admit(self) -> None:
+        if not self.waiting:
+            return
         live, spare = self.live(), self._spare_pages()
         while self.waiting and live < self.max_num_seqs and not (self.paused and self.running):
             req = self.waiting[0]
@@ -107,7 +109,7 @@ class Scheduler:
             if not self._preempt(keep=None):
                 return []
         for b, n in work:
-            self.pool.append(b.run.seg, n)
+            self.pool.reserve(b.run.seg, n)
         return work
 
     def to_copy(self) -> list[Branch]:
@@ -166,7 +168,7 @@ class Scheduler:
         return fits
 
     def stop_ids(self, p: SamplingParams) -> tuple[int, ...]:
-        return tuple(self.eos if p.stop_token_ids is None else p.stop_token_ids)
+        return self.eos if p.stop_token_ids is None else tuple(p.stop_token_ids)
 
     def _accept(self, b: Branch, tok: int, logprob: float) -> None:
         req, p = b.req, b.req.params
