@@ -168,17 +168,13 @@ def bench_engine(
     llm = LLM(model, tok, kv_cache_gb=kv_cache_gb, max_num_seqs=max(256, requests * plans), attention=attention)
     dev = llm.device
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-
     def run(mode):
         sp = SamplingParams(mode=mode, max_tokens=10**6, enforce_structure=False, repetition_limit=10**6)
         replay = [runs_of(p, c, tags) if mode == "parallel" else [c] for p, c in work]
-        sync()
+        _sync(dev)
         t0 = time.perf_counter()
         outs = llm.generate([p for p, _ in work], sp, replay=replay)
-        sync()
+        _sync(dev)
         return outs, time.perf_counter() - t0
 
     run("parallel")  # warm-up (allocator, kernels)
@@ -216,6 +212,12 @@ def bench_engine(
     return result
 
 
+def _sync(dev: torch.device) -> None:
+    """Wait for queued GPU work, so a timer stops when the work does (a no-op on CPU)."""
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def _hf_generate_tps(model, work, repeats: int = 1) -> float:
     """Hugging Face `generate` on the flat sequences: batch of prompts, fixed new-token count, greedy."""
     dev = next(model.parameters()).device
@@ -227,11 +229,9 @@ def _hf_generate_tps(model, work, repeats: int = 1) -> float:
     model.generate(ids[:, :width], attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
     best = float("inf")
     for _ in range(repeats):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(dev)
         t0 = time.perf_counter()
         model.generate(ids, attention_mask=mask, **kw)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        _sync(dev)
         best = min(best, time.perf_counter() - t0)
     return len(work) * n_new / best

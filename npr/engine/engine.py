@@ -274,7 +274,7 @@ class LLM:
         run.add(eos if eos is not None else 0, 0, 0.0, True)
         probe = Branch(None, run, [run], TagState(), 0, row=self.table.alloc())
         self.pool.acquire([run.seg])
-        self.pool.append(run.seg, 1)
+        self.pool.reserve(run.seg, 1)
         attention.STATE.calls = 0
         try:
             self.runner.forward([(probe, 1)], [], [0])
