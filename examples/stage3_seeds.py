@@ -30,10 +30,10 @@ def evaluate(plan, model_dir: Path, out: Path, row: str) -> dict:
 
 
 def base_best(demo: Path, bench: str) -> tuple[str, float]:
-    """The base model's best sequential row in the demo's evaluation."""
+    """The base model's best sequential row under the latency budget in the demo's evaluation."""
     best = ("", -1.0)
     for row in ROWS["base"]:
-        if ROW_KINDS[row].mode != "sequential":
+        if ROW_KINDS[row].mode != "sequential" or not ROW_KINDS[row].budget:
             continue
         res = json.loads((eval_dir(demo, "base", row) / "results.json").read_text())
         acc = res["benchmarks"][bench]["sequential"]["avg@k"]

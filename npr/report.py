@@ -35,7 +35,7 @@ def stage_rows(evals: dict[str, dict[str, dict]]) -> list[dict]:
     """evals[stage][mode] = metrics.summarize output -> one row per (stage, mode), with the speedup."""
     rows = []
     for stage, modes in evals.items():
-        par, seq = modes.get("parallel"), modes.get("sequential")
+        par, seq = modes.get("parallel"), modes.get("serial")
         speedup = None
         if par and seq and par.get("wall_time_s") and seq.get("wall_time_s"):
             speedup = seq["wall_time_s"] / par["wall_time_s"]
@@ -119,7 +119,7 @@ def plot_stages(rows: list[dict], out: Path) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3))
-    for mode, marker in (("sequential (raw)", "^"), ("sequential", "o"), ("parallel", "s")):
+    for mode, marker in (("sequential (plain prompt)", "^"), ("sequential", "o"), ("parallel", "s")):
         mine = [r for r in rows if r["mode"] == mode]
         ax.plot([r["stage"] for r in mine], [r["avg@k"] for r in mine], marker=marker, label=f"{mode} avg@k")
     ax.set_ylim(0, 1)
@@ -147,14 +147,16 @@ def write_report(out: Path, evals: dict, run_dirs: dict[str, Path], example_samp
     (out / "report.json").write_text(json.dumps(data, indent=1))
     lines = ["# NPR pipeline report", "", info.get("title", ""), "", table(rows), ""]
     lines += [
-        "Decoding: sequential (raw) = the model alone, nothing enforced (does it write the format?);",
-        "sequential (plain prompt) = asked to solve step by step, without the NPR instruction;",
-        "sequential = the same schema enforced, decoded one token after another; parallel = the engine,",
-        "steps of a block decoded as concurrent branches. Same problems and seeds in every mode.",
+        "Decoding: sequential (raw) = the model alone, nothing enforced and no latency budget (does it",
+        "write the format itself?); sequential (plain prompt) = asked to solve step by step, without the",
+        "NPR instruction; sequential = the schema enforced, decoded one token after another; parallel =",
+        "the engine, steps of a block decoded as concurrent branches; serial = the parallel row's schema",
+        "decoded one token after another with no latency budget (the speedup's reference). Every other",
+        "row has the same latency budget (critical path). Same problems and seeds in every mode.",
         "avg@k / best@k: mean and any-correct over k samples per problem; format-valid: the response",
         "passes the format check; trigger: at least one block ran as >= 2 concurrent branches; speedup:",
-        "wall-clock time of sequential over parallel decoding (both enforced). sr = the sequential-RL",
-        "baseline (sequential SFT + RL on the same data and budgets). Definitions: README, Metrics.",
+        "wall-clock time of serial over parallel decoding. sr = the sequential-RL baseline (sequential",
+        "SFT + RL on the same data and budgets). Definitions: README, Metrics.",
         "",
     ]
     if stages_png:

@@ -35,7 +35,10 @@ def problems(n: int, seed: int = 0) -> list[dict]:
 
 
 def solution(problem: dict, seed: int) -> str:
-    return parallel_solution(problem, random.Random(seed))
+    """A correct, well-formed answer; different seeds give different texts (the world's own is unique)."""
+    text = parallel_solution(problem, random.Random(seed))
+    head, tail = text.rsplit(" </takeaway>", 1)
+    return f"{head}{' .' * seed} </takeaway>{tail}"
 
 
 def wrong(text: str) -> str:

@@ -43,6 +43,7 @@ def test_reference_answers_are_accepted():
         ("3 + 3", [3, 4], 6),  # reused number, missing number
         ("3 + 4", [3, 4, 5], 7),  # a number left unused
         ("3 + 4 + 5", [3, 4], 12),  # a number not given
+        ("4 + 3", [3, 4], 7),  # the numbers out of their given order
         ("(3 + 4", [3, 4], 7),  # malformed
         ("3 + * 4", [3, 4], 7),
         ("3 ** 4", [3, 4], 81),
@@ -135,29 +136,63 @@ def test_micro_recipe_trains_saves_and_caches(tmp_path):
 
 def test_search_is_complete_and_honest():
     """Every generated problem is solved by the written search; a step says "yes" exactly when the
-    expression it writes checks; a step depends only on its own plan (what makes it blind-safe)."""
+    route it names checks, and every other outer value is compared with the target (low / high);
+    a step depends only on the problem and its own plan (what makes it blind-safe)."""
     rng = random.Random(3)
     for level in countdown.LEVELS:
         for _ in range(100):
             p = countdown.make_problem(level, rng)
-            moves = corpus.first_moves(p["numbers"])
-            assert len({(m.x, m.op, m.y) for m in moves}) == len(moves)
-            results = [corpus.work(m, p["target"]) for m in moves]
-            assert any(expr for _, expr in results), p
-            for text, expr in results:
-                assert text.endswith(f"yes : {expr}") if expr else text.endswith(". no")
-                assert expr is None or check(expr, p["numbers"], p["target"])
+            found = []
+            for grouping in countdown.GROUPINGS:
+                for outer in countdown.OPS:
+                    text, code = corpus.work(p["numbers"], grouping, outer, p["target"])
+                    assert text.startswith(f"need {p['target']} :")
+                    assert text.endswith(f"yes {code}") if code else text.endswith(". no")
+                    assert text.count("yes") == (code is not None)
+                    for part in text.split(" ; "):
+                        words = part.split()
+                        if "=" in words[-3:-1] and words[-1] in ("low", "high"):
+                            value = int(words[-2])
+                            assert (value < p["target"]) == (words[-1] == "low") and value != p["target"]
+                    if code:
+                        expr = corpus.answer(p, grouping, code)
+                        assert check(expr, p["numbers"], p["target"]), (p, expr)
+                        found.append(expr)
+            assert found, p
             assert corpus.sequential_solution(p, random.Random(0)) is not None
 
 
-def test_blocks_try_new_first_moves_until_one_works():
-    rng = random.Random(4)
+def test_blocks_try_the_last_pair_only_when_the_first_fails():
     seen_retry = False
     for p in countdown.split("validation", 200):
-        blocks = corpus.parallel_blocks(p, rng)
-        tried = [plan for plans, *_ in blocks for plan in plans]
-        assert len(tried) == len(set(tried))  # no first move is tried twice
+        blocks = corpus.parallel_blocks(p)
+        expected = [[f"{op} {g}" for op in "+-*/"] for g in countdown.GROUPINGS[: len(blocks)]]
+        assert [plans for plans, *_ in blocks] == expected
         assert all(b[3] is None and b[2].startswith("none") for b in blocks[:-1])
         assert blocks[-1][3] is not None and check(blocks[-1][3], p["numbers"], p["target"])
+        code = blocks[-1][2].split()[0]
+        assert code in corpus.CODES and f"yes {code}" in " ".join(blocks[-1][1])
         seen_retry |= len(blocks) > 1
     assert seen_retry
+
+
+def test_codes_are_single_tokens():
+    tok = build_tokenizer()
+    for code in corpus.CODES:
+        assert len(tok.encode(f"yes {code} reaches", add_special_tokens=False)) == 3
+    assert len(tok.encode("( 5 * 4 ) + 3", add_special_tokens=False)) == 7  # single symbols stay apart
+
+
+def test_base_reads_some_clean_parallel_answers_in_their_topology():
+    from npr.topology import layout
+    from npr.world.base import Recipe, encode_examples
+
+    tok = build_tokenizer()
+    data = encode_examples(tok, Recipe(examples=400))
+    tags = tag_ids(tok)
+    parallel = [(ids, n) for ids, n, par in data if par]
+    assert 0.1 * len(data) < len(parallel) < 0.4 * len(data)  # npr_share x clean_rate x topology_share
+    for ids, n in parallel:
+        assert max(layout(ids, tags, n).block) >= 0  # laid out in blocks: steps blind to their siblings
+    none = encode_examples(tok, Recipe(examples=400, topology_share=0.0))
+    assert not any(par for *_, par in none)

@@ -21,10 +21,13 @@ from pathlib import Path
 import torch
 
 from npr.prompts import chat_ids
+from npr.tags import tag_ids
+from npr.topology import collate
+from npr.train.sft import causal, sft_loss
 from npr.world import corpus, countdown
 from npr.world.tokenizer import build_tokenizer
 
-VERSION = 2
+VERSION = 3
 DONE = "npr_base.json"
 
 
@@ -44,6 +47,9 @@ class Recipe:
     weight_decay: float = 0.01
     clean_rate: float = 0.6  # share of NPR-prompted examples written without a format mistake
     npr_share: float = 0.6  # share of examples prompted with the NPR instruction
+    # share of well-formed parallel answers read in their parallel topology (steps blind to their
+    # siblings), as a capable instruct model reads its own plan; the rest are read as plain text
+    topology_share: float = 0.5
     levels: tuple[int, ...] = (1, 2, 3)
     seed: int = 0
     threads: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
@@ -54,18 +60,19 @@ class Recipe:
         return hashlib.sha256(json.dumps([VERSION, d], sort_keys=True).encode()).hexdigest()[:16]
 
 
-def encode_examples(tok, recipe: Recipe) -> list[tuple[list[int], int]]:
-    """(ids, prompt length) per example: chat prompt, response, end-of-turn."""
+def encode_examples(tok, recipe: Recipe) -> list[tuple[list[int], int, bool]]:
+    """(ids, prompt length, in parallel topology) per example: chat prompt, response, end-of-turn."""
     rng = random.Random(recipe.seed)
     problems = countdown.split("train", recipe.examples, recipe.levels, recipe.seed)
     out = []
     for p in problems:
-        pair = corpus.example(p, rng, recipe.clean_rate, recipe.npr_share)
-        if pair is None:  # no solution within the tokenizer's numbers
+        ex = corpus.example(p, rng, recipe.clean_rate, recipe.npr_share)
+        if ex is None:  # no solution within the tokenizer's numbers
             continue
-        user, response = pair
+        user, response, clean = ex
         prompt = chat_ids(tok, user)
-        out.append((prompt + tok.encode(response, add_special_tokens=False) + [tok.eos_token_id], len(prompt)))
+        ids = prompt + tok.encode(response, add_special_tokens=False) + [tok.eos_token_id]
+        out.append((ids, len(prompt), clean and rng.random() < recipe.topology_share))
     return out
 
 
@@ -91,7 +98,8 @@ def make_model(tok, recipe: Recipe):
     return Qwen3ForCausalLM(cfg)
 
 
-def _batches(data, recipe: Recipe, pad: int):
+def _batches(data, recipe: Recipe, tags: dict, pad: int):
+    """(input ids, topology, loss mask) batches of similar lengths, forever."""
     rng = random.Random(recipe.seed + 1)
     while True:
         order = list(range(len(data)))
@@ -102,16 +110,12 @@ def _batches(data, recipe: Recipe, pad: int):
             groups = [chunk[k : k + recipe.batch_size] for k in range(0, len(chunk), recipe.batch_size)]
             rng.shuffle(groups)
             for g in groups:
-                width = max(len(data[j][0]) for j in g)
-                ids = torch.full((len(g), width), pad, dtype=torch.long)
-                labels = torch.full((len(g), width), -100, dtype=torch.long)
-                mask = torch.zeros((len(g), width), dtype=torch.long)
-                for r, j in enumerate(g):
-                    seq, n = data[j]
-                    ids[r, : len(seq)] = torch.tensor(seq)
-                    labels[r, n : len(seq)] = torch.tensor(seq[n:])
-                    mask[r, : len(seq)] = 1
-                yield ids, mask, labels
+                rows = [data[j] for j in g]
+                ids, topo = collate([(x, n if par else causal(len(x))) for x, n, par in rows], tags, pad_id=pad)
+                mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+                for r, (x, n, _) in enumerate(rows):
+                    mask[r, n - 1 : len(x) - 1] = 1.0
+                yield ids, topo, mask
 
 
 def train(out: Path, recipe: Recipe, progress: bool = True) -> dict:
@@ -136,15 +140,15 @@ def train(out: Path, recipe: Recipe, progress: bool = True) -> dict:
         return recipe.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
     losses, t0 = [], time.perf_counter()
-    batches = _batches(data, recipe, tok.pad_token_id)
+    batches = _batches(data, recipe, tag_ids(tok), tok.pad_token_id)
     cols = [TextColumn("pretraining base model"), BarColumn(), TextColumn("{task.fields[loss]}"), TimeRemainingColumn()]
     with Progress(*cols, disable=not progress, transient=True) as bar:
         task = bar.add_task("train", total=recipe.steps, loss="")
         for step in range(recipe.steps):
-            ids, mask, labels = next(batches)
+            ids, topo, mask = next(batches)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+            loss = sft_loss(model, ids, topo, mask) / mask.sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

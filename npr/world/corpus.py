@@ -1,111 +1,98 @@
 """Prompts and written solutions of the default world: what the tiny base model is pretrained on.
 
-Every Countdown problem here has three numbers, so every solution is a *first move* (two
-numbers combined) followed by one move with the third number. Solving is a search over first
-moves, and each first move is a self-contained piece of work that checks itself:
+A problem gives three numbers in order and a target. A route is a grouping (combine the first
+pair or the last pair first) and two operations. A plan fixes the grouping and the *outer*
+operation; its step is a self-contained piece of work that checks itself: it tries the four inner
+operations in a fixed order, computes the route, compares the value with the target (low, high)
+and stops at the first that reaches it:
 
-    3 + 5 = 8 , need 22 : 8 + 4 = 12 , 8 - 4 = 4 , 8 * 4 = 32 , 8 / 4 = 2 . no
-    5 * 4 = 20 , need 22 : 20 + 3 = 23 , 20 - 3 = 17 , 3 - 20 ... . yes : ( 5 * 4 ) + 3  (when it works)
+    need 23 : 5 + 4 = 9 , 9 + 3 = 12 low ; 5 - 4 = 1 , 1 + 3 = 4 low ; 5 * 4 = 20 , 20 + 3 = 23 yes *+
+    need 50 : 5 + 4 = 9 , 9 * 3 = 27 low ; 5 - 4 = 1 , 1 * 3 = 3 low ; 5 * 4 = 20 , 20 * 3 = 60 high ; 5 / 4 no . no
 
-(the continuations in a fixed order, stopping at the first that reaches the target: "yes" and
-the expression, written where its numbers are).
-Nothing is looked up: the search is written out honestly, and the answer is whatever it finds.
+A step that works ends with "yes" and its code: the two operations as they stand in the answer
+("*+" for `( 5 * 4 ) + 3`), one token, so that whoever reads the step later copies one token
+from behind the one "yes", never a whole expression. The answer is then rebuilt from the code
+and the prompt's numbers.
 
-- A sequential solution (step-by-step prompt) tries first moves one after another until one
-  works, then boxes the expression.
-- A parallel solution (NPR instruction) puts k different first moves in a guideline, runs each in
-  its own step (blind to the others), names the step that worked and its expression in the
-  takeaway, and opens a new block with first moves not tried yet when none did.
+- A sequential solution (step-by-step prompt) tries the eight plans one after another, in a
+  random order, until one works, then boxes the expression.
+- A parallel solution (NPR instruction) runs a block of four plans, one per outer operation on
+  the first pair (`<plan> 3 : * first </plan>`), each in its own step, blind to the others; the
+  takeaway names the code of the first step that worked. When none did, a second block tries
+  the four outer operations with the last pair grouped.
 
-Like a real instruct model following a format prompt, the base model sees the parallel format
-imperfectly: most NPR-prompted examples carry one typical mistake (no takeaway, a step too few
+Nothing is looked up: the search is written out, and the answer is whatever it finds. Like a
+real instruct model following a format prompt, the base model sees the parallel format
+imperfectly: many NPR-prompted examples carry one typical mistake (no takeaway, a step too few
 or too many, missing labels, the sequential form).
 """
 
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
 
-from npr.world.countdown import whole_step
+from npr.world.countdown import GROUPINGS, OPS, route_expression, whole_step
 
 NPR_INSTRUCTION = (
     "solve in parallel : write a guideline of plans , one step per plan , compare them in a takeaway , "
     "then box the answer ."
 )
 SEQ_INSTRUCTION = "solve step by step , then box the answer ."
+CODES = [x + y for x in OPS for y in OPS]  # a working route's two operations, as one token
 
 
 def user_prompt(problem: dict, parallel: bool) -> str:
     return f"{NPR_INSTRUCTION if parallel else SEQ_INSTRUCTION} {problem['problem']}"
 
 
-@dataclass(frozen=True)
-class FirstMove:
-    x: int
-    op: str
-    y: int
-    value: int
-    rest: int  # the third number
+def code_of(grouping: str, inner: str, outer: str) -> str:
+    """The operations in the order they stand in the answer: `( a inner b ) outer c` or `a outer ( b inner c )`."""
+    return inner + outer if grouping == "first" else outer + inner
 
 
-def first_moves(numbers: list[int]) -> list[FirstMove]:
-    """The distinct useful first moves: a pair, an operation, larger number first for - and /."""
-    out, seen = [], set()
-    for i in range(len(numbers)):
-        for j in range(i + 1, len(numbers)):
-            a, b = max(numbers[i], numbers[j]), min(numbers[i], numbers[j])
-            rest = next(n for k, n in enumerate(numbers) if k not in (i, j))
-            for op in "+-*/":
-                if op in "*/" and b == 1:
-                    continue  # x * 1 and x / 1 change nothing: the last move covers them
-                value = whole_step(a, op, b)
-                if value is None or (op == "-" and value == 0) or (a, op, b) in seen:
-                    continue
-                seen.add((a, op, b))
-                out.append(FirstMove(a, op, b, value, rest))
-    return out
+def decode(code: str, grouping: str) -> tuple[str, str]:
+    """(inner, outer) of a code."""
+    return (code[0], code[1]) if grouping == "first" else (code[1], code[0])
 
 
-def continuations(v: int, z: int) -> list[tuple[str, int, str]]:
-    """(text, value, expression shape) of the last moves with value v and the third number z, in
-    the fixed order the steps write them: v + z, v - z, z - v, v * z, v / z, z / v."""
-    out = []
-    for a, op, b, shape in ((v, "+", z, "L"), (v, "-", z, "L"), (z, "-", v, "R"), (v, "*", z, "L"),
-                            (v, "/", z, "L"), (z, "/", v, "R")):  # fmt: skip
-        if shape == "R" and a <= b:
-            continue  # z - v and z / v only when z is the larger (else covered by v - z, v / z)
-        r = whole_step(a, op, b)
-        if r is not None:
-            out.append((f"{a} {op} {b} = {r}", r, f"{op}{shape}"))
-    return out
-
-
-def work(move: FirstMove, target: int) -> tuple[str, str | None]:
-    """A first move's step text and, when it reaches the target, the answer expression."""
-    head = f"{move.x} {move.op} {move.y} = {move.value} , need {target} :"
+def work(numbers: list[int], grouping: str, outer: str, target: int) -> tuple[str, str | None]:
+    """A route family's step text (the outer operation fixed, the four inner ones tried in order)
+    and, when one reaches the target, its code."""
+    a, b, c = numbers
     tried = []
-    for text, value, shape in continuations(move.value, move.rest):
-        tried.append(text)
-        if value == target:
-            inner = f"( {move.x} {move.op} {move.y} )"
-            op = shape[0]
-            expr = f"{inner} {op} {move.rest}" if shape[1] == "L" else f"{move.rest} {op} {inner}"
-            return f"{head} {' , '.join(tried)} . yes : {expr}", expr
-    return f"{head} {' , '.join(tried)} . no", None
+    for inner in OPS:
+        x, y = (a, b) if grouping == "first" else (b, c)
+        v = whole_step(x, inner, y)
+        if v is None:
+            tried.append(f"{x} {inner} {y} no")
+            continue
+        p, q = (v, c) if grouping == "first" else (a, v)
+        w = whole_step(p, outer, q)
+        if w is None:
+            tried.append(f"{x} {inner} {y} = {v} , {p} {outer} {q} no")
+            continue
+        if w == target:
+            code = code_of(grouping, inner, outer)
+            tried.append(f"{x} {inner} {y} = {v} , {p} {outer} {q} = {w} yes {code}")
+            return f"need {target} : {' ; '.join(tried)}", code
+        tried.append(f"{x} {inner} {y} = {v} , {p} {outer} {q} = {w} {'low' if w < target else 'high'}")
+    return f"need {target} : {' ; '.join(tried)} . no", None
+
+
+def answer(problem: dict, grouping: str, code: str) -> str:
+    return route_expression(problem["numbers"], grouping, *decode(code, grouping))
 
 
 def sequential_solution(problem: dict, rng: random.Random) -> str | None:
-    """First moves in random order until one works; None if none does (the search is complete, so
-    only for a target that needs an intermediate beyond the tokenizer's numbers)."""
-    moves = first_moves(problem["numbers"])
-    rng.shuffle(moves)
+    """Routes in random order until one works; None if none does (never, for a generated problem)."""
+    routes = [(g, op) for g in GROUPINGS for op in OPS]
+    rng.shuffle(routes)
     parts = []
-    for m in moves:
-        text, expr = work(m, problem["target"])
-        parts.append(f"try {text} .")
-        if expr:
-            return " ".join(parts) + f" \\boxed{{ {expr} }}"
+    for grouping, outer in routes:
+        text, code = work(problem["numbers"], grouping, outer, problem["target"])
+        parts.append(f"try {outer} {grouping} : {text} .")
+        if code:
+            return " ".join(parts) + f" \\boxed{{ {answer(problem, grouping, code)} }}"
     return None
 
 
@@ -114,26 +101,16 @@ def _labelled(tag: str, i: int | None, body: str) -> str:
     return f"<{tag}> {label}{body} </{tag}>"
 
 
-def plans_per_block(rng: random.Random) -> int:
-    return rng.choice([2, 3, 3, 4, 4, 5])
-
-
-def parallel_blocks(problem: dict, rng: random.Random) -> list[tuple[list, list, str, str | None]] | None:
-    """Blocks of (plans, steps, takeaway, answer) until a step reaches the target."""
-    target = problem["target"]
-    moves = first_moves(problem["numbers"])
-    rng.shuffle(moves)
-    blocks = []
-    while moves:
-        k = plans_per_block(rng)
-        chosen, moves = moves[:k], moves[k:]
-        done = [work(m, target) for m in chosen]
-        hits = [i for i, (_, expr) in enumerate(done) if expr]
-        plans = [f"{m.x} {m.op} {m.y} first" for m in chosen]
+def parallel_blocks(problem: dict) -> list[tuple[list, list, str, str | None]] | None:
+    """Blocks of (plans, steps, takeaway, answer): the first pair, then the last pair if needed."""
+    target, blocks = problem["target"], []
+    for grouping in GROUPINGS:
+        done = [work(problem["numbers"], grouping, op, target) for op in OPS]
+        plans = [f"{op} {grouping}" for op in OPS]
         steps = [text for text, _ in done]
-        if hits:
-            expr = done[hits[0]][1]
-            blocks.append((plans, steps, f"{hits[0] + 1} reaches {target} : {expr}", expr))
+        code = next((code for _, code in done if code), None)
+        if code:
+            blocks.append((plans, steps, f"{code} reaches {target}", answer(problem, grouping, code)))
             return blocks
         blocks.append((plans, steps, f"none reaches {target}", None))
     return None
@@ -143,7 +120,7 @@ def parallel_solution(problem: dict, rng: random.Random, mistake: str | None = N
     """An NPR-format solution, optionally with one typical format mistake (in its last block)."""
     if mistake == "sequential":
         return sequential_solution(problem, rng)
-    blocks = parallel_blocks(problem, rng)
+    blocks = parallel_blocks(problem)
     if blocks is None:
         return None
     text = []
@@ -168,11 +145,12 @@ MISTAKES = ("sequential", "no_takeaway", "missing_step", "extra_step", "no_label
 
 def example(
     problem: dict, rng: random.Random, clean_rate: float = 0.3, npr_share: float = 0.6
-) -> tuple[str, str] | None:
-    """One pretraining pair (user prompt, response), NPR-prompted with probability `npr_share`."""
+) -> tuple[str, str, bool] | None:
+    """One pretraining example (user prompt, response, clean parallel answer), NPR-prompted with
+    probability `npr_share`."""
     if rng.random() >= npr_share:
         response = sequential_solution(problem, rng)
-        return None if response is None else (user_prompt(problem, False), response)
+        return None if response is None else (user_prompt(problem, False), response, False)
     mistake = None if rng.random() < clean_rate else rng.choice(MISTAKES)
     response = parallel_solution(problem, rng, mistake)
-    return None if response is None else (user_prompt(problem, True), response)
+    return None if response is None else (user_prompt(problem, True), response, mistake is None)

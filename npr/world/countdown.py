@@ -1,10 +1,11 @@
-"""Countdown: reach a target from given numbers with + - * /, each number used exactly once.
+"""Countdown in order: reach a target from three numbers, used once each in the given order, with
+two of + - * / and one pair of brackets: `( a ? b ) ? c` or `a ? ( b ? c )`.
 
-The default world's task family. Problems are generated from a random chain of operations
-(so each has a solution), difficulty is the count and range of the numbers, and answers
-are checked exactly: the expression is parsed by a small recursive-descent parser over
-fractions (never `eval`), with limits on length, nesting and magnitude so no input can
-hang or blow up the checker.
+The default world's task family. Problems are generated from a random route (a grouping and
+two operations, every intermediate value a whole number in [0, 100]), so each has a solution;
+difficulty is the range of the numbers. Answers are checked exactly: the expression is parsed
+by a small recursive-descent parser over fractions (never `eval`), with limits on length,
+nesting and magnitude so no input can hang or blow up the checker.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import random
 import re
-from collections import Counter
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -31,7 +31,7 @@ class Level:
     max_target: int
 
 
-LEVELS = {  # three numbers each: every solution is one first move, then one move with the third number
+LEVELS = {  # three numbers in a fixed order: a solution combines one pair first, then the third number
     1: Level(3, 1, 6, 40),
     2: Level(3, 1, 10, 60),
     3: Level(3, 2, 12, 80),
@@ -127,25 +127,17 @@ def evaluate(expr: str) -> tuple[Fraction, list[int]]:
 
 
 def check(expr: str | None, numbers: list[int], target: int) -> bool:
-    """True when `expr` uses each number exactly once and equals `target`."""
+    """True when `expr` uses the numbers exactly once each, in the given order, and equals `target`."""
     if not expr:
         return False
     try:
         value, used = evaluate(expr)
     except ExpressionError:
         return False
-    return value == target and Counter(used) == Counter(numbers)
+    return value == target and used == list(numbers)
 
 
 # ---- generation ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Move:
-    a: int
-    op: str
-    b: int
-    result: int
 
 
 def whole_step(a: int, op: str, b: int) -> int | None:
@@ -157,43 +149,39 @@ def whole_step(a: int, op: str, b: int) -> int | None:
     return r if 0 <= r <= MAX_VALUE else None
 
 
-def chain_value(first: int, moves: list[tuple[str, int]]) -> list[Move] | None:
-    """Apply ops left to right; None when an intermediate is negative, fractional or above MAX_VALUE."""
-    out, cur = [], first
-    for op, b in moves:
-        r = whole_step(cur, op, b)
-        if r is None:
-            return None
-        out.append(Move(cur, op, b, r))
-        cur = r
-    return out
+GROUPINGS = ("first", "last")  # which pair of the ordered numbers is combined first: (a b) c or a (b c)
 
 
-def chain_expression(moves: list[Move]) -> str:
-    expr = str(moves[0].a)
-    for i, m in enumerate(moves):
-        expr = f"{expr} {m.op} {m.b}" if i == 0 else f"( {expr} ) {m.op} {m.b}"
-    return expr
+def route_value(numbers: list[int], grouping: str, inner: str, outer: str) -> int | None:
+    """Value of `( a inner b ) outer c` (grouping "first") or `a outer ( b inner c )` ("last"), or
+    None when a move leaves the whole numbers in [0, MAX_VALUE]."""
+    a, b, c = numbers
+    if grouping == "first":
+        v = whole_step(a, inner, b)
+        return None if v is None else whole_step(v, outer, c)
+    v = whole_step(b, inner, c)
+    return None if v is None else whole_step(a, outer, v)
 
 
-def random_chain(numbers: list[int], rng: random.Random) -> list[Move] | None:
-    order = numbers[:]
-    rng.shuffle(order)
-    return chain_value(order[0], [(rng.choice(OPS), b) for b in order[1:]])
+def route_expression(numbers: list[int], grouping: str, inner: str, outer: str) -> str:
+    a, b, c = numbers
+    return f"( {a} {inner} {b} ) {outer} {c}" if grouping == "first" else f"{a} {outer} ( {b} {inner} {c} )"
 
 
 def make_problem(level: int, rng: random.Random) -> dict:
+    """Three numbers in a fixed order and a target that one route (a grouping and two operations)
+    reaches with whole intermediate values."""
     lv = LEVELS[level]
     while True:
         numbers = [rng.randint(lv.low, lv.high) for _ in range(lv.numbers)]
-        moves = random_chain(numbers, rng)
-        if moves and 1 <= moves[-1].result <= lv.max_target and len({m.op for m in moves}) > 1:
+        grouping, inner, outer = rng.choice(GROUPINGS), rng.choice(OPS), rng.choice(OPS)
+        target = route_value(numbers, grouping, inner, outer)
+        if target is not None and 1 <= target <= lv.max_target:
             break
-    target = moves[-1].result
     nums = " ".join(map(str, numbers))
     return {
-        "problem": f"use {nums} to make {target}",
-        "answer": chain_expression(moves),
+        "problem": f"use {nums} in order to make {target}",
+        "answer": route_expression(numbers, grouping, inner, outer),
         "numbers": numbers,
         "target": target,
         "level": level,

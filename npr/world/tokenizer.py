@@ -1,4 +1,4 @@
-"""The default world's tokenizer: whole words and whole numbers, the tags as single tokens.
+"""The default world's tokenizer: whole words, whole numbers and route codes, the tags as single tokens.
 
 Built with `tokenizers` (WordLevel) and saved in Hugging Face format with a chat template,
 so downstream code loads it with `AutoTokenizer` like any checkpoint's tokenizer. Text is
@@ -9,13 +9,14 @@ tokens: space-separated text round-trips exactly.
 from __future__ import annotations
 
 from npr.tags import TAGS
-from npr.world.corpus import NPR_INSTRUCTION, SEQ_INSTRUCTION
+from npr.world.corpus import CODES, NPR_INSTRUCTION, SEQ_INSTRUCTION
 
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
 MAX_NUMBER = 1000
-WORDS = ["user", "assistant", "system", "use", "to", "make", "try", "yes", "no", "first", "reaches", "none", "need"]
-SYMBOLS = list("+-*/()=,.:;{}") + ["\\boxed{"]
-SPLIT = r"\\boxed\{|\d+|[A-Za-z]+|[^\sA-Za-z\d]"
+WORDS = ["user", "assistant", "system", "use", "to", "make", "try", "yes", "no", "first", "last", "in", "order",
+         "reaches", "none", "need", "low", "high"]  # fmt: skip
+SYMBOLS = list("+-*/()=,.:;{}") + ["\\boxed{"] + CODES  # a code ("*+") is one token
+SPLIT = r"\\boxed\{|[-+*/]{2}|\d+|[A-Za-z]+|[^\sA-Za-z\d]"
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if not loop.first %} {% endif %}<|im_start|> {{ m['role'] }} {{ m['content'] }} "
     "<|im_end|>{% endfor %}{% if add_generation_prompt %} <|im_start|> assistant{% endif %}"
