@@ -91,17 +91,22 @@ def pack(examples: list[Example], packing: bool, max_length: int) -> list[list[E
     return rows
 
 
-def sft_batch(rows: list[list[Example]], tags: dict, pad_id: int, sequential: bool):
-    """(input ids [B, L], topology, loss mask [B, L-1]): the mask marks predictions of response tokens."""
-    traj = [[(ids, causal(len(ids)) if sequential else n) for ids, n in row] for row in rows]
-    ids, topo = collate(traj, tags, pad_id=pad_id)
-    mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)
+def response_mask(rows: list[list[Example]], width: int) -> torch.Tensor:
+    """Loss mask [B, width-1] over packed rows: 1 where the next token is a response token."""
+    mask = torch.zeros(len(rows), width - 1)
     for b, row in enumerate(rows):
         at = 0
         for seq, n in row:
             mask[b, at + n - 1 : at + len(seq) - 1] = 1.0
             at += len(seq)
-    return ids, topo, mask
+    return mask
+
+
+def sft_batch(rows: list[list[Example]], tags: dict, pad_id: int, sequential: bool):
+    """(input ids [B, L], topology, loss mask [B, L-1]): the mask marks predictions of response tokens."""
+    traj = [[(ids, causal(len(ids)) if sequential else n) for ids, n in row] for row in rows]
+    ids, topo = collate(traj, tags, pad_id=pad_id)
+    return ids, topo, response_mask(rows, ids.shape[1])
 
 
 def sft_loss(model, ids, topo, mask) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from npr.prompts import chat_ids
 from npr.tags import tag_ids
 from npr.topology import collate
-from npr.train.sft import causal, sft_loss
+from npr.train.sft import causal, response_mask, sft_loss
 from npr.world import corpus, countdown
 from npr.world.tokenizer import build_tokenizer
 
@@ -112,10 +112,7 @@ def _batches(data, recipe: Recipe, tags: dict, pad: int):
             for g in groups:
                 rows = [data[j] for j in g]
                 ids, topo = collate([(x, n if par else causal(len(x))) for x, n, par in rows], tags, pad_id=pad)
-                mask = torch.zeros(ids.shape[0], ids.shape[1] - 1)
-                for r, (x, n, _) in enumerate(rows):
-                    mask[r, n - 1 : len(x) - 1] = 1.0
-                yield ids, topo, mask
+                yield ids, topo, response_mask([[(x, n)] for x, n, _ in rows], ids.shape[1])
 
 
 def train(out: Path, recipe: Recipe, progress: bool = True) -> dict:

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import random
 
-from npr.world.countdown import GROUPINGS, OPS, route_expression, whole_step
+from npr.world.countdown import GROUPINGS, OPS, inner_pair, outer_pair, route_expression, whole_step
 
 NPR_INSTRUCTION = (
     "solve in parallel : write a guideline of plans , one step per plan , compare them in a takeaway , "
@@ -58,15 +58,14 @@ def decode(code: str, grouping: str) -> tuple[str, str]:
 def work(numbers: list[int], grouping: str, outer: str, target: int) -> tuple[str, str | None]:
     """A route family's step text (the outer operation fixed, the four inner ones tried in order)
     and, when one reaches the target, its code."""
-    a, b, c = numbers
+    x, y = inner_pair(numbers, grouping)
     tried = []
     for inner in OPS:
-        x, y = (a, b) if grouping == "first" else (b, c)
         v = whole_step(x, inner, y)
         if v is None:
             tried.append(f"{x} {inner} {y} no")
             continue
-        p, q = (v, c) if grouping == "first" else (a, v)
+        p, q = outer_pair(numbers, grouping, v)
         w = whole_step(p, outer, q)
         if w is None:
             tried.append(f"{x} {inner} {y} = {v} , {p} {outer} {q} no")

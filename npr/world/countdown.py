@@ -152,15 +152,27 @@ def whole_step(a: int, op: str, b: int) -> int | None:
 GROUPINGS = ("first", "last")  # which pair of the ordered numbers is combined first: (a b) c or a (b c)
 
 
+def inner_pair(numbers: list[int], grouping: str) -> tuple[int, int]:
+    """The pair a route combines first."""
+    a, b, c = numbers
+    return (a, b) if grouping == "first" else (b, c)
+
+
+def outer_pair(numbers: list[int], grouping: str, v: int) -> tuple[int, int]:
+    """The operands of a route's last move, given the value `v` of its inner pair."""
+    a, _, c = numbers
+    return (v, c) if grouping == "first" else (a, v)
+
+
 def route_value(numbers: list[int], grouping: str, inner: str, outer: str) -> int | None:
     """Value of `( a inner b ) outer c` (grouping "first") or `a outer ( b inner c )` ("last"), or
     None when a move leaves the whole numbers in [0, MAX_VALUE]."""
-    a, b, c = numbers
-    if grouping == "first":
-        v = whole_step(a, inner, b)
-        return None if v is None else whole_step(v, outer, c)
-    v = whole_step(b, inner, c)
-    return None if v is None else whole_step(a, outer, v)
+    x, y = inner_pair(numbers, grouping)
+    v = whole_step(x, inner, y)
+    if v is None:
+        return None
+    p, q = outer_pair(numbers, grouping, v)
+    return whole_step(p, outer, q)
 
 
 def route_expression(numbers: list[int], grouping: str, inner: str, outer: str) -> str:
