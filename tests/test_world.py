@@ -196,3 +196,17 @@ def test_base_reads_some_clean_parallel_answers_in_their_topology():
         assert max(layout(ids, tags, n).block) >= 0  # laid out in blocks: steps blind to their siblings
     none = encode_examples(tok, Recipe(examples=400, topology_share=0.0))
     assert not any(par for *_, par in none)
+
+
+def test_base_weights_the_takeaway_verdict_in_the_loss():
+    from npr.tags import TAKEAWAY
+    from npr.world.base import Recipe, _batches, encode_examples
+
+    tok = build_tokenizer()
+    recipe = Recipe(examples=200, batch_size=8, takeaway_weight=7.0)
+    tags = tag_ids(tok)
+    ids, _, mask = next(_batches(encode_examples(tok, recipe), recipe, tags, tok.pad_token_id))
+    verdict = ids[:, :-1] == tags[TAKEAWAY]  # the prediction made at <takeaway>: the code or "none"
+    assert verdict.any()
+    assert (mask[verdict] == 7.0).all()
+    assert set(mask[~verdict].unique().tolist()) <= {0.0, 1.0}  # every other response token weighs 1

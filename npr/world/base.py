@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from npr.prompts import chat_ids
-from npr.tags import tag_ids
+from npr.tags import TAKEAWAY, tag_ids
 from npr.topology import collate
 from npr.train.sft import causal, response_mask, sft_loss
 from npr.world import corpus, countdown
@@ -50,6 +50,9 @@ class Recipe:
     # share of well-formed parallel answers read in their parallel topology (steps blind to their
     # siblings), as a capable instruct model reads its own plan; the rest are read as plain text
     topology_share: float = 0.5
+    # loss weight of the takeaway's verdict (the route code it copies, or "none"): one token in
+    # ~300, yet the whole answer hinges on it, and a tiny model learns such a copy late
+    takeaway_weight: float = 20.0
     levels: tuple[int, ...] = (1, 2, 3)
     seed: int = 0
     threads: int = field(default_factory=lambda: max(1, min(4, os.cpu_count() or 1)))
@@ -112,7 +115,9 @@ def _batches(data, recipe: Recipe, tags: dict, pad: int):
             for g in groups:
                 rows = [data[j] for j in g]
                 ids, topo = collate([(x, n if par else causal(len(x))) for x, n, par in rows], tags, pad_id=pad)
-                yield ids, topo, response_mask([[(x, n)] for x, n, _ in rows], ids.shape[1])
+                mask = response_mask([[(x, n)] for x, n, _ in rows], ids.shape[1])
+                mask[ids[:, :-1] == tags[TAKEAWAY]] *= recipe.takeaway_weight
+                yield ids, topo, mask
 
 
 def train(out: Path, recipe: Recipe, progress: bool = True) -> dict:
