@@ -17,7 +17,7 @@ from npr.topology import collate
 from npr.train.config import load_config
 from npr.train.objectives import batch_advantages, papo_loss
 from npr.train.policy import Policy
-from npr.train.rl import Rollout, _sequence_batch, select_groups, train_rl, train_step
+from npr.train.rl import Rollout, _sequence_batch, schema_ok, select_groups, train_rl, train_step
 
 
 def test_batch_advantages_by_hand_without_drift():
@@ -61,6 +61,27 @@ def test_schema_filter_drops_rollouts_before_their_rewards_count():
     assert dropped == 2 and filtered == 3
     kept, dropped, filtered = select_groups(s, schema_filter=False, dynamic_sampling=True)
     assert [g[0]["group"] for g in kept] == [0, 1] and filtered == 0 and dropped == 1
+
+
+def test_schema_filter_keeps_rollouts_the_budget_cut_off():
+    from types import SimpleNamespace
+
+    from npr.tags import GUIDELINE, GUIDELINE_END, PLAN, PLAN_END, STEP, STEP_END, TAKEAWAY
+
+    tags = {t: i for i, t in enumerate((GUIDELINE, GUIDELINE_END, PLAN, PLAN_END, STEP, STEP_END, TAKEAWAY))}
+    g, ge, p, pe, st, se, tk = (tags[t] for t in (GUIDELINE, GUIDELINE_END, PLAN, PLAN_END, STEP, STEP_END, TAKEAWAY))
+    x = 99
+    cut = [g, p, x, pe, p, x, pe, ge, st, x, se, st, x]  # ends inside the block's second step
+    done = cut + [se, tk, x]
+    broken = [g, p, x, pe, ge, se, x]  # a step closed that never opened
+
+    def out(ids, why):
+        return SimpleNamespace(token_ids=ids, finish_reason=why)
+
+    assert schema_ok(out(done, "stop"), tags)
+    assert schema_ok(out(cut, "path_length"), tags) and schema_ok(out(cut, "length"), tags)  # stays, scores -1
+    assert not schema_ok(out(cut, "repetition"), tags)  # cut off by something other than the budget
+    assert not schema_ok(out(broken, "stop"), tags)
 
 
 @pytest.fixture(scope="module")

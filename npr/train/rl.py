@@ -56,7 +56,7 @@ class Rollout:
             "branches": self.out.stats["branches"],
             "parallel_blocks": self.out.stats["parallel_blocks"],
             "sampled": sum(not f for f in self.out.forced),
-            "schema_ok": executable(self.out.token_ids, tags) is None,
+            "schema_ok": schema_ok(self.out, tags),
         }
 
 
@@ -91,6 +91,14 @@ def rollouts(llm: LLM, cfg: Config, problems: list[tuple[int, dict]], step: int,
         reward = float(reward_fn(p["problem"], text, str(p.get("answer", "")), p))
         result.append(Rollout(p, g, j, o, reward, bool(grade(p, text)), grammar.parse(text).valid))
     return result
+
+
+def schema_ok(out, tags: dict) -> bool:
+    """The schema filter's test: an executable parallel schema, or a rollout the token budget cut
+    off. A cut-off rollout is the policy's doing and scores as wrong; dropping it would never teach
+    the policy to stay within the latency budget (on the default world its answers then grew
+    under Stage 3 until 30 % of them ran out)."""
+    return out.finish_reason in ("length", "path_length") or executable(out.token_ids, tags) is None
 
 
 def select_groups(summaries: list[dict], schema_filter: bool, dynamic_sampling: bool):
