@@ -66,13 +66,14 @@ def test_schema_filter_drops_rollouts_before_their_rewards_count():
 def test_schema_filter_keeps_rollouts_the_budget_cut_off():
     from types import SimpleNamespace
 
-    from npr.tags import GUIDELINE, GUIDELINE_END, PLAN, PLAN_END, STEP, STEP_END, TAKEAWAY
+    from npr.tags import CLOSE, OPEN, TAGS
 
-    tags = {t: i for i, t in enumerate((GUIDELINE, GUIDELINE_END, PLAN, PLAN_END, STEP, STEP_END, TAKEAWAY))}
-    g, ge, p, pe, st, se, tk = (tags[t] for t in (GUIDELINE, GUIDELINE_END, PLAN, PLAN_END, STEP, STEP_END, TAKEAWAY))
+    tags = {t: i for i, t in enumerate(TAGS)}
+    g, p, st, tk = (tags[OPEN[n]] for n in ("guideline", "plan", "step", "takeaway"))
+    ge, pe, se, tke = (tags[CLOSE[n]] for n in ("guideline", "plan", "step", "takeaway"))
     x = 99
     cut = [g, p, x, pe, p, x, pe, ge, st, x, se, st, x]  # ends inside the block's second step
-    done = cut + [se, tk, x]
+    done = cut + [se, tk, x, tke, x]
     broken = [g, p, x, pe, ge, se, x]  # a step closed that never opened
 
     def out(ids, why):
