@@ -10,6 +10,7 @@ LAYOUTS = {"canonical": ("{i}:", ""), "paper": ("\n{i}:", "\n")}
 # The sampling default of every command and server that decodes: the paper's evaluation setting.
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 1.0, 0.7
 FINISH_REASONS = ("stop", "length", "path_length", "invalid_schema", "repetition", "aborted")
+BUDGET_STOPS = ("length", "path_length")  # the answer ran out of its token or latency budget
 MODES = ("parallel", "sequential")
 
 

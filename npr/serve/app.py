@@ -24,7 +24,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from npr.engine import SamplingParams
-from npr.engine.params import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MODES, layout_texts
+from npr.engine.params import BUDGET_STOPS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, MODES, layout_texts
 from npr.engine.request import Completion
 from npr.serve.loop import Delta, Done, EngineLoop
 
@@ -170,7 +170,7 @@ def chat_prompt(body: dict, tokenizer, cfg: ServeConfig, mode: str) -> list[int]
 
 def finish_reason(c: Completion) -> str:
     """OpenAI's reason; the engine's own (path_length, invalid_schema, ...) is in the npr extras."""
-    return "length" if c.finish_reason in ("length", "path_length") else "stop"
+    return "length" if c.finish_reason in BUDGET_STOPS else "stop"
 
 
 def npr_extras(c: Completion, decode) -> dict:
