@@ -67,6 +67,10 @@ class Pipeline:
     stage1: StagePlan = field(default_factory=StagePlan)
     distill: DistillPlan = field(default_factory=DistillPlan)
     stage2: StagePlan = field(default_factory=StagePlan)
+    # the model Stage 2 (and the SR baseline's sequential SFT) fine-tunes: "base", as in the authors'
+    # release (npr-beta/train/sft_math.sh warms up Qwen3-4B-Instruct, not NPR-Zero), or "stage1";
+    # either way the Stage-1 model writes the distilled data
+    stage2_from: str = "base"
     stage3: StagePlan = field(default_factory=StagePlan)
     sr: bool = True  # train the sequential-RL baseline (Stage-2 and Stage-3 budgets, sequential topology)
     eval: EvalPlan = field(default_factory=EvalPlan)
@@ -83,6 +87,8 @@ def load_pipeline(path: str | Path, overrides: list[str] = ()) -> tuple[Pipeline
         plan.prompt_file = str(Path(path).parent / plan.prompt_file)
         read_prompt_file(plan.prompt_file)
     layout_texts(plan.layout)
+    if plan.stage2_from not in ("base", "stage1"):
+        raise ValueError(f"{path}: stage2_from: expected base or stage1, got {plan.stage2_from!r}")
     return plan, Path(path).parent
 
 
@@ -198,7 +204,7 @@ def distill_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
 def stage2_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     from npr.train.sft import train_sft
 
-    forced = [f"model.path={out / 'stage1'}", f"data.source={out / 'distill'}", f"run.out={out / 'stage2'}"]
+    forced = [f"model.path={out / plan.stage2_from}", f"data.source={out / 'distill'}", f"run.out={out / 'stage2'}"]
     cfg = _stage_config(plan, plan.stage2, root, forced)
     train_sft(cfg, **_continue(out / "stage2"), progress=progress)
 
@@ -220,7 +226,8 @@ def sr_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     if not plan.sr:
         return
     sft = out / "sr" / "sft"
-    forced = [f"model.path={out / 'stage1'}", f"data.source={out / 'distill'}", f"run.out={sft}", "sft.sequential=true"]
+    start = out / plan.stage2_from
+    forced = [f"model.path={start}", f"data.source={out / 'distill'}", f"run.out={sft}", "sft.sequential=true"]
     train_sft(_stage_config(plan, plan.stage2, root, forced), **_continue(sft), progress=progress)
     forced = [f"model.path={sft}", f"run.out={out / 'sr'}", "rollout.mode=sequential"]
     train_rl(_stage_config(plan, plan.stage3, root, forced), **_continue(out / "sr"), progress=progress)

@@ -92,6 +92,10 @@ def test_every_stage_runs_on_a_real_checkpoint_and_resumes(setup):
     m1 = [json.loads(x) for x in (run / "stage1" / "metrics.jsonl").read_text().splitlines()]
     assert len(m1) == 2  # Stage 1 was not redone
     assert (run / "stage2" / "checkpoints" / "latest.json").exists()
+    # Stage 2 and the SR baseline's SFT warm up the base model, as the authors' release does; the
+    # Stage-1 model only wrote their data
+    for sft in (run / "stage2", run / "sr" / "sft"):
+        assert yaml.safe_load((sft / "config.yaml").read_text())["model"]["path"] == str(run / "base")
     assert len((run / "stage3" / "metrics.jsonl").read_text().splitlines()) == 2
     # the SR baseline: sequential SFT on the same examples, then RL with sequential rollouts
     assert (run / "sr" / "sft" / "checkpoints" / "latest.json").exists()
@@ -128,4 +132,7 @@ def test_bad_pipeline_files_are_named(tmp_path):
         load_pipeline(tmp_path / "none.yaml")
     (tmp_path / "p.yaml").write_text("stage1:\n  confg: x\n")
     with pytest.raises(ValueError, match=r"p.yaml.stage1: unknown key 'confg'"):
+        load_pipeline(tmp_path / "p.yaml")
+    (tmp_path / "p.yaml").write_text("stage2_from: stage3\n")
+    with pytest.raises(ValueError, match=r"p.yaml: stage2_from: expected base or stage1, got 'stage3'"):
         load_pipeline(tmp_path / "p.yaml")
