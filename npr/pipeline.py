@@ -201,11 +201,16 @@ def distill_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     run_distill(llm, problems, out / "distill", cfg, progress=progress)
 
 
+def _sft_forced(plan: Pipeline, out: Path, run: Path) -> list[str]:
+    """What Stage 2 and the SR baseline's sequential SFT share: the start model and the distilled
+    data (so the two arms differ only in their topology)."""
+    return [f"model.path={out / plan.stage2_from}", f"data.source={out / 'distill'}", f"run.out={run}"]
+
+
 def stage2_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     from npr.train.sft import train_sft
 
-    forced = [f"model.path={out / plan.stage2_from}", f"data.source={out / 'distill'}", f"run.out={out / 'stage2'}"]
-    cfg = _stage_config(plan, plan.stage2, root, forced)
+    cfg = _stage_config(plan, plan.stage2, root, _sft_forced(plan, out, out / "stage2"))
     train_sft(cfg, **_continue(out / "stage2"), progress=progress)
 
 
@@ -226,8 +231,7 @@ def sr_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     if not plan.sr:
         return
     sft = out / "sr" / "sft"
-    start = out / plan.stage2_from
-    forced = [f"model.path={start}", f"data.source={out / 'distill'}", f"run.out={sft}", "sft.sequential=true"]
+    forced = _sft_forced(plan, out, sft) + ["sft.sequential=true"]
     train_sft(_stage_config(plan, plan.stage2, root, forced), **_continue(sft), progress=progress)
     forced = [f"model.path={sft}", f"run.out={out / 'sr'}", "rollout.mode=sequential"]
     train_rl(_stage_config(plan, plan.stage3, root, forced), **_continue(out / "sr"), progress=progress)
