@@ -228,18 +228,20 @@ class LLM:
         sched.postprocess(work, sampled, toks, lps)
 
     def _sampling_batch(self, branches: list[Branch]) -> SamplingBatch:
+        sched = self.scheduler
         sb = SamplingBatch([], [], [], [], [], [], [])
         for b in branches:
-            p = b.req.params
-            target = self.scheduler.replay_target(b)
+            req, run = b.req, b.run
+            p = req.params
+            target = None if req.replay is None else sched.replay_target(b)
             sb.temperature.append(p.temperature)
             sb.top_k.append(p.top_k)
             sb.top_p.append(p.top_p)
             sb.penalty.append(p.repetition_penalty if b.state.phase == "step" else 1.0)
-            sb.keys.append(noise_seed(b.req.seed, b.run.key, len(b.run.tokens)))
+            sb.keys.append(noise_seed(req.seed, run.key, len(run.tokens)))
             sb.forced.append(-1 if target is None else max(target, 0))  # -1 past the end: finishes
             if p.enforce_structure and target is None:
-                sb.masks.append(self._mask(b.state.allowed(p.max_plans, self.scheduler.block_fits(b)), p))
+                sb.masks.append(self._mask(b.state.allowed(p.max_plans, sched.block_fits(b)), p))
             else:
                 sb.masks.append(-1)
         return sb

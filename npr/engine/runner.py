@@ -52,26 +52,29 @@ class ModelRunner:
         for g, (b, n) in enumerate(work):
             if g == flushed:  # after the flushed branches' pages: lay out the forks' and joins' rows
                 ops = self._layout(copies)
-            run, c = b.run, b.run.computed
+            run, c, row = b.run, b.run.computed, b.row
             if n == 1:  # a decode step: the common case, without the chunk's list building
                 ids.append(run.tokens[c])
                 pos.append(run.positions[c])
-                slots.append(run.seg.pages[c // ps] * ps + c % ps)
-                rows.append(b.row)
+                page_no, off = divmod(c, ps)
+                slots.append(run.seg.pages[page_no] * ps + off)
+                rows.append(row)
                 cols.append(b.length)
                 fresh.append(c >= run.offset)  # completion tokens: the penalty's "seen"
+                starts = () if off else (c,)
             else:
                 ids += run.tokens[c : c + n]
                 pos += run.positions[c : c + n]
                 slots += run.seg.slots(c, c + n, ps)
-                rows += [b.row] * n
+                rows += [row] * n
                 cols += range(b.length, b.length + n)
                 fresh += [c + i >= run.offset for i in range(n)]
-            for i in range(-(-c // ps) * ps, c + n, ps):  # pages this chunk starts
-                prow.append(b.row)
-                pcol.append(table.npages[b.row])
+                starts = range(-(-c // ps) * ps, c + n, ps)
+            for i in starts:  # pages this chunk starts
+                prow.append(row)
+                pcol.append(table.npages[row])
                 page.append(run.seg.pages[i // ps])
-                table.npages[b.row] += 1
+                table.npages[row] += 1
             sizes.append(n)
             group_rows.append(b.row)
             lengths.append(b.length + n)
@@ -103,7 +106,8 @@ class ModelRunner:
             cfg._attn_implementation = attention.NAME
             with torch.inference_mode():
                 out = self.model.base_model(input_ids=meta[0][None], position_ids=meta[1][None], use_cache=False)
-                hidden = out.last_hidden_state[0, torch.tensor(last, device=dev)]
+                at = slice(None) if len(last) == len(ids) else torch.tensor(last, device=dev)
+                hidden = out.last_hidden_state[0, at]
                 return self.model.get_output_embeddings()(hidden).float()
         finally:
             attention.STATE.batch = None
@@ -124,9 +128,16 @@ class ModelRunner:
             self.table.npages[b.row] = pat
         return ops
 
-    def _by_size(self, sizes: list[int], starts: torch.Tensor):
-        """Buckets: (n, member groups, their index tensor, [G, n] packed index of their queries)."""
-        for n in sorted(set(sizes)):
+    def _by_size(self, sizes: list[int], size_t: torch.Tensor):
+        """Buckets: (n, member groups, their index, [G, n] packed index of their queries).
+        `size_t` holds `sizes` on the device."""
+        distinct = sorted(set(sizes))
+        if len(distinct) == 1:  # one bucket (every pure decode step): its groups need no indexing
+            n = distinct[0]
+            yield n, range(len(sizes)), slice(None), torch.arange(len(sizes) * n, device=self.device).view(-1, n)
+            return
+        starts = torch.cumsum(size_t, 0) - size_t
+        for n in distinct:
             members = [g for g, size in enumerate(sizes) if size == n]
             idx = torch.tensor(members, device=self.device)
             yield n, members, idx, starts[idx][:, None] + torch.arange(n, device=self.device)[None, :]
@@ -134,7 +145,7 @@ class ModelRunner:
     def _buckets(self, slot_mapping, groups, sizes: list[int], lengths: list[int]) -> attention.Batch:
         """One bucket per distinct chunk length n; contexts are slices of the table rows."""
         buckets = []
-        for n, members, idx, queries in self._by_size(sizes, torch.cumsum(groups[2], 0) - groups[2]):
+        for n, members, idx, queries in self._by_size(sizes, groups[2]):
             width = max(lengths[g] for g in members)
             uniform = all(lengths[g] == width for g in members)
             rows, lens = groups[0][idx], groups[1][idx]
@@ -164,7 +175,7 @@ class ModelRunner:
         self.new_pos[slot_mapping] = torch.arange(len(slot_mapping), device=dev) - starts[group]
         fill, new_group, new_pos, slots = self.fill, self.new_group, self.new_pos, self.pool.num_pages * ps
         buckets = []
-        for n, members, idx, queries in self._by_size(sizes, starts):
+        for n, members, idx, queries in self._by_size(sizes, n_all):
             rows = [group_rows[g] for g in members]
             width = max(self.table.npages[r] for r in rows)
             q_blocks = -(-n // Q_BLOCK)
@@ -178,7 +189,8 @@ class ModelRunner:
             num = num.to(torch.int32)[:, None, None].expand(-1, 1, q_blocks).contiguous()
             pages = pages.to(torch.int32)[:, None, None, :].expand(-1, 1, q_blocks, -1).contiguous()
 
-            visible = _visibility(ps, fill, new_group, new_pos, idx, sees)
+            groups = torch.arange(len(sizes), device=dev) if isinstance(idx, slice) else idx
+            visible = _visibility(ps, fill, new_group, new_pos, groups, sees)
             mask = BlockMask.from_kv_blocks(
                 num, pages, BLOCK_SIZE=(Q_BLOCK, ps), mask_mod=visible, seq_lengths=(n, slots), compute_q_blocks=False
             )
@@ -189,7 +201,7 @@ class ModelRunner:
         self, logits: torch.Tensor, rows: list[int], batch: SamplingBatch, masks
     ) -> tuple[list[int], list[float]]:
         seen = None
-        if self.table.seen is not None and any(p != 1.0 for p in batch.penalty):
+        if self.table.seen is not None and any(p != 1.0 and f < 0 for p, f in zip(batch.penalty, batch.forced)):
             seen = self.table.seen[torch.tensor(rows, device=self.device)]
         return sample(logits, batch, seen, masks)
 

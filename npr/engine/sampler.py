@@ -64,31 +64,54 @@ def sample(
     `seen` [R, V] bool marks the tokens the repetition penalty applies to; `masks` [U, V] bool
     holds the distinct structure masks (True = disallowed) that `batch.masks` points into.
     """
-    dev, vocab = logits.device, logits.shape[-1]
-    f = torch.tensor([batch.temperature, batch.top_p, batch.penalty], dtype=torch.float32).to(dev, non_blocking=True)
-    i = torch.tensor([batch.top_k, batch.keys, batch.forced, batch.masks], dtype=torch.int64).to(dev, non_blocking=True)
-    temp, top_p, penalty = f[0, :, None], f[1, :, None], f[2, :, None]
-    top_k, keys, forced, mask_idx = i[0], i[1], i[2], i[3]
+    dev = logits.device
     logits = logits.float()
-    scores = logits
-    if seen is not None and any(p != 1.0 for p in batch.penalty):
-        hit = seen & (penalty != 1.0)
-        scores = torch.where(hit, torch.where(scores > 0, scores / penalty, scores * penalty), scores)
-    if masks is not None and any(m >= 0 for m in batch.masks):
-        disallowed = masks[mask_idx.clamp(min=0)] & (mask_idx >= 0)[:, None]
-        scores = scores.masked_fill(disallowed, _MASK)
-    tok = scores.argmax(-1)
-    drawn = [r for r, (t, f) in enumerate(zip(batch.temperature, batch.forced)) if t > 0 and f < 0]
-    if drawn:  # only rows that really sample pay for noise, top-k and top-p
-        d = torch.tensor(drawn, device=dev) if len(drawn) < len(batch.forced) else slice(None)
-        warm = scores[d] / temp[d]
-        if any(0 < batch.top_k[r] < vocab or batch.top_p[r] < 1.0 for r in drawn):
-            warm = _top_k_top_p(warm, top_k[d], top_p[d])
-        tok[d] = (warm + gumbel(keys[d], vocab)).argmax(-1)
-    tok = torch.where(forced >= 0, forced, tok)
+    free = [r for r, f in enumerate(batch.forced) if f < 0]  # rows that choose (the rest replay a target)
+    forced = torch.tensor(batch.forced, dtype=torch.int64).to(dev, non_blocking=True)
+    tok = forced
+    if free:  # a step that only replays (benchmarks, tests) pays for no choice at all
+        rows = free if len(free) < len(batch.forced) else None
+        tok = forced.clone()
+        tok[_at(rows, dev)] = _choose(logits, batch, rows, seen, masks)
     logp = logits.gather(1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
     out = torch.stack([tok.double(), logp.double()]).cpu()  # the step's one device -> host sync
     return [int(t) for t in out[0].tolist()], out[1].tolist()
+
+
+def _at(rows: list[int] | None, dev) -> torch.Tensor | slice:
+    return slice(None) if rows is None else torch.tensor(rows, device=dev)
+
+
+def _choose(logits, batch: SamplingBatch, rows: list[int] | None, seen, masks) -> torch.Tensor:
+    """Penalty, structure mask, then argmax or seeded Gumbel-max over the rows that choose
+    (`rows`, None = all): the same ids whichever rows share the step."""
+    dev, vocab = logits.device, logits.shape[-1]
+    pick = list(range(len(batch.forced))) if rows is None else rows
+    at = _at(rows, dev)
+
+    def col(values, dtype):
+        return torch.tensor([values[r] for r in pick], dtype=dtype).to(dev, non_blocking=True)
+
+    scores = logits[at]
+    penalty = [batch.penalty[r] for r in pick]
+    if seen is not None and any(p != 1.0 for p in penalty):
+        pen = torch.tensor(penalty, dtype=torch.float32).to(dev, non_blocking=True)[:, None]
+        hit = seen[at] & (pen != 1.0)
+        scores = torch.where(hit, torch.where(scores > 0, scores / pen, scores * pen), scores)
+    if masks is not None and any(batch.masks[r] >= 0 for r in pick):
+        mask_idx = col(batch.masks, torch.int64)
+        disallowed = masks[mask_idx.clamp(min=0)] & (mask_idx >= 0)[:, None]
+        scores = scores.masked_fill(disallowed, _MASK)
+    tok = scores.argmax(-1)
+    drawn = [i for i, r in enumerate(pick) if batch.temperature[r] > 0]
+    if drawn:  # only rows that really sample pay for noise, top-k and top-p
+        d = _at(drawn if len(drawn) < len(pick) else None, dev)
+        temp = col(batch.temperature, torch.float32)[:, None]
+        warm = scores[d] / temp[d]
+        if any(0 < batch.top_k[pick[i]] < vocab or batch.top_p[pick[i]] < 1.0 for i in drawn):
+            warm = _top_k_top_p(warm, col(batch.top_k, torch.int64)[d], col(batch.top_p, torch.float32)[:, None][d])
+        tok[d] = (warm + gumbel(col(batch.keys, torch.int64)[d], vocab)).argmax(-1)
+    return tok
 
 
 def _top_k_top_p(warm: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -93,23 +93,36 @@ class Scheduler:
         whole: the rows of the branches forked or joined from them are copied right after.
         Then decoding branches, then prompt chunks, within `max_batch_tokens`.
         """
+        ps, free = self.pool.page_size, self.pool.free
         while True:
-            live = [b for r in self.running for b in r.branches if b.pending]
-            work = [(b, b.pending) for b in live if b.done]
-            budget = self.max_batch_tokens - len(work)
-            for b in sorted((b for b in live if not b.done), key=lambda b: b.pending):
-                n = min(b.pending, budget)
+            flushed, decode, chunks = [], [], []
+            for r in self.running:
+                for b in r.branches:
+                    n = len(b.run.tokens) - b.run.computed
+                    if n:
+                        (flushed if b.done else decode if n == 1 else chunks).append((b, n))
+            budget = self.max_batch_tokens - len(flushed)
+            work = flushed + decode[: max(budget, 0)]
+            budget -= len(decode)
+            for b, n in sorted(chunks, key=lambda w: w[1]):  # shortest first, as decode rows are
+                n = min(n, budget)
                 if n <= 0:
                     break
                 work.append((b, n))
                 budget -= n
-            need = sum(self.pool.pages_needed(b.run.seg, n) for b, n in work)
-            if need <= self.pool.free_pages:
+            # a decode row needs a page when its segment's pages are full
+            need = sum(self.pool.pages_needed(b.run.seg, n) for b, n in work if n > 1 or b.done)
+            need += sum(len(b.run.seg.pages) * ps == b.run.seg.length for b, n in work if n == 1 and not b.done)
+            if need <= len(free):
                 break
             if not self._preempt(keep=None):
                 return []
         for b, n in work:
-            self.pool.reserve(b.run.seg, n)
+            seg = b.run.seg
+            if n == 1 and seg.length < len(seg.pages) * ps:  # the common case: room on its last page
+                seg.length += 1
+            else:
+                self.pool.reserve(seg, n)
         return work
 
     def to_copy(self) -> list[Branch]:
@@ -152,11 +165,14 @@ class Scheduler:
 
     def replay_target(self, b: Branch) -> int | None:
         """The token a replayed request writes next (-1 past its end), or None when it samples."""
-        req = b.req
-        if req.replay is None:
-            return None
-        target = req.replay[b.run.index] if b.run.index < len(req.replay) else []
-        j = len(b.run.tokens) - b.run.offset
+        run = b.run
+        target = run.target
+        if target is None:
+            replay = b.req.replay
+            if replay is None:
+                return None
+            target = run.target = replay[run.index] if run.index < len(replay) else []
+        j = len(run.tokens) - run.offset
         return target[j] if j < len(target) else -1
 
     def block_fits(self, b: Branch) -> bool:
@@ -171,33 +187,36 @@ class Scheduler:
         return self.eos if p.stop_token_ids is None else tuple(p.stop_token_ids)
 
     def _accept(self, b: Branch, tok: int, logprob: float) -> None:
-        req, p = b.req, b.req.params
-        if self.replay_target(b) == -1:
+        req, p, run = b.req, b.req.params, b.run
+        if req.replay is not None and self.replay_target(b) == -1:
             return self.finish(req, "stop")
         if req.total + 1 > p.max_tokens:
             return self.finish(req, "length")
         if b.path + 1 > p.path_budget:
             return self.finish(req, "path_length")
+        run.add(tok, run.positions[-1] + 1, logprob, False)  # _write, inlined: once per token
+        req.total += 1
+        b.path += 1
+        if b.path > req.max_path:
+            req.max_path = b.path
         tag = self.tag_of.get(tok)
-        parallel = p.mode == "parallel"
-        self._write(b, tok, logprob)
-        if tok in self.stop_ids(p) and tag is None:
-            if b.state.phase == "out" or not parallel:
+        if tag is None:
+            if tok in (self.eos if p.stop_token_ids is None else p.stop_token_ids):
+                if b.state.phase == "out" or p.mode != "parallel":
+                    return self.finish(req, "stop")
+                return self.finish(req, "invalid_schema", f"end of sequence inside <{b.state.phase}>")
+            if p.stop and b.state.phase == "out" and self._hit_stop(run, p.stop):
                 return self.finish(req, "stop")
-            return self.finish(req, "invalid_schema", f"end of sequence inside <{b.state.phase}>")
-        if tag is not None:
-            if not b.state.legal(tag):
-                if parallel:
-                    return self.finish(req, "invalid_schema", f"illegal {tag} in phase {b.state.phase!r}")
-            else:
-                b.state.advance(tag)
-                if parallel and tag == GUIDELINE_END:
-                    return self._fork(b)
-                if parallel and tag == STEP_END:
-                    return self._end_step(b)
-        elif p.stop and b.state.phase == "out" and self._hit_stop(b.run, p.stop):
-            return self.finish(req, "stop")
-        if _repeating(b.run, p.repetition_limit):
+        elif not b.state.legal(tag):
+            if p.mode == "parallel":
+                return self.finish(req, "invalid_schema", f"illegal {tag} in phase {b.state.phase!r}")
+        else:
+            b.state.advance(tag)
+            if p.mode == "parallel" and tag == GUIDELINE_END:
+                return self._fork(b)
+            if p.mode == "parallel" and tag == STEP_END:
+                return self._end_step(b)
+        if _repeating(run, p.repetition_limit):
             return self.finish(req, "repetition")
 
     @staticmethod
@@ -344,12 +363,13 @@ class Scheduler:
 
 def _repeating(run: Run, limit: int) -> bool:
     """Whether the run ends with a pattern of 1-16 tokens repeated `limit` times (reads only that tail)."""
-    toks = run.tokens[max(run.offset, len(run.tokens) - 16 * limit) :]
+    toks = run.tokens
+    n, last = len(toks) - run.offset, toks[-1]
     for period in range(1, 17):
         span = period * limit
-        if len(toks) < span:
+        if n < span:
             break
-        if limit > 1 and toks[-1] != toks[-1 - period]:
+        if limit > 1 and last != toks[-1 - period]:
             continue  # cheap reject: a repeat of this period ends with the token `period` back
         tail = toks[-span:]
         if tail == tail[:period] * limit:
