@@ -89,11 +89,11 @@ def test_bench_engine_json():
     r = npr("bench", "engine", "--config", "tiny", "--requests", "2", "--step-tokens", "8", "--blocks", "1", "--json")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
-    keys = {"parallel_tps", "sequential_tps", "hf_generate_tps", "ideal_speedup", "speedup",
+    keys = {"parallel_tps", "sequential_tps", "hf_generate_tps", "ideal_speedup", "speedup", "decode_speedup",
             "parity_max_abs_logprob_diff"}  # fmt: skip
     assert set(res) == keys
     assert res["ideal_speedup"] > 1.2 and res["parity_max_abs_logprob_diff"] <= 1e-4
-    assert all(res[k] > 0 for k in ("parallel_tps", "sequential_tps", "hf_generate_tps", "speedup"))
+    assert all(res[k] > 0 for k in ("parallel_tps", "sequential_tps", "hf_generate_tps", "speedup", "decode_speedup"))
 
 
 def test_bench_train_json_and_exact_lengths():

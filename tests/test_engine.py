@@ -338,6 +338,28 @@ def test_flex_kernel_reads_the_pool_like_sdpa(tok, biased):
         LLM(biased, tok, num_pages=8, page_size=4, attention="flex")
 
 
+def test_sibling_steps_share_their_prefix_gather(tok, biased, monkeypatch):
+    """Decoding steps of one block attend as one group over their prefix gathered once (sdpa
+    path): the same tokens and log-probs as attending branch by branch."""
+    from npr.engine import runner
+
+    prompts = [" ".join(["Let us try small cases first"] * 4)] * 3 + PROMPTS
+    sp = [SamplingParams(max_tokens=120, seed=s) for s in range(len(prompts))]
+    calls = []
+    shared_bucket = runner.ModelRunner._shared_bucket
+    monkeypatch.setattr(
+        runner.ModelRunner, "_shared_bucket", lambda self, *a: calls.append(a) or shared_bucket(self, *a)
+    )
+    grouped = LLM(biased, tok, num_pages=256, page_size=4).generate(prompts, sp)
+    assert calls and sum(o.stats["parallel_blocks"] for o in grouped) >= 2
+    monkeypatch.setattr(runner, "_share", lambda *a: False)
+    alone = LLM(biased, tok, num_pages=256, page_size=4).generate(prompts, sp)
+    for a, b in zip(grouped, alone):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    check_parity(biased, tok, grouped)
+
+
 def _hidden_syncs(llm: LLM, n: int, tok) -> float:
     """Device->host synchronisations per step that are not the sampler's one transfer: reads of a
     tensor's value (item, int, float) and data-dependent shapes (nonzero, boolean indexing)."""

@@ -13,7 +13,7 @@ import torch
 from npr.engine import attention
 from npr.engine.context import ContextTable
 from npr.engine.kv_pool import KVPool
-from npr.engine.request import Branch
+from npr.engine.request import Block, Branch
 from npr.engine.sampler import SamplingBatch, sample
 
 KERNELS = ("auto", "sdpa", "flex")
@@ -47,13 +47,17 @@ class ModelRunner:
         """
         dev, ps, table = self.device, self.pool.page_size, self.table
         ids, pos, slots, rows, cols, fresh, prow, pcol, page = [], [], [], [], [], [], [], [], []
-        sizes, group_rows, lengths, ops = [], [], [], []
+        sizes, group_rows, lengths, first, ops = [], [], [], [], []
+        siblings: dict[Block, list[int]] = {}  # decoding steps of one block (shared-prefix attention)
         flushed = sum(b.done for b, _ in work)
         for g, (b, n) in enumerate(work):
             if g == flushed:  # after the flushed branches' pages: lay out the forks' and joins' rows
                 ops = self._layout(copies)
             run, c, row = b.run, b.run.computed, b.row
+            first.append(len(ids))
             if n == 1:  # a decode step: the common case, without the chunk's list building
+                if b.block is not None:
+                    siblings.setdefault(b.block, []).append(g)
                 ids.append(run.tokens[c])
                 pos.append(run.positions[c])
                 page_no, off = divmod(c, ps)
@@ -99,7 +103,8 @@ class ModelRunner:
         if self.kernel == "flex":
             attention.STATE.batch = self._flex_buckets(meta[2], sizes, group_rows)
         else:
-            attention.STATE.batch = self._buckets(meta[2], groups, sizes, lengths)
+            shared = [(blk.prefix_len, m) for blk, m in siblings.items() if _share(blk.prefix_len, m, lengths)]
+            attention.STATE.batch = self._buckets(meta[2], groups, sizes, lengths, shared, first, group_rows)
         cfg = self.model.config
         prev = cfg._attn_implementation
         try:
@@ -128,24 +133,34 @@ class ModelRunner:
             self.table.npages[b.row] = pat
         return ops
 
-    def _by_size(self, sizes: list[int], size_t: torch.Tensor):
+    def _by_size(self, sizes: list[int], size_t: torch.Tensor, keep: list[int] | None = None):
         """Buckets: (n, member groups, their index, [G, n] packed index of their queries).
-        `size_t` holds `sizes` on the device."""
-        distinct = sorted(set(sizes))
-        if len(distinct) == 1:  # one bucket (every pure decode step): its groups need no indexing
+        `size_t` holds `sizes` on the device; `keep` limits the buckets to those groups."""
+        distinct = sorted(set(sizes if keep is None else [sizes[g] for g in keep]))
+        if keep is None and len(distinct) == 1:  # one bucket (every pure decode step): no indexing
             n = distinct[0]
             yield n, range(len(sizes)), slice(None), torch.arange(len(sizes) * n, device=self.device).view(-1, n)
             return
         starts = torch.cumsum(size_t, 0) - size_t
         for n in distinct:
-            members = [g for g, size in enumerate(sizes) if size == n]
+            members = [g for g in (range(len(sizes)) if keep is None else keep) if sizes[g] == n]
             idx = torch.tensor(members, device=self.device)
             yield n, members, idx, starts[idx][:, None] + torch.arange(n, device=self.device)[None, :]
 
-    def _buckets(self, slot_mapping, groups, sizes: list[int], lengths: list[int]) -> attention.Batch:
-        """One bucket per distinct chunk length n; contexts are slices of the table rows."""
-        buckets = []
-        for n, members, idx, queries in self._by_size(sizes, groups[2]):
+    def _buckets(
+        self, slot_mapping, groups, sizes: list[int], lengths: list[int], shared=(), first=(), group_rows=()
+    ) -> attention.Batch:
+        """One bucket per distinct chunk length n; contexts are slices of the table rows. The
+        decoding steps of a block in `shared` ((prefix length, groups)) attend as one group."""
+        buckets, keep = [], None
+        if shared:
+            by_k: dict[int, list] = {}
+            for blk in shared:
+                by_k.setdefault(len(blk[1]), []).append(blk)
+            buckets = [self._shared_bucket(blks, first, lengths, group_rows) for blks in by_k.values()]
+            grouped = {g for _, m in shared for g in m}
+            keep = [g for g in range(len(sizes)) if g not in grouped]
+        for n, members, idx, queries in self._by_size(sizes, groups[2], keep):
             width = max(lengths[g] for g in members)
             uniform = all(lengths[g] == width for g in members)
             rows, lens = groups[0][idx], groups[1][idx]
@@ -154,10 +169,30 @@ class ModelRunner:
             if (n > 1 or not uniform) and not causal:
                 limit = (lens - n)[:, None] + torch.arange(n, device=self.device)[None, :]  # query j sees [0, limit]
                 hidden = torch.arange(width, device=self.device)[None, None, :] > limit[:, :, None]
-                mask = torch.zeros(hidden.shape, dtype=self.dtype, device=self.device).masked_fill_(hidden, -torch.inf)
-                mask = mask[:, None]
+                mask = _additive(hidden, self.dtype)[:, None]
             buckets.append(attention.Bucket(queries, context, mask, causal=causal))
         return attention.Batch(slot_mapping, buckets)
+
+    def _shared_bucket(self, blocks: list, first: list[int], lengths: list[int], group_rows: list[int]):
+        """k sibling steps decoding one token each, as one group of k queries over a context of
+        their shared prefix (gathered once, not k times) followed by every sibling's own tokens;
+        the mask lets query i see the prefix and sibling i's tokens only."""
+        dev, k = self.device, len(blocks[0][1])
+        info = [[*(group_rows[g] for g in m), *(lengths[g] for g in m), *(first[g] for g in m), p] for p, m in blocks]
+        most_prefix = max(p for p, _ in blocks)
+        most_own = max(lengths[g] - p for p, m in blocks for g in m)
+        t = torch.tensor(info, dtype=torch.int64).to(dev, non_blocking=True)
+        rows, lens, queries, prefix = t[:, :k], t[:, k : 2 * k], t[:, 2 * k : 3 * k], t[:, 3 * k]
+        span = torch.arange(most_own, device=dev)
+        cols = (prefix[:, None, None] + span).clamp(max=self.table.slots.shape[1] - 1)
+        context = torch.cat(
+            [self.table.slots[rows[:, 0], :most_prefix], self.table.slots[rows[:, :, None], cols].flatten(1)], 1
+        )
+        own = span < (lens - prefix[:, None])[:, :, None]  # [B, k, S]: sibling j's written tokens
+        mine = torch.eye(k, dtype=torch.bool, device=dev)[None, :, :, None] & own[:, None]  # query i, sibling j
+        sees_prefix = (torch.arange(most_prefix, device=dev) < prefix[:, None])[:, None, :].expand(-1, k, -1)
+        visible = torch.cat([sees_prefix, mine.flatten(2)], 2)
+        return attention.Bucket(queries, context, _additive(~visible, self.dtype)[:, None])
 
     def _flex_buckets(self, slot_mapping, sizes: list[int], group_rows: list[int]) -> attention.Batch:
         """Block masks over the pool's pages: a group sees the written slots of its context's pages."""
@@ -218,3 +253,15 @@ def _visibility(ps: int, fill, new_group, new_pos, members, sees):
         return written & (~own | (new_pos[kv] <= q))
 
     return visible
+
+
+def _share(prefix: int, members: list[int], lengths: list[int]) -> bool:
+    """Whether a block's decoding steps attend as one group: at least two of them, and their own
+    tokens no longer than the prefix (each query also scores its siblings' tokens, masked, so
+    past that point the shared gather saves less than the extra scores cost)."""
+    return len(members) > 1 and sum(lengths[g] - prefix for g in members) <= prefix
+
+
+def _additive(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """0 where visible, -inf where `hidden`: SDPA would convert a boolean mask in every call."""
+    return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, -torch.inf)
