@@ -103,12 +103,15 @@ SWEEP = [  # (branches, prompt tokens, step tokens): growing branch counts, long
 ]  # fmt: skip
 
 
-def bench_sweep(model, tok, plans: int = 4, points=SWEEP, attention: str = "auto", hf_generate: bool = True):
+def bench_sweep(
+    model, tok, plans: int = 4, points=SWEEP, attention: str = "auto", hf_generate: bool = True, repeats: int = 5
+):
     """`bench_engine` at every point of `points`; one block of `plans` steps per request."""
     rows = []
     for branches, prompt, step in points:
         r = bench_engine(model, tok, requests=max(1, branches // plans), plans=plans, step_tokens=step, blocks=1,
-                         prompt_tokens=prompt, hf_generate=hf_generate, attention=attention)  # fmt: skip
+                         prompt_tokens=prompt, hf_generate=hf_generate, attention=attention,
+                         repeats=repeats)  # fmt: skip
         rows.append({"branches": branches, "prompt": prompt, "step_tokens": step, **r})
     return rows
 
@@ -158,7 +161,7 @@ def bench_engine(
 ) -> dict:
     """Tokens/s of parallel and sequential decoding of the same trajectories (replayed), HF
     `generate` on the flat sequences, and log-prob parity. Each time is the best of `repeats`
-    runs: a busy machine only ever slows a run down, so the best is the steadiest ratio."""
+    interleaved runs: a busy machine only ever slows a run down, so the best is the steadiest ratio."""
     from npr.engine import LLM, SamplingParams
     from npr.modeling import token_logprobs, topology_forward
     from npr.tags import tag_ids
@@ -187,10 +190,16 @@ def bench_engine(
         return time.perf_counter() - t0
 
     run("parallel")  # warm-up (allocator, kernels)
-    (par, t_par), (seq, t_seq), t_pre = run("parallel"), run("sequential"), prefill()
-    for _ in range(repeats - 1):
-        t_par, t_seq = min(t_par, run("parallel")[1]), min(t_seq, run("sequential")[1])
+    hf = _hf_generate(model, work) if hf_generate else None
+    t_par = t_seq = t_pre = t_hf = float("inf")
+    for _ in range(repeats):  # interleaved, so a slow spell of the machine hits every column alike
+        par, t = run("parallel")
+        t_par = min(t_par, t)
+        seq, t = run("sequential")
+        t_seq = min(t_seq, t)
         t_pre = min(t_pre, prefill())
+        if hf:
+            t_hf = min(t_hf, hf())
     for (_, c), a, b in zip(work, par, seq):
         if a.token_ids != c or b.token_ids != c:
             raise RuntimeError("replay diverged: the two modes did not decode the target token ids")
@@ -221,7 +230,7 @@ def bench_engine(
         sampled = ~torch.tensor(o.forced)
         worst = max(worst, (lp.float().cpu() - torch.tensor(o.logprobs))[sampled].abs().max().item())
     result["parity_max_abs_logprob_diff"] = worst
-    result["hf_generate_tps"] = _hf_generate_tps(model, work, repeats) if hf_generate else None
+    result["hf_generate_tps"] = len(work) * max(len(c) for _, c in work) / t_hf if hf else None
     return result
 
 
@@ -231,20 +240,22 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _hf_generate_tps(model, work, repeats: int = 1) -> float:
-    """Hugging Face `generate` on the flat sequences: batch of prompts, fixed new-token count, greedy."""
+def _hf_generate(model, work):
+    """A timer of Hugging Face `generate` on the flat sequences (batch of prompts, greedy, every
+    sequence as many new tokens as the longest completion), warmed up once."""
     dev = next(model.parameters()).device
     n_new = max(len(c) for _, c in work)
     width = max(len(p) for p, _ in work)
     ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in work], device=dev)  # left-padded
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in work], device=dev)
     kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0, eos_token_id=None)
-    model.generate(ids[:, :width], attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    best = float("inf")
-    for _ in range(repeats):
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+
+    def timed() -> float:
         _sync(dev)
         t0 = time.perf_counter()
         model.generate(ids, attention_mask=mask, **kw)
         _sync(dev)
-        best = min(best, time.perf_counter() - t0)
-    return len(work) * n_new / best
+        return time.perf_counter() - t0
+
+    return timed
