@@ -93,9 +93,8 @@ def _choose(logits, batch: SamplingBatch, rows: list[int] | None, seen, masks) -
         return torch.tensor([values[r] for r in pick], dtype=dtype).to(dev, non_blocking=True)
 
     scores = logits[at]
-    penalty = [batch.penalty[r] for r in pick]
-    if seen is not None and any(p != 1.0 for p in penalty):
-        pen = torch.tensor(penalty, dtype=torch.float32).to(dev, non_blocking=True)[:, None]
+    if seen is not None and any(batch.penalty[r] != 1.0 for r in pick):
+        pen = col(batch.penalty, torch.float32)[:, None]
         hit = seen[at] & (pen != 1.0)
         scores = torch.where(hit, torch.where(scores > 0, scores / pen, scores * pen), scores)
     if masks is not None and any(batch.masks[r] >= 0 for r in pick):
