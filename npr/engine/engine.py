@@ -233,7 +233,7 @@ class LLM:
         for b in branches:
             req, run = b.req, b.run
             p = req.params
-            target = None if req.replay is None else sched.replay_target(b)
+            target = sched.replay_target(b)
             sb.temperature.append(p.temperature)
             sb.top_k.append(p.top_k)
             sb.top_p.append(p.top_p)

@@ -89,11 +89,12 @@ class KVPool:
     def reserve(self, seg: Segment, n: int) -> None:
         """`append` without building the slot list (the engine's per-step path)."""
         need = self.pages_needed(seg, n)
-        if need > len(self.free):
-            raise PoolFull(f"need {need} pages, {len(self.free)} free")
-        for _ in range(need):
-            seg.pages.append(self.free.pop())
-        self.live.add(id(seg))
+        if need:  # most calls (a decode token with room on its last page) allocate nothing
+            if need > len(self.free):
+                raise PoolFull(f"need {need} pages, {len(self.free)} free")
+            for _ in range(need):
+                seg.pages.append(self.free.pop())
+            self.live.add(id(seg))
         seg.length += n
 
     def acquire(self, segs: list[Segment]) -> None:

@@ -8,6 +8,8 @@ rebuilt on the host.
 
 from __future__ import annotations
 
+from itertools import accumulate
+
 import torch
 
 from npr.engine import attention
@@ -47,16 +49,16 @@ class ModelRunner:
         """
         dev, ps, table = self.device, self.pool.page_size, self.table
         ids, pos, slots, rows, cols, fresh, prow, pcol, page = [], [], [], [], [], [], [], [], []
-        sizes, group_rows, lengths, first, ops = [], [], [], [], []
+        sizes, group_rows, lengths, ops = [], [], [], []
         siblings: dict[Block, list[int]] = {}  # decoding steps of one block (shared-prefix attention)
+        share = self.kernel == "sdpa"
         flushed = sum(b.done for b, _ in work)
         for g, (b, n) in enumerate(work):
             if g == flushed:  # after the flushed branches' pages: lay out the forks' and joins' rows
                 ops = self._layout(copies)
             run, c, row = b.run, b.run.computed, b.row
-            first.append(len(ids))
             if n == 1:  # a decode step: the common case, without the chunk's list building
-                if b.block is not None:
+                if share and b.block is not None:
                     siblings.setdefault(b.block, []).append(g)
                 ids.append(run.tokens[c])
                 pos.append(run.positions[c])
@@ -104,7 +106,7 @@ class ModelRunner:
             attention.STATE.batch = self._flex_buckets(meta[2], sizes, group_rows)
         else:
             shared = [(blk.prefix_len, m) for blk, m in siblings.items() if _share(blk.prefix_len, m, lengths)]
-            attention.STATE.batch = self._buckets(meta[2], groups, sizes, lengths, shared, first, group_rows)
+            attention.STATE.batch = self._buckets(meta[2], groups, sizes, lengths, shared, group_rows)
         cfg = self.model.config
         prev = cfg._attn_implementation
         try:
@@ -148,7 +150,7 @@ class ModelRunner:
             yield n, members, idx, starts[idx][:, None] + torch.arange(n, device=self.device)[None, :]
 
     def _buckets(
-        self, slot_mapping, groups, sizes: list[int], lengths: list[int], shared=(), first=(), group_rows=()
+        self, slot_mapping, groups, sizes: list[int], lengths: list[int], shared: list, group_rows: list[int]
     ) -> attention.Batch:
         """One bucket per distinct chunk length n; contexts are slices of the table rows. The
         decoding steps of a block in `shared` ((prefix length, groups)) attend as one group."""
@@ -157,6 +159,7 @@ class ModelRunner:
             by_k: dict[int, list] = {}
             for blk in shared:
                 by_k.setdefault(len(blk[1]), []).append(blk)
+            first = list(accumulate(sizes, initial=0))  # packed index of each group's first token
             buckets = [self._shared_bucket(blks, first, lengths, group_rows) for blks in by_k.values()]
             grouped = {g for _, m in shared for g in m}
             keep = [g for g in range(len(sizes)) if g not in grouped]

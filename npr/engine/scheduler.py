@@ -93,7 +93,6 @@ class Scheduler:
         whole: the rows of the branches forked or joined from them are copied right after.
         Then decoding branches, then prompt chunks, within `max_batch_tokens`.
         """
-        ps, free = self.pool.page_size, self.pool.free
         while True:
             flushed, decode, chunks = [], [], []
             for r in self.running:
@@ -110,19 +109,13 @@ class Scheduler:
                     break
                 work.append((b, n))
                 budget -= n
-            # a decode row needs a page when its segment's pages are full
-            need = sum(self.pool.pages_needed(b.run.seg, n) for b, n in work if n > 1 or b.done)
-            need += sum(len(b.run.seg.pages) * ps == b.run.seg.length for b, n in work if n == 1 and not b.done)
-            if need <= len(free):
+            need = sum(self.pool.pages_needed(b.run.seg, n) for b, n in work)
+            if need <= self.pool.free_pages:
                 break
             if not self._preempt(keep=None):
                 return []
         for b, n in work:
-            seg = b.run.seg
-            if n == 1 and seg.length < len(seg.pages) * ps:  # the common case: room on its last page
-                seg.length += 1
-            else:
-                self.pool.reserve(seg, n)
+            self.pool.reserve(b.run.seg, n)
         return work
 
     def to_copy(self) -> list[Branch]:
@@ -188,20 +181,16 @@ class Scheduler:
 
     def _accept(self, b: Branch, tok: int, logprob: float) -> None:
         req, p, run = b.req, b.req.params, b.run
-        if req.replay is not None and self.replay_target(b) == -1:
+        if self.replay_target(b) == -1:
             return self.finish(req, "stop")
         if req.total + 1 > p.max_tokens:
             return self.finish(req, "length")
         if b.path + 1 > p.path_budget:
             return self.finish(req, "path_length")
-        run.add(tok, run.positions[-1] + 1, logprob, False)  # _write, inlined: once per token
-        req.total += 1
-        b.path += 1
-        if b.path > req.max_path:
-            req.max_path = b.path
+        self._write(b, tok, logprob)
         tag = self.tag_of.get(tok)
         if tag is None:
-            if tok in (self.eos if p.stop_token_ids is None else p.stop_token_ids):
+            if tok in self.stop_ids(p):
                 if b.state.phase == "out" or p.mode != "parallel":
                     return self.finish(req, "stop")
                 return self.finish(req, "invalid_schema", f"end of sequence inside <{b.state.phase}>")
