@@ -266,6 +266,52 @@ def bench_engine_cmd(
         print(f"  {k:30s} {v:.4g}" if isinstance(v, float) else f"  {k:30s} {v}")
 
 
+@bench_app.command("decode")
+def bench_decode_cmd(
+    config: str = typer.Option("tiny", help="Random model shape: tiny, qwen3-0.6b-shape, qwen3-4b-shape (or --model)."),
+    model: str = typer.Option(None, "--model", help="Local model directory instead of a random shape."),
+    dtype: str = typer.Option("auto", help="float32, bfloat16 or auto (bf16 on GPU, fp32 on CPU)."),
+    batch: list[int] = typer.Option([1, 64], help="Rows decoded together (repeat for several)."),
+    prompt_tokens: int = typer.Option(1024, help="Context before the timed decode steps."),
+    new_tokens: int = typer.Option(64, help="Decode steps per run."),
+    attention: str = typer.Option("auto", help="Engine attention kernel: auto (flex on CUDA), sdpa or flex."),
+    hf: bool = typer.Option(True, help="Also time Hugging Face generate on the same prompts."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+) -> None:
+    """Time of one decode step against the memory-bandwidth bound (weights + KV read per step /
+    bandwidth), for the engine and HF generate, at each batch size."""
+    import torch
+
+    from npr import bench
+    from npr.bench.decode import bench_decode, copy_bandwidth, decode_table
+    from npr.engine import load
+
+    cuda = torch.cuda.is_available()
+    try:
+        dt = bench.resolve_dtype(dtype)
+        if model:
+            lm, tok = load(model, dtype=dt)
+        else:
+            lm = bench.random_model(config, dt, "cuda" if cuda else "cpu")
+            tok = bench.word_tokenizer(lm.config.vocab_size)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+    if not cuda:
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    bandwidth = copy_bandwidth(next(lm.parameters()).device)
+    try:
+        rows = [bench_decode(lm, tok, b, prompt_tokens, new_tokens, attention, hf, bandwidth=bandwidth) for b in batch]
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    if as_json:
+        print(json.dumps(rows))
+        return
+    nominal = rows[0]["nominal_bandwidth"]
+    print(f"decode benchmark: {model or config}, {dt}, {'cuda' if cuda else 'cpu'}; copy bandwidth "
+          f"{bandwidth / 1e9:,.0f} GB/s" + (f" (nominal {nominal / 1e9:,.0f} GB/s)" if nominal else ""))  # fmt: skip
+    print(decode_table(rows))
+
+
 @bench_app.command("train")
 def bench_train_cmd(
     config: str = typer.Option(

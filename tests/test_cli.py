@@ -113,3 +113,28 @@ def test_bench_train_json_and_exact_lengths():
     assert all(x["peak_gib"] > 0 and x["step_s"] > 0 and x["checkpointing"] for x in rows)
     bad = npr("bench", "train", "--config", "tiny", "--step", "ppo")
     assert bad.returncode == 2 and "sft, papo" in bad.stderr
+
+
+def test_bench_decode_bytes_and_json():
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    from npr.bench import SHAPES, random_model
+    from npr.bench.decode import kv_bytes_per_token, weight_bytes
+
+    untied = random_model("tiny")  # a step reads the head but only its rows of the input embedding
+    every = sum(p.numel() for p in untied.parameters()) * 4
+    assert weight_bytes(untied) == every - 512 * 64 * 4
+    tied = Qwen3ForCausalLM(Qwen3Config(**{**SHAPES["tiny"], "tie_word_embeddings": True}))
+    assert weight_bytes(tied) == sum(p.numel() for p in tied.parameters()) * 4 == every - 512 * 64 * 4
+    assert kv_bytes_per_token(untied) == 2 * 2 * 2 * 16 * 4  # K and V x layers x kv heads x head dim x fp32
+
+    r = npr("bench", "decode", "--batch", "1", "--batch", "3", "--prompt-tokens", "16", "--new-tokens", "4", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert [x["batch"] for x in rows] == [1, 3]
+    for x in rows:  # bytes: the weights plus each row's mean context (16 + 4 / 2 tokens)
+        assert x["step_bytes"] == weight_bytes(untied) + x["batch"] * 18 * kv_bytes_per_token(untied)
+        assert x["bound_s"] == x["step_bytes"] / x["copy_bandwidth"]
+        assert 0 < x["engine_share"] == x["bound_s"] / x["engine_step_s"] and x["hf_share"] > 0
+    bad = npr("bench", "decode", "--new-tokens", "1")
+    assert bad.returncode == 2 and "--new-tokens" in bad.stderr

@@ -1,6 +1,7 @@
 """Benchmarks that print figures. This file: the random models of real shapes both benchmarks use,
 and `npr bench engine` (parallel vs sequential decoding vs HF `generate` on one structured
-workload); `train.py`: `npr bench train` (memory and time of one training step).
+workload); `decode.py`: `npr bench decode` (a decode step against the memory-bandwidth bound);
+`train.py`: `npr bench train` (memory and time of one training step).
 
 Both engine modes replay the same trajectories (tokens are forced from a target instead of
 sampled; the model still runs every forward), so they decode identical token ids and the
