@@ -1,4 +1,4 @@
-"""Benchmarks that print figures. This file: the random models of real shapes both benchmarks use,
+"""Benchmarks that print figures. This file: the random models of real shapes the benchmarks use,
 and `npr bench engine` (parallel vs sequential decoding vs HF `generate` on one structured
 workload); `decode.py`: `npr bench decode` (a decode step against the memory-bandwidth bound);
 `train.py`: `npr bench train` (memory and time of one training step).
