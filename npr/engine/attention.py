@@ -69,7 +69,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     q_all = query[0].transpose(0, 1)  # [T, H, D]
     if batch.buckets and batch.buckets[0].block_mask is not None:
         return flex_buckets(q_all, pool.k[layer], pool.v[layer], batch.buckets, scaling)[None], None
-    return sdpa_buckets(q_all, pool.k[layer], pool.v[layer], batch.buckets, scaling)[None], None
+    return sdpa_buckets(q_all, pool, layer, batch.buckets, scaling)[None], None
 
 
 def flex_kernel():
@@ -96,7 +96,7 @@ def flex_buckets(q_all: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     return out
 
 
-def sdpa_buckets(q_all: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, buckets: list[Bucket], scaling):
+def sdpa_buckets(q_all: torch.Tensor, pool: KVPool, layer: int, buckets: list[Bucket], scaling):
     """The reference path: gather each bucket's context out of the pool, one SDPA per bucket.
 
     Grouped-query heads go to SDPA as they are (`enable_gqa`), so keys and values are never
@@ -105,13 +105,16 @@ def sdpa_buckets(q_all: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     """
     out = torch.empty_like(q_all)
     heads, dim = q_all.shape[1:]
+    k_pool, v_pool = pool.k[layer], pool.v[layer]
     kv_heads = k_pool.shape[1]
     for bk in buckets:
         g, n = bk.queries.shape
         width = bk.context.shape[1]
         flat = bk.context.reshape(-1)
-        k = k_pool.index_select(0, flat).view(g, width, kv_heads, dim).transpose(1, 2).to(q_all.dtype)
-        v = v_pool.index_select(0, flat).view(g, width, kv_heads, dim).transpose(1, 2).to(q_all.dtype)
+        kbuf, vbuf = pool.gather_buffers(len(flat))
+        k, v = torch.index_select(k_pool, 0, flat, out=kbuf), torch.index_select(v_pool, 0, flat, out=vbuf)
+        k = k.view(g, width, kv_heads, dim).transpose(1, 2).to(q_all.dtype)
+        v = v.view(g, width, kv_heads, dim).transpose(1, 2).to(q_all.dtype)
         q = q_all[bk.queries].transpose(1, 2)  # [G, H, n, D]
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bk.mask, is_causal=bk.causal, scale=scaling, enable_gqa=heads != kv_heads

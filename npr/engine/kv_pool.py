@@ -46,6 +46,7 @@ class KVPool:
         shape = (num_layers, num_pages * page_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self._gathered = (self.k.new_empty(0), self.v.new_empty(0))  # see gather_buffers
         self.free: list[int] = list(range(num_pages - 1, -1, -1))
         self.live: set[int] = set()  # ids of segments holding pages, for leak checks
 
@@ -61,11 +62,26 @@ class KVPool:
             return
         self._shape = self.k.shape
         self.k = self.v = self.k.new_empty(0)
+        self._gathered = (self.k, self.v)
 
     def wake(self) -> None:
         if self.asleep:
             self.k = torch.zeros(self._shape, dtype=self.k.dtype, device=self.k.device)
             self.v = torch.zeros_like(self.k)
+
+    def gather_buffers(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Buffers [n, kv heads, head dim] for keys and values gathered out of the pool, kept from
+        layer to layer and step to step (each gathers about as much as the last). A fresh tensor
+        each time costs the allocator fresh memory, and on a CPU the page faults of touching it
+        cost more than the copy: a 64-row decode step over 1k-token contexts spent 4 ms a layer
+        gathering instead of 1.5 (2 cores). Grown by doubling; freed by `sleep`."""
+        k, v = self._gathered
+        row = self.k.shape[2:]
+        if len(k) < n:
+            size = max(n, 2 * len(k))
+            k, v = self.k.new_empty(size, *row), self.v.new_empty(size, *row)
+            self._gathered = (k, v)
+        return k[:n], v[:n]
 
     @staticmethod
     def pages_for_budget(gb: float, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype) -> int:
