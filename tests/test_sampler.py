@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from npr.engine.sampler import SamplingBatch, gumbel, noise_seed, sample
+from npr.engine.sampler import SamplingBatch, gumbel, gumbel_argmax, noise_seed, sample
 
 
 def batch(rows: int, **kw) -> SamplingBatch:
@@ -57,3 +57,18 @@ def test_noise_is_a_function_of_the_key_alone():
     assert len({tuple(r.tolist()) for r in g}) == len(keys)  # distinct keys, distinct noise
     big = gumbel(torch.arange(4000), 16)
     assert abs(big.mean().item() - 0.5772) < 0.02 and abs(big.std().item() - 1.2825) < 0.02  # Gumbel(0, 1)
+
+
+def test_gumbel_argmax_over_vocabulary_slices_equals_the_whole_sum():
+    torch.manual_seed(0)
+    rows, vocab = 200, 5000  # 200 rows: slices of 1024 ids, so five of them
+    keys = torch.tensor([noise_seed(3, (0, r % 4), r) for r in range(rows)])
+    warm = torch.randn(rows, vocab)
+    warm[:50, :1024] = float("-inf")  # a whole first slice masked: a later one wins
+    warm[50:100, 1500:] = float("-inf")  # only the first two slices allowed
+    noise = gumbel(keys, vocab)
+    assert torch.equal(gumbel(keys, vocab, 3000), noise[:, 3000:])  # a slice is the same noise
+    expect = (warm + noise).argmax(-1)
+    got = gumbel_argmax(warm, keys)
+    assert torch.equal(got, expect) and (got[:50] >= 1024).all() and (got[50:100] < 1500).all()
+    assert len(set(got.tolist())) > 150  # spread over the vocabulary, not one slice's winner
