@@ -340,6 +340,33 @@ def test_flex_kernel_reads_the_pool_like_sdpa(tok, biased):
         LLM(biased, tok, num_pages=8, page_size=4, attention="flex")
 
 
+def test_compiled_flex_kernel_stays_within_a_few_graphs(tok, biased, monkeypatch):
+    """On GPUs the flex kernel is compiled with dynamic shapes, and every step changes its sizes
+    (rows, chunk lengths, pages per row). Past dynamo's recompile limit it would fall back to
+    eager FlexAttention, whose scores over the whole pool are gigabytes: the graphs must stay few
+    (dynamo only specialises sizes 0 and 1), over forks, joins, chunked prompts and preemptions.
+    Compiled here with dynamo's eager backend, which counts graphs without generating code."""
+    from torch._dynamo.utils import counters
+
+    from npr import modeling
+
+    prompts = PROMPTS + [" ".join(["Let us try small cases first"] * 6)]
+    sp = [SamplingParams(max_tokens=90, seed=s) for s in range(len(prompts))]
+    eager = LLM(biased, tok, num_pages=24, page_size=16, attention="flex", max_batch_tokens=24).generate(prompts, sp)
+    monkeypatch.setattr(modeling, "COMPILE_BACKEND", "eager")
+    torch._dynamo.reset()
+    counters.clear()
+    llm = LLM(biased, tok, num_pages=24, page_size=16, attention="flex", max_batch_tokens=24)
+    got = llm.generate(prompts, sp)
+    first = counters["stats"]["unique_graphs"]
+    more = llm.generate(prompts, [SamplingParams(max_tokens=120, seed=s + 10) for s in range(len(prompts))])
+    assert sum(o.stats["parallel_blocks"] for o in got + more) >= 4
+    assert [o.token_ids for o in got] == [o.token_ids for o in eager]
+    graphs = counters["stats"]["unique_graphs"]
+    assert 1 < first <= graphs <= 16 < torch._dynamo.config.recompile_limit, dict(counters["stats"])
+    torch._dynamo.reset()
+
+
 def test_sibling_steps_share_their_prefix_gather(tok, biased, monkeypatch):
     """Decoding steps of one block attend as one group over their prefix gathered once (sdpa
     path): the same tokens and log-probs as attending branch by branch."""

@@ -74,11 +74,13 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
 
 def flex_kernel():
     """flex_attention, compiled with dynamic shapes on CUDA (widths change every step; the one
-    compiled function the trainer uses too), eager elsewhere."""
-    if torch.cuda.is_available():
-        from npr.modeling import compiled_flex
+    compiled function the trainer uses too), eager elsewhere (or as `modeling.COMPILE_BACKEND`
+    says: tests compile with dynamo's eager backend to count graphs)."""
+    from npr import modeling
 
-        return compiled_flex()
+    backend = modeling.COMPILE_BACKEND or ("inductor" if torch.cuda.is_available() else None)
+    if backend:
+        return modeling.compiled_flex(backend)
     from torch.nn.attention.flex_attention import flex_attention
 
     return flex_attention
