@@ -72,3 +72,30 @@ def test_gumbel_argmax_over_vocabulary_slices_equals_the_whole_sum():
     got = gumbel_argmax(warm, keys)
     assert torch.equal(got, expect) and (got[:50] >= 1024).all() and (got[50:100] < 1500).all()
     assert len(set(got.tolist())) > 150  # spread over the vocabulary, not one slice's winner
+
+
+def test_large_vocabulary_top_k_top_p_choose_among_candidates_like_the_full_sort():
+    """At a large vocabulary top-k / top-p rows choose among their best ids; the ids equal the
+    full sort's, and rows whose kept mass runs past the candidates are chosen again exactly."""
+    from npr.engine import sampler
+
+    torch.manual_seed(1)
+    rows, vocab = 240, 20_000
+    logits = torch.randn(rows, vocab) * torch.linspace(0.2, 6.0, rows)[:, None]  # flat to peaked rows
+    logits[:8] = 0.0  # flat: 1024 of 20000 ids hold 5% of the mass, so top-p 0.9 needs the full sort
+    logits[8:16, 300:] = float("-inf")  # masked beyond 300 ids: every row is sure
+    top_k = [0, 0, 50, 5000] * (rows // 4)  # 5000 > the candidates: those rows need the full sort too
+    top_p = [0.9, 0.5, 1.0, 0.95] * (rows // 4)
+    b = SamplingBatch([1.0] * rows, top_k, top_p, [1.0] * rows, [noise_seed(4, (0, 0), r) for r in range(rows)],
+                      [-1] * rows, [-1] * rows)  # fmt: skip
+    fast, flagged = sampler._choose(logits, b, None, None, None)
+    exact, _ = sampler._choose(logits, b, None, None, None, exact=True)
+    unsure = flagged.nonzero()[:, 0].tolist()
+    assert set(range(8)) & set(unsure) and not set(range(8, 16)) & set(unsure)
+    assert 20 < len(unsure) < rows - 20  # both paths taken
+    assert all(r in unsure for r in range(16, rows) if top_k[r] == 5000)  # the kept top-k outgrows them
+    sure_rows = [r for r in range(rows) if r not in unsure]
+    assert torch.equal(fast[sure_rows], exact[sure_rows])
+    toks, lps = sample(logits, b)  # the unsure rows chosen again: every id is the full sort's
+    assert toks == exact.tolist()
+    torch.testing.assert_close(torch.tensor(lps), torch.log_softmax(logits, -1)[range(rows), toks], atol=1e-5, rtol=0)

@@ -36,9 +36,13 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 def gumbel(keys: torch.Tensor, vocab: int, start: int = 0) -> torch.Tensor:
     """[R, vocab - start] standard Gumbel noise of vocabulary ids [start, vocab), a pure function
     of each row's key and the id."""
+    return gumbel_of(keys, torch.arange(start, vocab, device=keys.device, dtype=torch.int64)[None, :])
+
+
+def gumbel_of(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The Gumbel noise of the ids [R or 1, n] in each row: the same values `gumbel` gives them."""
     lo, hi = (keys & _M32)[:, None], _mix(keys >> 32)[:, None]
-    h = torch.arange(start, vocab, device=keys.device, dtype=torch.int64)[None, :] ^ hi
-    h = _mix(_mix(h) ^ lo)
+    h = _mix(_mix(ids ^ hi) ^ lo)
     u = (h >> 8).to(torch.float32).add_(0.5).mul_(1.0 / 2**24)  # in (0, 1), 24 bits, exact in fp32
     return u.log_().neg_().log_().neg_()
 
@@ -92,23 +96,38 @@ def sample(
     logits = logits.float()
     free = [r for r, f in enumerate(batch.forced) if f < 0]  # rows that choose (the rest replay a target)
     forced = torch.tensor(batch.forced, dtype=torch.int64).to(dev, non_blocking=True)
-    tok = forced
+    tok, unsure = forced, None
     if free:  # a step that only replays (benchmarks, tests) pays for no choice at all
         rows = free if len(free) < len(batch.forced) else None
         tok = forced.clone()
-        tok[_at(rows, dev)] = _choose(logits, batch, rows, seen, masks)
-    logp = logits.gather(1, tok[:, None])[:, 0] - torch.logsumexp(logits, -1)
-    out = torch.stack([tok.double(), logp.double()]).cpu()  # the step's one device -> host sync
-    return [int(t) for t in out[0].tolist()], out[1].tolist()
+        tok[_at(rows, dev)], unsure = _choose(logits, batch, rows, seen, masks)
+    lse = torch.logsumexp(logits, -1)
+    logp = logits.gather(1, tok[:, None])[:, 0] - lse
+    parts = [tok.double(), logp.double()]
+    if unsure is not None:  # rows whose top-p mass ran past their candidates (rare): known after the transfer
+        parts.append(torch.zeros_like(logp, dtype=torch.float64).index_copy_(0, _at(free, dev), unsure.double()))
+    out = torch.stack(parts).cpu()  # the step's one device -> host sync
+    toks, lps = [int(t) for t in out[0].tolist()], out[1].tolist()
+    again = [r for r, u in enumerate(out[2].tolist()) if u] if unsure is not None else []
+    if again:  # choose those rows again over the whole vocabulary
+        at = _at(again, dev)
+        redo, _ = _choose(logits, batch, again, seen, masks, exact=True)
+        fixed = torch.stack([redo.double(), (logits[at].gather(1, redo[:, None])[:, 0] - lse[at]).double()]).cpu()
+        for r, t, lp in zip(again, fixed[0].tolist(), fixed[1].tolist()):
+            toks[r], lps[r] = int(t), lp
+    return toks, lps
 
 
 def _at(rows: list[int] | None, dev) -> torch.Tensor | slice:
     return slice(None) if rows is None else torch.tensor(rows, device=dev)
 
 
-def _choose(logits, batch: SamplingBatch, rows: list[int] | None, seen, masks) -> torch.Tensor:
+def _choose(
+    logits, batch: SamplingBatch, rows: list[int] | None, seen, masks, exact: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Penalty, structure mask, then argmax or seeded Gumbel-max over the rows that choose
-    (`rows`, None = all): the same ids whichever rows share the step."""
+    (`rows`, None = all): the same ids whichever rows share the step. Returns (ids, unsure):
+    `unsure` marks the rows (if any took the candidate path) to choose again with `exact`."""
     dev, vocab = logits.device, logits.shape[-1]
     pick = list(range(len(batch.forced))) if rows is None else rows
     at = _at(rows, dev)
@@ -125,16 +144,56 @@ def _choose(logits, batch: SamplingBatch, rows: list[int] | None, seen, masks) -
         mask_idx = col(batch.masks, torch.int64)
         disallowed = masks[mask_idx.clamp(min=0)] & (mask_idx >= 0)[:, None]
         scores = scores.masked_fill(disallowed, _MASK)
-    tok = scores.argmax(-1)
+    tok, unsure = scores.argmax(-1), None
     drawn = [i for i, r in enumerate(pick) if batch.temperature[r] > 0]
-    if drawn:  # only rows that really sample pay for noise, top-k and top-p
-        d = _at(drawn if len(drawn) < len(pick) else None, dev)
-        temp = col(batch.temperature, torch.float32)[:, None]
+    if not drawn:
+        return tok, unsure
+    # only rows that really sample pay for noise; only rows with top-k or top-p for the filter
+    temp, keys = col(batch.temperature, torch.float32)[:, None], col(batch.keys, torch.int64)
+    filtered = {i for i in drawn if 0 < batch.top_k[pick[i]] < vocab or batch.top_p[pick[i]] < 1.0}
+    for part in ([i for i in drawn if i not in filtered], sorted(filtered)):
+        if not part:
+            continue
+        d = _at(part if len(part) < len(pick) else None, dev)
         warm = scores[d] / temp[d]
-        if any(0 < batch.top_k[pick[i]] < vocab or batch.top_p[pick[i]] < 1.0 for i in drawn):
-            warm = _top_k_top_p(warm, col(batch.top_k, torch.int64)[d], col(batch.top_p, torch.float32)[:, None][d])
-        tok[d] = gumbel_argmax(warm, col(batch.keys, torch.int64)[d])
-    return tok
+        if part[0] not in filtered:
+            tok[d] = gumbel_argmax(warm, keys[d])
+            continue
+        top_k, top_p = col(batch.top_k, torch.int64)[d], col(batch.top_p, torch.float32)[:, None][d]
+        if exact or vocab < 4 * CANDIDATES:
+            tok[d] = gumbel_argmax(_top_k_top_p(warm, top_k, top_p), keys[d])
+        else:
+            tok[d], sure = _candidate_choice(warm, keys[d], top_k, top_p)
+            unsure = torch.zeros(len(pick), dtype=torch.bool, device=dev)
+            unsure[d] = ~sure
+    return tok, unsure
+
+
+CANDIDATES = 1024  # top-k / top-p rows of a large vocabulary choose among their best ids
+
+
+def _candidate_choice(warm, keys, top_k, top_p) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_top_k_top_p` then Gumbel-max, over each row's `CANDIDATES` best ids instead of a sort and
+    noise over the whole vocabulary (at 152k ids and 64 rows: 0.05 s instead of 0.47 s on 2 CPU
+    cores). Exact, up to rounding at the p boundary, for the rows it returns `sure`: those where
+    every id past the candidates is dropped anyway (by top-k with no tie of the k-th past them,
+    by top-p as the candidates' mass exceeds p, or masked)."""
+    vocab = warm.shape[-1]
+    best, ids = warm.topk(CANDIDATES, -1)  # sorted, best first
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    limited = k <= CANDIDATES
+    kth = best.gather(1, (k.clamp(max=CANDIDATES) - 1)[:, None])
+    kept = best.masked_fill(limited[:, None] & (best < kth), _MASK)
+    # the softmax's denominator: the kept top-k (all among the candidates) or the whole vocabulary
+    lse = torch.where(limited, kept.logsumexp(-1), warm.logsumexp(-1))[:, None]
+    probs = (kept - lse).exp()
+    mass = probs.cumsum(-1)
+    drop = ((mass - probs) > top_p) | (kept == _MASK)  # mass before this id already reaches top_p
+    last = best[:, -1]
+    whole = k >= vocab  # no top-k: the denominator above is right only for these or for `limited`
+    sure = (last == _MASK) | (limited & (last < kth[:, 0])) | (whole & (mass[:, -1] > top_p[:, 0]))
+    choice = (kept.masked_fill(drop, _MASK) + gumbel_of(keys, ids)).argmax(-1)
+    return ids.gather(1, choice[:, None])[:, 0], sure
 
 
 def _top_k_top_p(warm: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
