@@ -204,6 +204,32 @@ bench_app = typer.Typer(help="Benchmarks that print figures (ratios measured sid
 app.add_typer(bench_app, name="bench")
 
 
+def _bench_model(model: str | None, config: str, dtype: str):
+    """(model, tokenizer, dtype) of the engine benchmarks: a local model or a random one of a
+    real shape; on a CPU, 2 threads, as the benchmarks' figures were taken."""
+    import torch
+
+    from npr import bench
+    from npr.engine import load
+
+    cuda = torch.cuda.is_available()
+    try:
+        dt = bench.resolve_dtype(dtype)
+    except ValueError as e:
+        raise typer.BadParameter(str(e), param_hint="--dtype") from None
+    try:
+        if model:
+            lm, tok = load(model, dtype=dt)
+        else:
+            lm = bench.random_model(config, dt, "cuda" if cuda else "cpu")
+            tok = bench.word_tokenizer(lm.config.vocab_size)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        raise typer.BadParameter(str(e)) from None
+    if not cuda:
+        torch.set_num_threads(min(2, torch.get_num_threads()))
+    return lm, tok, dt
+
+
 @bench_app.command("engine")
 def bench_engine_cmd(
     model: str = typer.Option(None, "--model", help="Local model directory (its tokenizer must have the tags)."),
@@ -228,23 +254,9 @@ def bench_engine_cmd(
     import torch
 
     from npr import bench
-    from npr.engine import load
 
+    lm, tok, dt = _bench_model(model, config, dtype)
     cuda = torch.cuda.is_available()
-    try:
-        dt = bench.resolve_dtype(dtype)
-    except ValueError as e:
-        raise typer.BadParameter(str(e), param_hint="--dtype") from None
-    try:
-        if model:
-            lm, tok = load(model, dtype=dt)
-        else:
-            lm = bench.random_model(config, dt, "cuda" if cuda else "cpu")
-            tok = bench.word_tokenizer(lm.config.vocab_size)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise typer.BadParameter(str(e)) from None
-    if not cuda:
-        torch.set_num_threads(min(2, torch.get_num_threads()))  # as the benchmarks' figures were taken
     try:
         if sweep:
             rows = bench.bench_sweep(lm, tok, plans, attention=attention, hf_generate=hf)
@@ -282,22 +294,10 @@ def bench_decode_cmd(
     bandwidth), for the engine and HF generate, at each batch size."""
     import torch
 
-    from npr import bench
     from npr.bench.decode import bench_decode, copy_bandwidth, decode_table
-    from npr.engine import load
 
+    lm, tok, dt = _bench_model(model, config, dtype)
     cuda = torch.cuda.is_available()
-    try:
-        dt = bench.resolve_dtype(dtype)
-        if model:
-            lm, tok = load(model, dtype=dt)
-        else:
-            lm = bench.random_model(config, dt, "cuda" if cuda else "cpu")
-            tok = bench.word_tokenizer(lm.config.vocab_size)
-    except (ValueError, FileNotFoundError, OSError) as e:
-        raise typer.BadParameter(str(e)) from None
-    if not cuda:
-        torch.set_num_threads(min(2, torch.get_num_threads()))
     bandwidth = copy_bandwidth(next(lm.parameters()).device)
     try:
         rows = [bench_decode(lm, tok, b, prompt_tokens, new_tokens, attention, hf, bandwidth=bandwidth) for b in batch]
