@@ -102,20 +102,21 @@ def sample(
         tok = forced.clone()
         tok[_at(rows, dev)], unsure = _choose(logits, batch, rows, seen, masks)
     lse = torch.logsumexp(logits, -1)
+    flags = []  # rows whose top-p mass ran past their candidates (rare), known after the transfer
+    if unsure is not None:
+        flags.append(torch.zeros_like(lse, dtype=torch.float64).index_copy_(0, _at(free, dev), unsure.double()))
+    out = _transfer(logits, tok, lse, flags)  # the step's one device -> host sync
+    again = [r for r, u in enumerate(out[2].tolist()) if u] if flags else []
+    if again:  # chosen again over the whole vocabulary
+        tok[_at(again, dev)], _ = _choose(logits, batch, again, seen, masks, exact=True)
+        out = _transfer(logits, tok, lse)
+    return [int(t) for t in out[0].tolist()], out[1].tolist()
+
+
+def _transfer(logits, tok, lse, extra=()) -> torch.Tensor:
+    """[ids, untempered log-probs, *extra] on the host, in one copy."""
     logp = logits.gather(1, tok[:, None])[:, 0] - lse
-    parts = [tok.double(), logp.double()]
-    if unsure is not None:  # rows whose top-p mass ran past their candidates (rare): known after the transfer
-        parts.append(torch.zeros_like(logp, dtype=torch.float64).index_copy_(0, _at(free, dev), unsure.double()))
-    out = torch.stack(parts).cpu()  # the step's one device -> host sync
-    toks, lps = [int(t) for t in out[0].tolist()], out[1].tolist()
-    again = [r for r, u in enumerate(out[2].tolist()) if u] if unsure is not None else []
-    if again:  # choose those rows again over the whole vocabulary
-        at = _at(again, dev)
-        redo, _ = _choose(logits, batch, again, seen, masks, exact=True)
-        fixed = torch.stack([redo.double(), (logits[at].gather(1, redo[:, None])[:, 0] - lse[at]).double()]).cpu()
-        for r, t, lp in zip(again, fixed[0].tolist(), fixed[1].tolist()):
-            toks[r], lps[r] = int(t), lp
-    return toks, lps
+    return torch.stack([tok.double(), logp.double(), *extra]).cpu()
 
 
 def _at(rows: list[int] | None, dev) -> torch.Tensor | slice:
