@@ -71,11 +71,16 @@ def random_model(shape: str, dtype=torch.float32, device="cpu", seed: int = 0):
     return model.eval()
 
 
+def filler_ids(tok) -> list[int]:
+    """Ids of the word tokenizer's filler words ("w0", "w1", ...), the text of every workload."""
+    return [i for w, i in tok.get_vocab().items() if w.startswith("w")] or list(range(100, 200))
+
+
 def workload(tok, n: int, plans: int, step_tokens: int, blocks: int, prompt_tokens: int, seed: int = 0):
     """(prompt ids, canonical completion ids) pairs: `blocks` blocks of `plans` steps, then an answer."""
     rng = random.Random(seed)
     vocab = tok.get_vocab()
-    words = [i for w, i in vocab.items() if w.startswith("w")] or list(range(100, 200))
+    words = filler_ids(tok)
     t = {x: vocab[x] for x in TAGS}
 
     def text(m):
@@ -191,7 +196,8 @@ def bench_engine(
         return time.perf_counter() - t0
 
     run("parallel")  # warm-up (allocator, kernels)
-    hf = _hf_generate(model, work) if hf_generate else None
+    n_new = max(len(c) for _, c in work)  # HF writes as many tokens for every sequence
+    hf = hf_timer(model, [p for p, _ in work]) if hf_generate else None
     t_par = t_seq = t_pre = t_hf = float("inf")
     for _ in range(repeats):  # interleaved, so a slow spell of the machine hits every column alike
         par, t = run("parallel")
@@ -200,7 +206,7 @@ def bench_engine(
         t_seq = min(t_seq, t)
         t_pre = min(t_pre, prefill())
         if hf:
-            t_hf = min(t_hf, hf())
+            t_hf = min(t_hf, hf(n_new))
     for (_, c), a, b in zip(work, par, seq):
         if a.token_ids != c or b.token_ids != c:
             raise RuntimeError("replay diverged: the two modes did not decode the target token ids")
@@ -231,7 +237,7 @@ def bench_engine(
         sampled = ~torch.tensor(o.forced)
         worst = max(worst, (lp.float().cpu() - torch.tensor(o.logprobs))[sampled].abs().max().item())
     result["parity_max_abs_logprob_diff"] = worst
-    result["hf_generate_tps"] = len(work) * max(len(c) for _, c in work) / t_hf if hf else None
+    result["hf_generate_tps"] = len(work) * n_new / t_hf if hf else None
     return result
 
 
@@ -241,21 +247,20 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _hf_generate(model, work):
-    """A timer of Hugging Face `generate` on the flat sequences (batch of prompts, greedy, every
-    sequence as many new tokens as the longest completion), warmed up once."""
+def hf_timer(model, prompts: list[list[int]]):
+    """A timer of Hugging Face `generate` on `prompts` (left-padded, greedy): `timed(n)` is the
+    seconds to write exactly n new tokens per prompt. Warmed up once."""
     dev = next(model.parameters()).device
-    n_new = max(len(c) for _, c in work)
-    width = max(len(p) for p, _ in work)
-    ids = torch.tensor([[0] * (width - len(p)) + p for p, _ in work], device=dev)  # left-padded
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p, _ in work], device=dev)
-    kw = dict(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=dev)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
     model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
 
-    def timed() -> float:
+    def timed(n: int) -> float:
         _sync(dev)
         t0 = time.perf_counter()
-        model.generate(ids, attention_mask=mask, **kw)
+        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                       pad_token_id=0, eos_token_id=None)  # fmt: skip
         _sync(dev)
         return time.perf_counter() - t0
 

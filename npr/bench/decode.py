@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from npr.bench import _sync
+from npr.bench import _sync, filler_ids, hf_timer
 
 # nominal memory bandwidth (bytes/s) by a substring of torch.cuda.get_device_name()
 NOMINAL = {"H200": 4.8e12, "H100 80GB HBM3": 3.35e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12,
@@ -80,8 +80,7 @@ def bench_decode(
         raise ValueError("--batch and --prompt-tokens must be >= 1 and --new-tokens >= 2")
     dev = next(model.parameters()).device
     rng = random.Random(0)
-    vocab = tok.get_vocab()
-    words = [i for w, i in vocab.items() if w.startswith("w")] or list(range(100, 200))
+    words = filler_ids(tok)
     prompts = [[rng.choice(words) for _ in range(prompt_tokens)] for _ in range(batch)]
     targets = [[rng.choice(words) for _ in range(new_tokens)] for _ in range(batch)]
     kw: dict = {}
@@ -100,7 +99,7 @@ def bench_decode(
             raise RuntimeError("replay diverged: the engine did not decode the target token ids")
         return t
 
-    hf = _hf_timer(model, prompts) if hf_generate else None
+    hf = hf_timer(model, prompts) if hf_generate else None
     engine(new_tokens)  # warm-up (allocator, kernels, compilation)
     times = {"engine": [float("inf")] * 2, "hf": [float("inf")] * 2}
     for _ in range(repeats):
@@ -134,19 +133,3 @@ def decode_table(rows: list[dict]) -> str:
                  f"{hf * 1e3:.2f}" if hf else "-", f"{r['hf_share']:.2f}" if hf else "-"]  # fmt: skip
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(out)
-
-
-def _hf_timer(model, prompts: list[list[int]]):
-    """A timer of HF `generate` (greedy, exactly n new tokens) on the same prompts, warmed up."""
-    dev = next(model.parameters()).device
-    ids = torch.tensor(prompts, device=dev)  # equal lengths: no padding
-    model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
-
-    def timed(n: int) -> float:
-        _sync(dev)
-        t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
-        _sync(dev)
-        return time.perf_counter() - t0
-
-    return timed

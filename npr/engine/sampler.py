@@ -175,10 +175,10 @@ CANDIDATES = 1024  # top-k / top-p rows of a large vocabulary choose among their
 
 def _candidate_choice(warm, keys, top_k, top_p) -> tuple[torch.Tensor, torch.Tensor]:
     """`_top_k_top_p` then Gumbel-max, over each row's `CANDIDATES` best ids instead of a sort and
-    noise over the whole vocabulary (at 152k ids and 64 rows: 0.05 s instead of 0.47 s on 2 CPU
-    cores). Exact, up to rounding at the p boundary, for the rows it returns `sure`: those where
-    every id past the candidates is dropped anyway (by top-k with no tie of the k-th past them,
-    by top-p as the candidates' mass exceeds p, or masked)."""
+    noise over the whole vocabulary (at 152k ids and 64 rows, a top-p 0.7 sampling step took
+    0.10 s instead of 0.63 on 2 CPU cores). Exact, up to rounding at the p boundary, for the rows
+    it returns `sure`: those where every id past the candidates is dropped anyway (by top-k with
+    no tie of the k-th past them, by top-p as the candidates' mass exceeds p, or masked)."""
     vocab = warm.shape[-1]
     best, ids = warm.topk(CANDIDATES, -1)  # sorted, best first
     k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
