@@ -221,30 +221,29 @@ class LLM:
                 sampled.append(b)
         logits = self.runner.forward(work, sched.to_copy(), last)
         toks, lps = [], []
+        targets = [sched.replay_target(b) for b in sampled]
         if sampled:
             toks, lps = self.runner.sample(
-                logits, [b.row for b in sampled], self._sampling_batch(sampled), self._mask_stack
+                logits, [b.row for b in sampled], self._sampling_batch(sampled, targets), self._mask_stack
             )
-        sched.postprocess(work, sampled, toks, lps)
+        sched.postprocess(work, sampled, toks, lps, targets)
 
-    def _sampling_batch(self, branches: list[Branch]) -> SamplingBatch:
+    def _sampling_batch(self, branches: list[Branch], targets: list[int | None]) -> SamplingBatch:
         sched = self.scheduler
-        sb = SamplingBatch([], [], [], [], [], [], [])
-        for b in branches:
+        rows = []
+        for b, target in zip(branches, targets):
             req, run = b.req, b.run
             p = req.params
-            target = sched.replay_target(b)
-            sb.temperature.append(p.temperature)
-            sb.top_k.append(p.top_k)
-            sb.top_p.append(p.top_p)
-            sb.penalty.append(p.repetition_penalty if b.state.phase == "step" else 1.0)
-            sb.keys.append(noise_seed(req.seed, run.key, len(run.tokens)))
-            sb.forced.append(-1 if target is None else max(target, 0))  # -1 past the end: finishes
-            if p.enforce_structure and target is None:
-                sb.masks.append(self._mask(b.state.allowed(p.max_plans, sched.block_fits(b)), p))
-            else:
-                sb.masks.append(-1)
-        return sb
+            if target is None:  # it samples: -1, and the structure mask of its state
+                forced = -1
+                mask = self._mask(b.state.allowed(p.max_plans, sched.block_fits(b)), p) if p.enforce_structure else -1
+            else:  # it replays its target (-1 past the end: a token that finishes it)
+                forced, mask = max(target, 0), -1
+            rows.append((
+                p.temperature, p.top_k, p.top_p, p.repetition_penalty if b.state.phase == "step" else 1.0,
+                noise_seed(req.seed, run.key, len(run.tokens)), forced, mask,
+            ))  # fmt: skip
+        return SamplingBatch(*(list(c) for c in zip(*rows)))
 
     def _mask(self, allowed: Allowed, p: SamplingParams) -> int:
         """Index of the structure mask (True = disallowed) for this state, built once per state."""

@@ -93,6 +93,7 @@ class Request:
     error: str | None = None
     refused: Counter = field(default_factory=Counter)
     preemptions: int = 0
+    stops: tuple[int, ...] = ()  # end-of-sequence ids (set on admission)
     started: float = 0.0
     ended: float = 0.0
 

@@ -71,6 +71,7 @@ class Scheduler:
             self.waiting.popleft()
             self.paused = False
             req.started = req.started or time.perf_counter()
+            req.stops = self.stop_ids(req.params)
             run = Run(0, (-1, -1), offset=len(req.prompt))
             for i, t in enumerate(req.prompt):
                 run.add(t, i, 0.0, True)
@@ -109,13 +110,11 @@ class Scheduler:
                     break
                 work.append((b, n))
                 budget -= n
-            need = sum(self.pool.pages_needed(b.run.seg, n) for b, n in work)
-            if need <= self.pool.free_pages:
+            if self.pool.pages_needed_all([(b.run.seg, n) for b, n in work]) <= self.pool.free_pages:
                 break
             if not self._preempt(keep=None):
                 return []
-        for b, n in work:
-            self.pool.reserve(b.run.seg, n)
+        self.pool.reserve_all([(b.run.seg, n) for b, n in work])
         return work
 
     def to_copy(self) -> list[Branch]:
@@ -141,13 +140,21 @@ class Scheduler:
 
     # ---- applying sampled tokens --------------------------------------------------------------
 
-    def postprocess(self, work: list[tuple[Branch, int]], sampled: list[Branch], toks: list[int], lps: list[float]):
+    def postprocess(
+        self,
+        work: list[tuple[Branch, int]],
+        sampled: list[Branch],
+        toks: list[int],
+        lps: list[float],
+        targets: list[int | None],
+    ):
+        """Apply the sampled tokens; `targets` holds each sampled branch's `replay_target`."""
         for b, n in work:
             b.run.computed += n
             b.length += n
-        for b, tok, lp in zip(sampled, toks, lps):
+        for b, tok, lp, target in zip(sampled, toks, lps, targets):
             if not b.dropped and b.req.finish_reason is None:
-                self._accept(b, tok, lp)
+                self._accept(b, tok, lp, target == -1)
         for b, _ in work:
             if b.done and not b.pending and not b.dropped and b.req.finish_reason is None:
                 self._retire(b)
@@ -179,9 +186,9 @@ class Scheduler:
     def stop_ids(self, p: SamplingParams) -> tuple[int, ...]:
         return self.eos if p.stop_token_ids is None else tuple(p.stop_token_ids)
 
-    def _accept(self, b: Branch, tok: int, logprob: float) -> None:
+    def _accept(self, b: Branch, tok: int, logprob: float, replay_ended: bool) -> None:
         req, p, run = b.req, b.req.params, b.run
-        if self.replay_target(b) == -1:
+        if replay_ended:
             return self.finish(req, "stop")
         if req.total + 1 > p.max_tokens:
             return self.finish(req, "length")
@@ -190,7 +197,7 @@ class Scheduler:
         self._write(b, tok, logprob)
         tag = self.tag_of.get(tok)
         if tag is None:
-            if tok in self.stop_ids(p):
+            if tok in req.stops:
                 if b.state.phase == "out" or p.mode != "parallel":
                     return self.finish(req, "stop")
                 return self.finish(req, "invalid_schema", f"end of sequence inside <{b.state.phase}>")
