@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 14, one part per call so each fits a short lease:
 #   bash examples/gpu_figures.sh OUT_DIR [part ...]
-# parts: parity sweep-0.6b sweep-4b decode train (default: all, in that order).
+# parts: parity sweep-0.6b sweep-4b decode pages train (default: all, in that order).
 # Each part writes OUT_DIR/<part>.json (the figures) and OUT_DIR/<part>.log (what it printed).
 set -euo pipefail
 out=${1:?usage: gpu_figures.sh OUT_DIR [part ...]}
 shift
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(parity sweep-0.6b sweep-4b decode train)
+[ ${#parts[@]} -eq 0 ] && parts=(parity sweep-0.6b sweep-4b decode pages train)
 npr=${NPR:-python3 -m npr}  # from the repository root, as the GPU machine runs it
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv >"$out/gpu.txt" 2>&1 || true
@@ -32,8 +32,14 @@ for part in "${parts[@]}"; do
         decode)
             run decode-0.6b $npr bench decode --config qwen3-0.6b-shape --json
             run decode-4b $npr bench decode --config qwen3-4b-shape --json ;;
+        # the flex kernel's key/value block is one page: larger pages, fewer and larger blocks
+        pages)
+            for ps in 64 128; do
+                run pages-$ps $npr bench decode --config qwen3-4b-shape --page-size $ps --batch 1 --batch 16 --prompt-tokens 8192 --no-hf --json
+            done
+            run pages-16 $npr bench decode --config qwen3-4b-shape --page-size 16 --batch 1 --batch 16 --prompt-tokens 8192 --no-hf --json ;;
         train)
             run train-4b $npr bench train --config qwen3-4b-shape --length 8192 --length 16384 --length 32768 --json ;;
-        *) echo "unknown part: $part (parity, sweep-0.6b, sweep-4b, decode, train)" >&2; exit 2 ;;
+        *) echo "unknown part: $part (parity, sweep-0.6b, sweep-4b, decode, pages, train)" >&2; exit 2 ;;
     esac
 done

@@ -244,6 +244,7 @@ def bench_engine_cmd(
     prompt_tokens: int = typer.Option(32, help="Tokens per prompt."),
     kv_cache_gb: float = typer.Option(None, help="KV pool size (default 0.25 GB)."),
     attention: str = typer.Option("auto", help="Engine attention kernel: auto (flex on CUDA), sdpa or flex."),
+    page_size: int = typer.Option(16, help="KV pool page size in tokens (the flex kernel's key/value block)."),
     hf: bool = typer.Option(True, help="Also time Hugging Face generate on the flat sequences."),
     sweep: bool = typer.Option(
         False, help="Run the fixed sweep (16-256 branches, prompts up to 4k, long steps) and print one table."
@@ -259,11 +260,11 @@ def bench_engine_cmd(
     cuda = torch.cuda.is_available()
     try:
         if sweep:
-            rows = bench.bench_sweep(lm, tok, plans, attention=attention, hf_generate=hf)
+            rows = bench.bench_sweep(lm, tok, plans, attention=attention, hf_generate=hf, page_size=page_size)
             print(json.dumps(rows) if as_json else bench.sweep_table(rows))
             return
         res = bench.bench_engine(lm, tok, requests, plans, step_tokens, blocks, prompt_tokens, kv_cache_gb=kv_cache_gb,
-                                 hf_generate=hf, attention=attention)  # fmt: skip
+                                 hf_generate=hf, attention=attention, page_size=page_size)  # fmt: skip
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if as_json:
@@ -287,6 +288,7 @@ def bench_decode_cmd(
     prompt_tokens: int = typer.Option(1024, help="Context before the timed decode steps."),
     new_tokens: int = typer.Option(64, help="Decode steps per run."),
     attention: str = typer.Option("auto", help="Engine attention kernel: auto (flex on CUDA), sdpa or flex."),
+    page_size: int = typer.Option(16, help="KV pool page size in tokens (the flex kernel's key/value block)."),
     hf: bool = typer.Option(True, help="Also time Hugging Face generate on the same prompts."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
@@ -300,7 +302,8 @@ def bench_decode_cmd(
     cuda = torch.cuda.is_available()
     bandwidth = copy_bandwidth(next(lm.parameters()).device)
     try:
-        rows = [bench_decode(lm, tok, b, prompt_tokens, new_tokens, attention, hf, bandwidth=bandwidth) for b in batch]
+        rows = [bench_decode(lm, tok, b, prompt_tokens, new_tokens, attention, hf, bandwidth=bandwidth,
+                             page_size=page_size) for b in batch]  # fmt: skip
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if as_json:

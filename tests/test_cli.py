@@ -128,10 +128,11 @@ def test_bench_decode_bytes_and_json():
     assert weight_bytes(tied) == sum(p.numel() for p in tied.parameters()) * 4 == every - 512 * 64 * 4
     assert kv_bytes_per_token(untied) == 2 * 2 * 2 * 16 * 4  # K and V x layers x kv heads x head dim x fp32
 
-    r = npr("bench", "decode", "--batch", "1", "--batch", "3", "--prompt-tokens", "16", "--new-tokens", "4", "--json")
+    r = npr("bench", "decode", "--batch", "1", "--batch", "3", "--prompt-tokens", "16", "--new-tokens", "4",
+            "--page-size", "32", "--json")  # fmt: skip
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
-    assert [x["batch"] for x in rows] == [1, 3]
+    assert [x["batch"] for x in rows] == [1, 3] and {x["page_size"] for x in rows} == {32}
     for x in rows:  # bytes: the weights plus each row's mean context (16 + 4 / 2 tokens)
         assert x["step_bytes"] == weight_bytes(untied) + x["batch"] * 18 * kv_bytes_per_token(untied)
         assert x["bound_s"] == x["step_bytes"] / x["copy_bandwidth"]

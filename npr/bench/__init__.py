@@ -110,14 +110,15 @@ SWEEP = [  # (branches, prompt tokens, step tokens): growing branch counts, long
 
 
 def bench_sweep(
-    model, tok, plans: int = 4, points=SWEEP, attention: str = "auto", hf_generate: bool = True, repeats: int = 5
-):
+    model, tok, plans: int = 4, points=SWEEP, attention: str = "auto", hf_generate: bool = True, repeats: int = 5,
+    page_size: int = 16,
+):  # fmt: skip
     """`bench_engine` at every point of `points`; one block of `plans` steps per request."""
     rows = []
     for branches, prompt, step in points:
         r = bench_engine(model, tok, requests=max(1, branches // plans), plans=plans, step_tokens=step, blocks=1,
                          prompt_tokens=prompt, hf_generate=hf_generate, attention=attention,
-                         repeats=repeats)  # fmt: skip
+                         repeats=repeats, page_size=page_size)  # fmt: skip
         rows.append({"branches": branches, "prompt": prompt, "step_tokens": step, **r})
     return rows
 
@@ -164,6 +165,7 @@ def bench_engine(
     hf_generate: bool = True,
     attention: str = "auto",
     repeats: int = 3,
+    page_size: int = 16,
 ) -> dict:
     """Tokens/s of parallel and sequential decoding of the same trajectories (replayed), HF
     `generate` on the flat sequences, and log-prob parity. Each time is the best of `repeats`
@@ -175,7 +177,8 @@ def bench_engine(
 
     tags = tag_ids(tok)
     work = workload(tok, requests, plans, step_tokens, blocks, prompt_tokens)
-    llm = LLM(model, tok, kv_cache_gb=kv_cache_gb, max_num_seqs=max(256, requests * plans), attention=attention)
+    llm = LLM(model, tok, kv_cache_gb=kv_cache_gb, max_num_seqs=max(256, requests * plans), attention=attention,
+              page_size=page_size)  # fmt: skip
     dev = llm.device
 
     def run(mode):

@@ -66,7 +66,7 @@ def nominal_bandwidth(device: torch.device) -> float | None:
 
 def bench_decode(
     model, tok, batch: int, prompt_tokens: int = 1024, new_tokens: int = 64, attention: str = "auto",
-    hf_generate: bool = True, repeats: int = 3, bandwidth: float | None = None,
+    hf_generate: bool = True, repeats: int = 3, bandwidth: float | None = None, page_size: int = 16,
 ) -> dict:  # fmt: skip
     """Time per decode step of `batch` rows (prompt `prompt_tokens`, then `new_tokens` replayed
     tokens each), for the engine and optionally HF `generate`, and the share of the bound.
@@ -85,8 +85,8 @@ def bench_decode(
     targets = [[rng.choice(words) for _ in range(new_tokens)] for _ in range(batch)]
     kw: dict = {}
     if dev.type != "cuda":  # a pool of what the run needs (the CPU default is a fixed 0.25 GB)
-        kw["num_pages"] = batch * -(-(prompt_tokens + new_tokens + 1) // 16) + 1
-    llm = LLM(model, tok, max_num_seqs=max(batch, 1), attention=attention, **kw)
+        kw["num_pages"] = batch * -(-(prompt_tokens + new_tokens + 1) // page_size) + 1
+    llm = LLM(model, tok, max_num_seqs=max(batch, 1), attention=attention, page_size=page_size, **kw)
     sp = SamplingParams(mode="sequential", max_tokens=new_tokens, enforce_structure=False, repetition_limit=10**6)
 
     def engine(n: int) -> float:
@@ -110,8 +110,9 @@ def bench_decode(
     bandwidth = bandwidth or copy_bandwidth(dev)
     step_bytes = weight_bytes(model) + batch * (prompt_tokens + new_tokens / 2) * kv_bytes_per_token(model)
     bound = step_bytes / bandwidth
-    out = {"batch": batch, "prompt": prompt_tokens, "new_tokens": new_tokens, "step_bytes": step_bytes,
-           "copy_bandwidth": bandwidth, "nominal_bandwidth": nominal_bandwidth(dev), "bound_s": bound}  # fmt: skip
+    out = {"batch": batch, "prompt": prompt_tokens, "new_tokens": new_tokens, "page_size": page_size,
+           "step_bytes": step_bytes, "copy_bandwidth": bandwidth, "nominal_bandwidth": nominal_bandwidth(dev),
+           "bound_s": bound}  # fmt: skip
     for name, (whole, first) in times.items():
         if name == "hf" and not hf:
             out.update(hf_step_s=None, hf_share=None)
