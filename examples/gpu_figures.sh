@@ -34,10 +34,10 @@ for part in "${parts[@]}"; do
             run decode-4b $npr bench decode --config qwen3-4b-shape --json ;;
         # the flex kernel's key/value block is one page: larger pages, fewer and larger blocks
         pages)
-            for ps in 64 128; do
-                run pages-$ps $npr bench decode --config qwen3-4b-shape --page-size $ps --batch 1 --batch 16 --prompt-tokens 8192 --no-hf --json
-            done
-            run pages-16 $npr bench decode --config qwen3-4b-shape --page-size 16 --batch 1 --batch 16 --prompt-tokens 8192 --no-hf --json ;;
+            for ps in 16 64 128; do
+                run pages-$ps $npr bench decode --config qwen3-4b-shape --page-size $ps --batch 1 --batch 16 \
+                    --prompt-tokens 8192 --no-hf --json
+            done ;;
         train)
             run train-4b $npr bench train --config qwen3-4b-shape --length 8192 --length 16384 --length 32768 --json ;;
         *) echo "unknown part: $part (parity, sweep-0.6b, sweep-4b, decode, pages, train)" >&2; exit 2 ;;

@@ -20,8 +20,7 @@ def owned(pool: KVPool, holders) -> list[int]:
 @settings(max_examples=200, deadline=None)
 @given(
     st.lists(
-        st.tuples(st.sampled_from(["new", "grow", "batch", "fork", "end", "join", "preempt"]), st.integers(0, 50)),
-        max_size=80,
+        st.tuples(st.sampled_from(["new", "grow", "fork", "end", "join", "preempt"]), st.integers(0, 50)), max_size=80
     ),
     st.integers(1, 4),
 )
@@ -44,17 +43,6 @@ def test_random_operations_never_leak_or_double_free(ops, page_size):
             except PoolFull:
                 continue
             assert len(set(slots)) == len(slots)
-        elif op == "batch" and mains + steps:  # the engine's per-step path: several segments at once
-            work = [(ctx[-1], (n + i) % 5 + 1) for i, ctx in enumerate((mains + steps)[: n % 4 + 1])]
-            need = pool.pages_needed_all(work)
-            assert need == sum(pool.pages_needed(seg, m) for seg, m in work)
-            if need > pool.free_pages:
-                continue
-            before, free = [(len(seg.pages), seg.length) for seg, _ in work], pool.free_pages
-            pool.reserve_all(work)
-            assert pool.free_pages == free - need
-            for (seg, m), (pages, length) in zip(work, before):
-                assert seg.length == length + m and len(seg.pages) == max(pages, -(-seg.length // page_size))
         elif op == "fork" and mains:
             parent = mains.pop(n % len(mains))
             kids = [parent + [Segment()] for _ in range(n % 3 + 1)]

@@ -235,8 +235,9 @@ class LLM:
             req, run = b.req, b.run
             p = req.params
             if target is None:  # it samples: -1, and the structure mask of its state
-                forced = -1
-                mask = self._mask(b.state.allowed(p.max_plans, sched.block_fits(b)), p) if p.enforce_structure else -1
+                forced = mask = -1
+                if p.enforce_structure:
+                    mask = self._mask(b.state.allowed(p.max_plans, sched.block_fits(b)), req.stops)
             else:  # it replays its target (-1 past the end: a token that finishes it)
                 forced, mask = max(target, 0), -1
             rows.append((
@@ -245,9 +246,9 @@ class LLM:
             ))  # fmt: skip
         return SamplingBatch(*(list(c) for c in zip(*rows)))
 
-    def _mask(self, allowed: Allowed, p: SamplingParams) -> int:
-        """Index of the structure mask (True = disallowed) for this state, built once per state."""
-        stops = self.scheduler.stop_ids(p)
+    def _mask(self, allowed: Allowed, stops: tuple[int, ...]) -> int:
+        """Index of the structure mask (True = disallowed) for this state and these stop ids,
+        built once per pair."""
         key = (allowed, stops)
         if key not in self._masks:
             tag_ids_ = torch.tensor([self.tags[t] for t in TAGS])

@@ -98,24 +98,6 @@ class KVPool:
         spare = len(seg.pages) * self.page_size - seg.length
         return max(0, -(-(n - spare) // self.page_size))
 
-    def pages_needed_all(self, work: list[tuple[Segment, int]]) -> int:
-        """`pages_needed` summed over (segment, n) pairs: the scheduler's per-step check."""
-        ps, need = self.page_size, 0
-        for seg, n in work:
-            spare = len(seg.pages) * ps - seg.length
-            if n > spare:
-                need += -(-(n - spare) // ps)
-        return need
-
-    def reserve_all(self, work: list[tuple[Segment, int]]) -> None:
-        """`reserve` for each (segment, n) pair; the caller has checked they fit."""
-        ps = self.page_size
-        for seg, n in work:
-            if n > len(seg.pages) * ps - seg.length:
-                self.reserve(seg, n)
-            else:  # a decode token with room on its last page: nothing to allocate
-                seg.length += n
-
     def append(self, seg: Segment, n: int) -> list[int]:
         """Reserve slots for `n` more tokens of `seg` (all or nothing); return them."""
         self.reserve(seg, n)

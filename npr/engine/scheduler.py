@@ -110,11 +110,13 @@ class Scheduler:
                     break
                 work.append((b, n))
                 budget -= n
-            if self.pool.pages_needed_all([(b.run.seg, n) for b, n in work]) <= self.pool.free_pages:
+            need = sum(self.pool.pages_needed(b.run.seg, n) for b, n in work)
+            if need <= self.pool.free_pages:
                 break
             if not self._preempt(keep=None):
                 return []
-        self.pool.reserve_all([(b.run.seg, n) for b, n in work])
+        for b, n in work:
+            self.pool.reserve(b.run.seg, n)
         return work
 
     def to_copy(self) -> list[Branch]:
