@@ -322,15 +322,49 @@ def test_context_rows_always_list_the_branch_context(tok, biased):
     assert forks
 
 
-def test_flex_kernel_reads_the_pool_like_sdpa(tok, biased):
-    """The GPU kernel (FlexAttention over pool pages, eager here) gives the SDPA reference's tokens
-    and log-probs, through forks, joins, chunked prompts and preemptions."""
+def block_sparse_flex(q, k, v, block_mask, scale, enable_gqa, seen: list):
+    """FlexAttention as the fused GPU kernel computes it: a listed block is masked by mask_mod, a
+    listed full block is read whole without mask_mod, an unlisted block is hidden (eager
+    FlexAttention ignores the lists and evaluates mask_mod over the whole key sequence). Checks
+    that both views agree, then attends; `seen` collects (partial, full) blocks per call."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    (g, heads, n, _), slots = q.shape, k.shape[2]
+    qs, ks = block_mask.BLOCK_SIZE
+    kind = torch.zeros(g, n, slots, dtype=torch.int8)  # 0 unlisted, 1 partial, 2 full
+    counts, lists = [], block_mask.as_tuple()
+    for code, (num, idx) in ((1, lists[2:4]), (2, lists[4:6])):
+        counts.append(int(num.sum()))
+        for b, qb in ((b, qb) for b in range(g) for qb in range(num.shape[-1])):
+            for j in idx[b, 0, qb, : num[b, 0, qb]].tolist():
+                block = kind[b, qb * qs : (qb + 1) * qs, j * ks : (j + 1) * ks]
+                assert not block.any(), "a page listed twice"
+                block.fill_(code)
+    by_mask_mod = create_mask(block_mask.mask_mod, g, 1, n, slots)[:, 0]
+    visible = (kind == 2) | ((kind == 1) & by_mask_mod)
+    assert torch.equal(visible, by_mask_mod), "the page lists disagree with mask_mod"
+    seen.append(counts)
+    if enable_gqa:
+        k, v = (x.repeat_interleave(heads // x.shape[1], 1) for x in (k, v))
+    scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible[:, None], -torch.inf)
+    return scores.softmax(-1) @ v
+
+
+def test_flex_kernel_reads_the_pool_like_sdpa(tok, biased, monkeypatch):
+    """The GPU kernel (FlexAttention over pool pages, with its block lists honoured as the fused
+    kernel does) gives the SDPA reference's tokens and log-probs, through forks, joins, chunked
+    prompts and preemptions."""
+    from npr.engine import attention
+
     prompts = PROMPTS + [" ".join(["Let us try small cases first"] * 6)]
     sp = [SamplingParams(max_tokens=90, seed=s) for s in range(len(prompts))]
     ref = LLM(biased, tok, num_pages=256, page_size=16, attention="sdpa").generate(prompts, sp)
+    seen = []
+    monkeypatch.setattr(attention, "flex_kernel", lambda: lambda *a, **kw: block_sparse_flex(*a, **kw, seen=seen))
     flex = LLM(biased, tok, num_pages=24, page_size=16, attention="flex", max_batch_tokens=24)
     got = flex.generate(prompts, sp)
     assert sum(o.stats["parallel_blocks"] for o in got) >= 2
+    assert all(sum(kind) > 0 for kind in zip(*seen))  # both partial and whole pages were listed
     for a, b in zip(ref, got):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)

@@ -12,7 +12,8 @@ bucket). Positions come in as `position_ids`, so RoPE stays in the model. Two ke
 - "flex" (GPUs): FlexAttention reads the pool in place. The pool is the key/value sequence
   (batch 1, shared by every group); a `BlockMask` per bucket lists, for each group, the
   pages its context owns (one KV block = one page), and a mask_mod hides the unwritten
-  tail of partially filled pages and keeps a chunk causal. Why this kernel: our segments
+  tail of partially filled pages and keeps a chunk causal; pages filled before the step are
+  listed as full blocks, which the kernel reads without the mask_mod. Why this kernel: our segments
   are token-level (a fork starts a step on a fresh page, a join concatenates the prefix
   and every step's partly filled last page), which block tables of whole pages
   (flash-attn) cannot express without copying those tails, and FlashInfer's page-size-1

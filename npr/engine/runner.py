@@ -212,25 +212,28 @@ class ModelRunner:
         self.new_group[slot_mapping] = group
         self.new_pos[slot_mapping] = torch.arange(len(slot_mapping), device=dev) - starts[group]
         fill, new_group, new_pos, slots = self.fill, self.new_group, self.new_pos, self.pool.num_pages * ps
+        # a page written before this step and filled up is wholly visible to every query that lists
+        # it: a full block, which the fused kernel reads without evaluating mask_mod
+        whole = fill == ps
+        whole[page] = False
         buckets = []
         for n, members, idx, queries in self._by_size(sizes, n_all):
             rows = [group_rows[g] for g in members]
             width = max(self.table.npages[r] for r in rows)
-            q_blocks = -(-n // Q_BLOCK)
             num = torch.tensor([self.table.npages[r] for r in rows], dtype=torch.int64, device=dev)
             pages = self.table.pages[torch.tensor(rows, device=dev), :width]
             # which pages each group sees: the block mask lists them for the fused kernel, and the
             # mask_mod checks them too (the eager fallback evaluates mask_mod over the whole pool)
-            listed = torch.where(torch.arange(width, device=dev)[None, :] < num[:, None], pages, self.pool.num_pages)
+            listed = torch.arange(width, device=dev)[None, :] < num[:, None]
             sees = torch.zeros(len(rows), self.pool.num_pages + 1, dtype=torch.bool, device=dev)
-            sees.scatter_(1, listed, True)
-            num = num.to(torch.int32)[:, None, None].expand(-1, 1, q_blocks).contiguous()
-            pages = pages.to(torch.int32)[:, None, None, :].expand(-1, 1, q_blocks, -1).contiguous()
-
+            sees.scatter_(1, torch.where(listed, pages, self.pool.num_pages), True)
+            full = listed & whole[pages]
+            q_blocks = -(-n // Q_BLOCK)
+            blocks = [*_block_list(pages, listed & ~full, q_blocks), *_block_list(pages, full, q_blocks)]
             groups = torch.arange(len(sizes), device=dev) if isinstance(idx, slice) else idx
             visible = _visibility(ps, fill, new_group, new_pos, groups, sees)
             mask = BlockMask.from_kv_blocks(
-                num, pages, BLOCK_SIZE=(Q_BLOCK, ps), mask_mod=visible, seq_lengths=(n, slots), compute_q_blocks=False
+                *blocks, BLOCK_SIZE=(Q_BLOCK, ps), mask_mod=visible, seq_lengths=(n, slots), compute_q_blocks=False
             )
             buckets.append(attention.Bucket(queries, block_mask=mask))
         return attention.Batch(slot_mapping, buckets)
@@ -242,6 +245,15 @@ class ModelRunner:
         if self.table.seen is not None and any(p != 1.0 and f < 0 for p, f in zip(batch.penalty, batch.forced)):
             seen = self.table.seen[torch.tensor(rows, device=self.device)]
         return sample(logits, batch, seen, masks)
+
+
+def _block_list(pages: torch.Tensor, chosen: torch.Tensor, q_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(count, indices) of a BlockMask: each row's `chosen` pages first, in order (a stable sort),
+    the same list for each of its `q_blocks` query blocks."""
+    order = torch.sort((~chosen).to(torch.uint8), dim=1, stable=True).indices
+    num = chosen.sum(1, dtype=torch.int32)[:, None, None].expand(-1, 1, q_blocks).contiguous()
+    listed = pages.gather(1, order).to(torch.int32)[:, None, None, :].expand(-1, 1, q_blocks, -1).contiguous()
+    return num, listed
 
 
 def _visibility(ps: int, fill, new_group, new_pos, members, sees):
