@@ -9,7 +9,7 @@ from conftest import bias_tags, make_model, make_tokenizer
 from npr import grammar
 from npr.engine import FINISH_REASONS, LLM, SamplingParams
 from npr.modeling import token_logprobs, topology_forward
-from npr.tags import TAGS
+from npr.tags import TAGS, tag_ids
 from npr.tokens import add_npr_tokens
 from npr.topology import collate, executable, layout
 
@@ -353,18 +353,36 @@ def block_sparse_flex(q, k, v, block_mask, scale, enable_gqa, seen: list):
 def test_flex_kernel_reads_the_pool_like_sdpa(tok, biased, monkeypatch):
     """The GPU kernel (FlexAttention over pool pages, with its block lists honoured as the fused
     kernel does) gives the SDPA reference's tokens and log-probs, through forks, joins, chunked
-    prompts and preemptions."""
-    from npr.engine import attention
+    prompts, preemptions and sibling steps attending as one group."""
+    from npr.engine import attention, runner
 
     prompts = PROMPTS + [" ".join(["Let us try small cases first"] * 6)]
     sp = [SamplingParams(max_tokens=90, seed=s) for s in range(len(prompts))]
     ref = LLM(biased, tok, num_pages=256, page_size=16, attention="sdpa").generate(prompts, sp)
-    seen = []
+    seen, grouped = [], []
     monkeypatch.setattr(attention, "flex_kernel", lambda: lambda *a, **kw: block_sparse_flex(*a, **kw, seen=seen))
+    shared_bucket = runner.ModelRunner._flex_shared_bucket
+    monkeypatch.setattr(
+        runner.ModelRunner, "_flex_shared_bucket", lambda self, *a: grouped.append(a) or shared_bucket(self, *a)
+    )
     flex = LLM(biased, tok, num_pages=24, page_size=16, attention="flex", max_batch_tokens=24)
     got = flex.generate(prompts, sp)
-    assert sum(o.stats["parallel_blocks"] for o in got) >= 2
+    assert sum(o.stats["parallel_blocks"] for o in got) >= 2 and grouped
     assert all(sum(kind) > 0 for kind in zip(*seen))  # both partial and whole pages were listed
+    # replayed trajectories of two blocks with 40-token steps: sibling steps fill pages of their own
+    from npr.bench import runs_of, workload
+
+    work = workload(tok, 3, plans=3, step_tokens=40, blocks=2, prompt_tokens=20)
+    replay = [runs_of(p, c, tag_ids(tok)) for p, c in work]
+    sp = SamplingParams(max_tokens=10**4, enforce_structure=False, repetition_limit=10**6)
+    prompts = [p for p, _ in work]
+    long_ref, long_got = (
+        LLM(biased, tok, num_pages=128, page_size=16, attention=kernel).generate(prompts, sp, replay=replay)
+        for kernel in ("sdpa", "flex")
+    )
+    for (_, c), a, b in zip(work, long_ref, long_got):
+        assert a.token_ids == b.token_ids == c and a.stats["parallel_blocks"] == 2
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
     for a, b in zip(ref, got):
         assert a.token_ids == b.token_ids
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)

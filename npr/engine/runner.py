@@ -51,14 +51,13 @@ class ModelRunner:
         ids, pos, slots, rows, cols, fresh, prow, pcol, page = [], [], [], [], [], [], [], [], []
         sizes, group_rows, lengths, ops = [], [], [], []
         siblings: dict[Block, list[int]] = {}  # decoding steps of one block (shared-prefix attention)
-        share = self.kernel == "sdpa"
         flushed = sum(b.done for b, _ in work)
         for g, (b, n) in enumerate(work):
             if g == flushed:  # after the flushed branches' pages: lay out the forks' and joins' rows
                 ops = self._layout(copies)
             run, c, row = b.run, b.run.computed, b.row
             if n == 1:  # a decode step: the common case, without the chunk's list building
-                if share and b.block is not None:
+                if b.block is not None:
                     siblings.setdefault(b.block, []).append(g)
                 ids.append(run.tokens[c])
                 pos.append(run.positions[c])
@@ -102,8 +101,9 @@ class ModelRunner:
             b.sources, b.frees = [], []
         table.mark_seen(meta[3], meta[0], meta[5].bool())
         attention.STATE.pool = self.pool
-        if self.kernel == "flex":
-            attention.STATE.batch = self._flex_buckets(meta[2], sizes, group_rows)
+        if self.kernel == "flex":  # sharing only ever reads less here: every block of siblings shares
+            shared = [(blk.prefix_len, m) for blk, m in siblings.items() if len(m) > 1]
+            attention.STATE.batch = self._flex_buckets(meta[2], sizes, group_rows, shared)
         else:
             shared = [(blk.prefix_len, m) for blk, m in siblings.items() if _share(blk.prefix_len, m, lengths)]
             attention.STATE.batch = self._buckets(meta[2], groups, sizes, lengths, shared, group_rows)
@@ -154,15 +154,8 @@ class ModelRunner:
     ) -> attention.Batch:
         """One bucket per distinct chunk length n; contexts are slices of the table rows. The
         decoding steps of a block in `shared` ((prefix length, groups)) attend as one group."""
-        buckets, keep = [], None
-        if shared:
-            by_k: dict[int, list] = {}
-            for blk in shared:
-                by_k.setdefault(len(blk[1]), []).append(blk)
-            first = list(accumulate(sizes, initial=0))  # packed index of each group's first token
-            buckets = [self._shared_bucket(blks, first, lengths, group_rows) for blks in by_k.values()]
-            grouped = {g for _, m in shared for g in m}
-            keep = [g for g in range(len(sizes)) if g not in grouped]
+        by_k, first, keep = _siblings(shared, sizes)
+        buckets = [self._shared_bucket(blks, first, lengths, group_rows) for blks in by_k]
         for n, members, idx, queries in self._by_size(sizes, groups[2], keep):
             width = max(lengths[g] for g in members)
             uniform = all(lengths[g] == width for g in members)
@@ -197,8 +190,9 @@ class ModelRunner:
         visible = torch.cat([sees_prefix, mine.flatten(2)], 2)
         return attention.Bucket(queries, context, _additive(~visible, self.dtype)[:, None])
 
-    def _flex_buckets(self, slot_mapping, sizes: list[int], group_rows: list[int]) -> attention.Batch:
-        """Block masks over the pool's pages: a group sees the written slots of its context's pages."""
+    def _flex_buckets(self, slot_mapping, sizes: list[int], group_rows: list[int], shared: list) -> attention.Batch:
+        """Block masks over the pool's pages: a group sees the written slots of its context's pages.
+        The decoding steps of a block in `shared` ((prefix length, groups)) attend as one group."""
         from torch.nn.attention.flex_attention import BlockMask
 
         dev, ps = self.device, self.pool.page_size
@@ -216,17 +210,10 @@ class ModelRunner:
         # it: a full block, which the fused kernel reads without evaluating mask_mod
         whole = fill == ps
         whole[page] = False
-        buckets = []
-        for n, members, idx, queries in self._by_size(sizes, n_all):
-            rows = [group_rows[g] for g in members]
-            width = max(self.table.npages[r] for r in rows)
-            num = torch.tensor([self.table.npages[r] for r in rows], dtype=torch.int64, device=dev)
-            pages = self.table.pages[torch.tensor(rows, device=dev), :width]
-            # which pages each group sees: the block mask lists them for the fused kernel, and the
-            # mask_mod checks them too (the eager fallback evaluates mask_mod over the whole pool)
-            listed = torch.arange(width, device=dev)[None, :] < num[:, None]
-            sees = torch.zeros(len(rows), self.pool.num_pages + 1, dtype=torch.bool, device=dev)
-            sees.scatter_(1, torch.where(listed, pages, self.pool.num_pages), True)
+        by_k, first, keep = _siblings(shared, sizes)
+        buckets = [self._flex_shared_bucket(blks, first, group_rows, whole) for blks in by_k]
+        for n, members, idx, queries in self._by_size(sizes, n_all, keep):
+            pages, listed, sees = self._page_rows([group_rows[g] for g in members])
             full = listed & whole[pages]
             q_blocks = -(-n // Q_BLOCK)
             blocks = [*_block_list(pages, listed & ~full, q_blocks), *_block_list(pages, full, q_blocks)]
@@ -238,6 +225,49 @@ class ModelRunner:
             buckets.append(attention.Bucket(queries, block_mask=mask))
         return attention.Batch(slot_mapping, buckets)
 
+    def _flex_shared_bucket(self, blocks: list, first: list[int], group_rows: list[int], whole):
+        """k sibling steps decoding one token each, as one group of k queries over the block's pages,
+        each listed once: the prefix's pages are read once for all k siblings, not k times (on a
+        GPU decoding is bound by those reads). Query i sees the prefix and sibling i's own pages
+        (a step starts on a fresh page, so siblings share no page past the prefix)."""
+        from torch.nn.attention.flex_attention import BlockMask
+
+        dev, ps, none = self.device, self.pool.page_size, self.pool.num_pages
+        k = len(blocks[0][1])
+        pages, listed, sees = self._page_rows([group_rows[g] for _, m in blocks for g in m])
+        width = pages.shape[1]
+        sees = sees.view(len(blocks), k, none + 1)
+        prefix = sees.all(1)  # the pages every sibling sees
+        pages, listed = pages.view(len(blocks), k * width), listed.view(len(blocks), k * width)
+        in_prefix = prefix.gather(1, pages)
+        once = listed & ((torch.arange(k * width, device=dev) < width)[None, :] | ~in_prefix)  # prefix from sibling 0
+        full = once & in_prefix & whole[pages]
+        fill = self.fill
+
+        def visible(b, h, q, kv):
+            page = kv // ps
+            return sees[b, q.clamp(max=sees.shape[1] - 1), page] & ((kv % ps) < fill[page])
+
+        mask = BlockMask.from_kv_blocks(
+            *_block_list(pages, once & ~full, 1), *_block_list(pages, full, 1), BLOCK_SIZE=(Q_BLOCK, ps),
+            mask_mod=visible, seq_lengths=(k, none * ps), compute_q_blocks=False,
+        )  # fmt: skip
+        queries = torch.tensor([[first[g] for g in m] for _, m in blocks], dtype=torch.int64).to(dev, non_blocking=True)
+        return attention.Bucket(queries, block_mask=mask)
+
+    def _page_rows(self, rows: list[int]):
+        """The pages of these table rows ([R, W], padded), which are listed, and the pages each row
+        sees ([R, pages + 1] bool, the last column a sink for the padding): the block mask lists
+        them for the fused kernel, and the mask_mod checks them too (the eager fallback evaluates
+        mask_mod over the whole pool)."""
+        dev, none = self.device, self.pool.num_pages
+        width = max(self.table.npages[r] for r in rows)
+        num = torch.tensor([self.table.npages[r] for r in rows], dtype=torch.int64, device=dev)
+        pages = self.table.pages[torch.tensor(rows, device=dev), :width]
+        listed = torch.arange(width, device=dev)[None, :] < num[:, None]
+        sees = torch.zeros(len(rows), none + 1, dtype=torch.bool, device=dev)
+        return pages, listed, sees.scatter_(1, torch.where(listed, pages, none), True)
+
     def sample(
         self, logits: torch.Tensor, rows: list[int], batch: SamplingBatch, masks
     ) -> tuple[list[int], list[float]]:
@@ -245,6 +275,19 @@ class ModelRunner:
         if self.table.seen is not None and any(p != 1.0 and f < 0 for p, f in zip(batch.penalty, batch.forced)):
             seen = self.table.seen[torch.tensor(rows, device=self.device)]
         return sample(logits, batch, seen, masks)
+
+
+def _siblings(shared: list[tuple[int, list[int]]], sizes: list[int]) -> tuple[list[list], list[int], list[int] | None]:
+    """The blocks of sibling steps that attend as one group ((prefix length, groups)), by sibling
+    count; the packed index of each group's first token; the groups left to attend on their own
+    (None: all of them)."""
+    if not shared:
+        return [], [], None
+    by_k: dict[int, list] = {}
+    for blk in shared:
+        by_k.setdefault(len(blk[1]), []).append(blk)
+    grouped = {g for _, m in shared for g in m}
+    return list(by_k.values()), list(accumulate(sizes, initial=0)), [g for g in range(len(sizes)) if g not in grouped]
 
 
 def _block_list(pages: torch.Tensor, chosen: torch.Tensor, q_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
