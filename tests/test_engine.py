@@ -369,6 +369,13 @@ def test_flex_kernel_reads_the_pool_like_sdpa(tok, biased, monkeypatch):
     got = flex.generate(prompts, sp)
     assert sum(o.stats["parallel_blocks"] for o in got) >= 2 and grouped
     assert all(sum(kind) > 0 for kind in zip(*seen))  # both partial and whole pages were listed
+    for a, b in zip(ref, got):
+        assert a.token_ids == b.token_ids
+        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+    check_parity(biased, tok, got)
+    assert flex.pool.free_pages == flex.pool.num_pages
+    with pytest.raises(ValueError, match="page size"):
+        LLM(biased, tok, num_pages=8, page_size=4, attention="flex")
     # replayed trajectories of two blocks with 40-token steps: sibling steps fill pages of their own
     from npr.bench import runs_of, workload
 
@@ -383,13 +390,7 @@ def test_flex_kernel_reads_the_pool_like_sdpa(tok, biased, monkeypatch):
     for (_, c), a, b in zip(work, long_ref, long_got):
         assert a.token_ids == b.token_ids == c and a.stats["parallel_blocks"] == 2
         torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
-    for a, b in zip(ref, got):
-        assert a.token_ids == b.token_ids
-        torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
-    check_parity(biased, tok, got)
-    assert flex.pool.free_pages == flex.pool.num_pages
-    with pytest.raises(ValueError, match="page size"):
-        LLM(biased, tok, num_pages=8, page_size=4, attention="flex")
+    check_parity(biased, tok, long_got)
 
 
 def test_compiled_flex_kernel_stays_within_a_few_graphs(tok, biased, monkeypatch):
