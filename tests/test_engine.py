@@ -279,6 +279,8 @@ def test_long_prompts_prefill_in_chunks(tok, biased):
     for a, b in zip(whole, chunked):
         assert a.token_ids == b.token_ids
     check_parity(biased, tok, chunked)
+    alone = llm.generate([prompt], sp)[0]  # its first steps are prompt chunks alone: no row samples
+    assert alone.token_ids == whole[0].token_ids
 
 
 def test_preempted_requests_wait_for_a_finish_before_coming_back(tok, biased):

@@ -113,7 +113,7 @@ class ModelRunner:
             cfg._attn_implementation = attention.NAME
             with torch.inference_mode():
                 out = self.model.base_model(input_ids=meta[0][None], position_ids=meta[1][None], use_cache=False)
-                at = slice(None) if len(last) == len(ids) else torch.tensor(last, device=dev)
+                at = slice(None) if len(last) == len(ids) else torch.tensor(last, dtype=torch.int64, device=dev)
                 hidden = out.last_hidden_state[0, at]
                 return self.model.get_output_embeddings()(hidden).float()
         finally:
