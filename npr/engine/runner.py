@@ -232,25 +232,19 @@ class ModelRunner:
         (a step starts on a fresh page, so siblings share no page past the prefix)."""
         from torch.nn.attention.flex_attention import BlockMask
 
-        dev, ps, none = self.device, self.pool.page_size, self.pool.num_pages
+        dev, ps, sink = self.device, self.pool.page_size, self.pool.num_pages
         k = len(blocks[0][1])
         pages, listed, sees = self._page_rows([group_rows[g] for _, m in blocks for g in m])
         width = pages.shape[1]
-        sees = sees.view(len(blocks), k, none + 1)
+        sees = sees.view(len(blocks), k, sink + 1)
         prefix = sees.all(1)  # the pages every sibling sees
         pages, listed = pages.view(len(blocks), k * width), listed.view(len(blocks), k * width)
         in_prefix = prefix.gather(1, pages)
         once = listed & ((torch.arange(k * width, device=dev) < width)[None, :] | ~in_prefix)  # prefix from sibling 0
         full = once & in_prefix & whole[pages]
-        fill = self.fill
-
-        def visible(b, h, q, kv):
-            page = kv // ps
-            return sees[b, q.clamp(max=sees.shape[1] - 1), page] & ((kv % ps) < fill[page])
-
         mask = BlockMask.from_kv_blocks(
             *_block_list(pages, once & ~full, 1), *_block_list(pages, full, 1), BLOCK_SIZE=(Q_BLOCK, ps),
-            mask_mod=visible, seq_lengths=(k, none * ps), compute_q_blocks=False,
+            mask_mod=_sibling_visibility(ps, self.fill, sees), seq_lengths=(k, sink * ps), compute_q_blocks=False,
         )  # fmt: skip
         queries = torch.tensor([[first[g] for g in m] for _, m in blocks], dtype=torch.int64).to(dev, non_blocking=True)
         return attention.Bucket(queries, block_mask=mask)
@@ -260,13 +254,13 @@ class ModelRunner:
         sees ([R, pages + 1] bool, the last column a sink for the padding): the block mask lists
         them for the fused kernel, and the mask_mod checks them too (the eager fallback evaluates
         mask_mod over the whole pool)."""
-        dev, none = self.device, self.pool.num_pages
+        dev, sink = self.device, self.pool.num_pages
         width = max(self.table.npages[r] for r in rows)
         num = torch.tensor([self.table.npages[r] for r in rows], dtype=torch.int64, device=dev)
         pages = self.table.pages[torch.tensor(rows, device=dev), :width]
         listed = torch.arange(width, device=dev)[None, :] < num[:, None]
-        sees = torch.zeros(len(rows), none + 1, dtype=torch.bool, device=dev)
-        return pages, listed, sees.scatter_(1, torch.where(listed, pages, none), True)
+        sees = torch.zeros(len(rows), sink + 1, dtype=torch.bool, device=dev)
+        return pages, listed, sees.scatter_(1, torch.where(listed, pages, sink), True)
 
     def sample(
         self, logits: torch.Tensor, rows: list[int], batch: SamplingBatch, masks
@@ -309,6 +303,18 @@ def _visibility(ps: int, fill, new_group, new_pos, members, sees):
         written = sees[b, page] & ((kv % ps) < fill[page])
         own = new_group[kv] == members[b]
         return written & (~own | (new_pos[kv] <= q))
+
+    return visible
+
+
+def _sibling_visibility(ps: int, fill, sees):
+    """The flex mask_mod of sibling steps attending as one group: query q (sibling q) of block b
+    sees slot kv when kv's page is in sibling q's context and the slot is written. The query index
+    is clamped because a fused kernel may evaluate the padded rows of its query block too."""
+
+    def visible(b, h, q, kv):
+        page = kv // ps
+        return sees[b, q.clamp(max=sees.shape[1] - 1), page] & ((kv % ps) < fill[page])
 
     return visible
 
