@@ -269,7 +269,7 @@ def bench_engine_cmd(
         raise typer.BadParameter(str(e)) from None
     if as_json:
         keys = ("parallel_tps", "sequential_tps", "hf_generate_tps", "ideal_speedup", "speedup", "decode_speedup",
-                "parity_max_abs_logprob_diff")  # fmt: skip
+                "hf_schedule_speedup", "parity_max_abs_logprob_diff")  # fmt: skip
         print(json.dumps({k: res[k] for k in keys}))
         return
     name = model or config

@@ -90,10 +90,11 @@ def test_bench_engine_json():
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     keys = {"parallel_tps", "sequential_tps", "hf_generate_tps", "ideal_speedup", "speedup", "decode_speedup",
-            "parity_max_abs_logprob_diff"}  # fmt: skip
+            "hf_schedule_speedup", "parity_max_abs_logprob_diff"}  # fmt: skip
     assert set(res) == keys
     assert res["ideal_speedup"] > 1.2 and res["parity_max_abs_logprob_diff"] <= 1e-4
-    assert all(res[k] > 0 for k in ("parallel_tps", "sequential_tps", "hf_generate_tps", "speedup", "decode_speedup"))
+    positive = ("parallel_tps", "sequential_tps", "hf_generate_tps", "speedup", "decode_speedup", "hf_schedule_speedup")
+    assert all(res[k] > 0 for k in positive)
 
 
 def test_bench_train_json_and_exact_lengths():
@@ -139,3 +140,42 @@ def test_bench_decode_bytes_and_json():
         assert 0 < x["engine_share"] == x["bound_s"] / x["engine_step_s"] and x["hf_share"] > 0
     bad = npr("bench", "decode", "--new-tokens", "1")
     assert bad.returncode == 2 and "--new-tokens" in bad.stderr
+
+
+def test_hf_schedule_decodes_the_parallel_rows_of_each_phase():
+    """The flat-HF baseline of `npr bench engine` runs the schedule it claims: the sequential
+    pass one row per prompt for every token; the parallel pass the main runs one row per prompt,
+    each block's steps `plans` rows per prompt, and after each join a cache of prefix + every
+    step's tokens."""
+    from npr.bench import hf_schedule_timer, random_model, runs_of, word_tokenizer, workload
+    from npr.tags import tag_ids
+
+    model, tok = random_model("tiny"), word_tokenizer(512)
+    work = workload(tok, 2, 3, 5, 2, 7)
+    runs = runs_of(*work[0], tag_ids(tok))
+    assert len(runs) == 9  # main, 3 steps, main, 3 steps, main
+    calls = []
+    forward = model.forward
+
+    def spy(*a, **kw):
+        cache = kw.get("past_key_values")
+        calls.append(((a[0] if a else kw["input_ids"]).shape[0], cache.get_seq_length() if cache is not None else 0))
+        return forward(*a, **kw)
+
+    model.forward = spy
+    timed = hf_schedule_timer(model, [p for p, _ in work], runs, plans=3)
+    calls.clear()
+    seq_s, par_s = timed()
+    assert seq_s > 0 and par_s > 0
+    total = sum(map(len, runs))
+    seq, par = calls[:total], calls[total:]
+    assert seq == [(2, 7 + i) for i in range(total)]
+    expect, context = [], 7
+    for i in range(0, len(runs), 4):
+        expect += [(2, context + j) for j in range(len(runs[i]))]
+        context += len(runs[i])
+        if i + 1 < len(runs):
+            n = len(runs[i + 1])
+            expect += [(6, context + j) for j in range(n)]
+            context += 3 * n  # joined: the prefix once, then the three steps' tokens
+    assert par == expect

@@ -11,6 +11,7 @@ shapes stand in for checkpoints that cannot be downloaded here.
 
 from __future__ import annotations
 
+import copy
 import random
 import time
 
@@ -125,7 +126,8 @@ def bench_sweep(
 
 def sweep_table(rows: list[dict]) -> str:
     head = ["branches", "prompt", "step tokens", "parallel tok/s", "sequential tok/s", "HF generate tok/s",
-            "sequential / HF", "speedup / ideal", "decode speedup / ideal", "parity"]  # fmt: skip
+            "sequential / HF", "speedup / ideal", "decode speedup / ideal",
+            "HF forward, same schedule: speedup / ideal", "parity"]  # fmt: skip
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         hf = r["hf_generate_tps"]
@@ -133,6 +135,7 @@ def sweep_table(rows: list[dict]) -> str:
                  f"{r['sequential_tps']:,.0f}", f"{hf:,.0f}" if hf else "-",
                  f"{r['sequential_tps'] / hf:.2f}" if hf else "-",
                  f"{r['speedup'] / r['ideal_speedup']:.2f}", f"{r['decode_speedup'] / r['ideal_speedup']:.2f}",
+                 f"{r['hf_schedule_speedup'] / r['ideal_speedup']:.2f}" if hf else "-",
                  f"{r['parity_max_abs_logprob_diff']:.1e}"]  # fmt: skip
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(out)
@@ -201,7 +204,8 @@ def bench_engine(
     run("parallel")  # warm-up (allocator, kernels)
     n_new = max(len(c) for _, c in work)  # HF writes as many tokens for every sequence
     hf = hf_timer(model, [p for p, _ in work]) if hf_generate else None
-    t_par = t_seq = t_pre = t_hf = float("inf")
+    flat = hf_schedule_timer(model, [p for p, _ in work], runs_of(*work[0], tags), plans) if hf_generate else None
+    t_par = t_seq = t_pre = t_hf = t_flat_seq = t_flat_par = float("inf")
     for _ in range(repeats):  # interleaved, so a slow spell of the machine hits every column alike
         par, t = run("parallel")
         t_par = min(t_par, t)
@@ -210,6 +214,8 @@ def bench_engine(
         t_pre = min(t_pre, prefill())
         if hf:
             t_hf = min(t_hf, hf(n_new))
+            a, b = flat()
+            t_flat_seq, t_flat_par = min(t_flat_seq, a), min(t_flat_par, b)
     for (_, c), a, b in zip(work, par, seq):
         if a.token_ids != c or b.token_ids != c:
             raise RuntimeError("replay diverged: the two modes did not decode the target token ids")
@@ -241,6 +247,7 @@ def bench_engine(
         worst = max(worst, (lp.float().cpu() - torch.tensor(o.logprobs))[sampled].abs().max().item())
     result["parity_max_abs_logprob_diff"] = worst
     result["hf_generate_tps"] = len(work) * n_new / t_hf if hf else None
+    result["hf_schedule_speedup"] = t_flat_seq / t_flat_par if hf else None
     return result
 
 
@@ -248,6 +255,65 @@ def _sync(dev: torch.device) -> None:
     """Wait for queued GPU work, so a timer stops when the work does (a no-op on CPU)."""
     if dev.type == "cuda":
         torch.cuda.synchronize()
+
+
+def hf_schedule_timer(model, prompts: list[list[int]], runs: list[list[int]], plans: int):
+    """A timer of the model's own forward (HF's DynamicCache, no engine) decoding one request's
+    schedule for every prompt, sequentially and in parallel: `timed()` is (sequential seconds,
+    parallel seconds). Sequential decodes every run's tokens one after another; parallel decodes
+    the main runs one row per prompt, each block's steps `plans` rows per prompt (the cache
+    repeated at the fork; joined at the end of the block as prefix + every step's tokens). The
+    prompts' prefill is not timed. Its speedup is what decoding the same rows in parallel buys
+    the model alone, with no engine work and no shared prefix (each step's row holds its own
+    copy): on a device where a step's cost grows with its rows (a CPU) it falls short of the
+    ideal by as much as the model's forward does; where the cost does not grow, it nears it."""
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("hf_schedule_timer needs prompts of one length (no padding)")
+    phases, i = [], 0  # (rows per prompt, tokens): main runs alternate with blocks of `plans` steps
+    while i < len(runs):
+        phases.append((1, len(runs[i])))
+        if i + 1 + plans <= len(runs):
+            phases.append((plans, max(len(r) for r in runs[i + 1 : i + 1 + plans])))
+        i += 1 + plans
+    dev = next(model.parameters()).device
+    ids = torch.tensor(prompts, device=dev)
+    rows = len(prompts)
+    with torch.inference_mode():
+        prefilled = model(ids, use_cache=True).past_key_values
+
+    def decode(cache, n_rows: int, n: int) -> None:
+        tok = ids[:1, -1:].expand(n_rows, 1)
+        for _ in range(n):
+            model(input_ids=tok, past_key_values=cache, use_cache=True)
+
+    def parallel(cache) -> None:
+        for k, n in phases:
+            if k == 1:
+                decode(cache, rows, n)
+                continue
+            prefix = cache.get_seq_length()
+            cache.batch_repeat_interleave(k)
+            decode(cache, rows * k, n)
+            for layer in cache.layers:  # the join: each prompt's prefix once, then its k steps' tokens
+                for name in ("keys", "values"):
+                    x = getattr(layer, name)
+                    own = x[:, :, prefix:].unflatten(0, (rows, k)).transpose(1, 2).flatten(2, 3)
+                    setattr(layer, name, torch.cat([x[::k, :, :prefix], own], 2))
+
+    def timed() -> tuple[float, float]:
+        out = []
+        for f in (lambda c: decode(c, rows, sum(len(r) for r in runs)), parallel):
+            cache = copy.deepcopy(prefilled)
+            with torch.inference_mode():
+                _sync(dev)
+                t0 = time.perf_counter()
+                f(cache)
+                _sync(dev)
+            out.append(time.perf_counter() - t0)
+        return out[0], out[1]
+
+    timed()  # warm-up
+    return timed
 
 
 def hf_timer(model, prompts: list[list[int]]):
