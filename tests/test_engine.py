@@ -266,11 +266,36 @@ def test_forks_count_against_max_num_seqs(tok, biased):
     assert llm.pool.free_pages == llm.pool.num_pages and len(llm.table.free) == llm.table.rows
 
 
+def test_decoding_branches_are_left_out_only_for_flushed_rows(tok, biased):
+    """At the tightest legal budget (max_batch_tokens = max_num_seqs) a decoding branch misses a step
+    only when that step also computes the last token of branches that just ended (a fork's parent,
+    a finished step), one branch per such row; a budget below max_num_seqs, which would leave the
+    same branches out step after step, is a clear error."""
+    llm = LLM(biased, tok, num_pages=1024, page_size=4, max_num_seqs=4, max_batch_tokens=4)
+    sched, steps = llm.scheduler, []
+    schedule = sched.schedule
+
+    def checked():
+        branches = [b for r in sched.running for b in r.branches]
+        decoding = {id(b) for b in branches if not b.done and b.pending == 1}
+        work = schedule()
+        steps.append((len(decoding - {id(b) for b, _ in work}), sum(b.done for b, _ in work)))
+        return work
+
+    sched.schedule = checked
+    out = llm.generate(PROMPTS * 2, [SamplingParams(max_tokens=120, seed=s, max_plans=3) for s in range(8)])
+    assert max(b["plans"] for o in out for b in o.blocks) == 3  # forks and joins really happen
+    assert all(left_out <= flushed for left_out, flushed in steps)
+    assert sum(left_out == 0 for left_out, _ in steps) > 0.9 * len(steps)
+    with pytest.raises(ValueError, match=r"max_batch_tokens \(3\) must be at least max_num_seqs \(4\)"):
+        LLM(biased, tok, num_pages=64, max_num_seqs=4, max_batch_tokens=3)
+
+
 def test_long_prompts_prefill_in_chunks(tok, biased):
     prompt = " ".join(["Let us try small cases first and compare"] * 8)
     sp = SamplingParams(max_tokens=40, seed=4)
     whole = LLM(biased, tok, num_pages=512, page_size=4).generate([prompt, PROMPTS[0]], sp)
-    llm = LLM(biased, tok, num_pages=512, page_size=4, max_batch_tokens=16)
+    llm = LLM(biased, tok, num_pages=512, page_size=4, max_batch_tokens=16, max_num_seqs=16)
     sizes = []
     forward = llm.runner.forward
     llm.runner.forward = lambda work, *a: sizes.append(sum(n for _, n in work)) or forward(work, *a)
@@ -367,7 +392,7 @@ def test_flex_kernel_reads_the_pool_like_sdpa(tok, biased, monkeypatch):
     monkeypatch.setattr(
         runner.ModelRunner, "_flex_shared_bucket", lambda self, *a: grouped.append(a) or shared_bucket(self, *a)
     )
-    flex = LLM(biased, tok, num_pages=24, page_size=16, attention="flex", max_batch_tokens=24)
+    flex = LLM(biased, tok, num_pages=24, page_size=16, attention="flex", max_batch_tokens=24, max_num_seqs=24)
     got = flex.generate(prompts, sp)
     assert sum(o.stats["parallel_blocks"] for o in got) >= 2 and grouped
     assert all(sum(kind) > 0 for kind in zip(*seen))  # both partial and whole pages were listed
@@ -407,11 +432,13 @@ def test_compiled_flex_kernel_stays_within_a_few_graphs(tok, biased, monkeypatch
 
     prompts = PROMPTS + [" ".join(["Let us try small cases first"] * 6)]
     sp = [SamplingParams(max_tokens=90, seed=s) for s in range(len(prompts))]
-    eager = LLM(biased, tok, num_pages=24, page_size=16, attention="flex", max_batch_tokens=24).generate(prompts, sp)
+    eager = LLM(
+        biased, tok, num_pages=24, page_size=16, attention="flex", max_batch_tokens=24, max_num_seqs=24
+    ).generate(prompts, sp)
     monkeypatch.setattr(modeling, "COMPILE_BACKEND", "eager")
     torch._dynamo.reset()
     counters.clear()
-    llm = LLM(biased, tok, num_pages=24, page_size=16, attention="flex", max_batch_tokens=24)
+    llm = LLM(biased, tok, num_pages=24, page_size=16, attention="flex", max_batch_tokens=24, max_num_seqs=24)
     got = llm.generate(prompts, sp)
     first = counters["stats"]["unique_graphs"]
     more = llm.generate(prompts, [SamplingParams(max_tokens=120, seed=s + 10) for s in range(len(prompts))])

@@ -37,6 +37,11 @@ class Scheduler:
     ):
         if max_num_seqs < 1 or max_batch_tokens < 1:
             raise ValueError("max_num_seqs and max_batch_tokens must be >= 1")
+        if max_batch_tokens < max_num_seqs:  # else the branches left out of a step would starve
+            raise ValueError(
+                f"max_batch_tokens ({max_batch_tokens}) must be at least max_num_seqs ({max_num_seqs}): every live "
+                "branch decodes a token each step, and a sibling left out would fall behind the others"
+            )
         self.pool, self.table, self.tokenizer = pool, table, tokenizer
         self.max_num_seqs, self.max_batch_tokens = max_num_seqs, max_batch_tokens
         self.watermark = max(1, int(watermark * pool.num_pages))  # free pages kept for running requests
