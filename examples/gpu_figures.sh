@@ -27,8 +27,8 @@ for part in "${parts[@]}"; do
         parity)
             run parity-flex $npr bench engine --config qwen3-0.6b-shape --attention flex --requests 8 --json
             run parity-sdpa $npr bench engine --config qwen3-0.6b-shape --attention sdpa --requests 8 --json ;;
-        sweep-0.6b) run sweep-0.6b $npr bench engine --config qwen3-0.6b-shape --sweep --json ;;
-        sweep-4b) run sweep-4b $npr bench engine --config qwen3-4b-shape --sweep --json ;;
+        sweep-0.6b) run sweep-0.6b $npr bench engine --config qwen3-0.6b-shape --sweep --repeats 3 --json ;;
+        sweep-4b) run sweep-4b $npr bench engine --config qwen3-4b-shape --sweep --repeats 2 --json ;;
         decode)
             run decode-0.6b $npr bench decode --config qwen3-0.6b-shape --json
             run decode-4b $npr bench decode --config qwen3-4b-shape --json ;;

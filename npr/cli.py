@@ -249,6 +249,9 @@ def bench_engine_cmd(
     sweep: bool = typer.Option(
         False, help="Run the fixed sweep (16-256 branches, prompts up to 4k, long steps) and print one table."
     ),
+    repeats: int = typer.Option(
+        None, help="Interleaved runs per figure, the best kept (default 5 in a sweep, else 3)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
 ) -> None:
     """Parallel vs sequential engine decoding vs HF generate on identical token ids."""
@@ -260,11 +263,13 @@ def bench_engine_cmd(
     cuda = torch.cuda.is_available()
     try:
         if sweep:
-            rows = bench.bench_sweep(lm, tok, plans, attention=attention, hf_generate=hf, page_size=page_size)
+            rows = bench.bench_sweep(lm, tok, plans, attention=attention, hf_generate=hf, page_size=page_size,
+                                     repeats=5 if repeats is None else repeats)  # fmt: skip
             print(json.dumps(rows) if as_json else bench.sweep_table(rows))
             return
         res = bench.bench_engine(lm, tok, requests, plans, step_tokens, blocks, prompt_tokens, kv_cache_gb=kv_cache_gb,
-                                 hf_generate=hf, attention=attention, page_size=page_size)  # fmt: skip
+                                 hf_generate=hf, attention=attention, page_size=page_size,
+                                 repeats=3 if repeats is None else repeats)  # fmt: skip
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     if as_json:

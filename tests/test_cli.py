@@ -86,7 +86,8 @@ def test_generate_and_tree(tmp_path):
 
 
 def test_bench_engine_json():
-    r = npr("bench", "engine", "--config", "tiny", "--requests", "2", "--step-tokens", "8", "--blocks", "1", "--json")
+    args = ("bench", "engine", "--config", "tiny", "--requests", "2", "--step-tokens", "8", "--blocks", "1", "--json")
+    r = npr(*args, "--repeats", "1")
     assert r.returncode == 0, r.stderr
     res = json.loads(r.stdout)
     keys = {"parallel_tps", "sequential_tps", "hf_generate_tps", "ideal_speedup", "speedup", "decode_speedup",
@@ -95,6 +96,8 @@ def test_bench_engine_json():
     assert res["ideal_speedup"] > 1.2 and res["parity_max_abs_logprob_diff"] <= 1e-4
     positive = ("parallel_tps", "sequential_tps", "hf_generate_tps", "speedup", "decode_speedup", "hf_schedule_speedup")
     assert all(res[k] > 0 for k in positive)
+    bad = npr(*args, "--repeats", "0")
+    assert bad.returncode == 2 and "--repeats must be at least 1" in bad.stderr
 
 
 def test_bench_train_json_and_exact_lengths():

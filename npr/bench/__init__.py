@@ -173,6 +173,8 @@ def bench_engine(
     """Tokens/s of parallel and sequential decoding of the same trajectories (replayed), HF
     `generate` on the flat sequences, and log-prob parity. Each time is the best of `repeats`
     interleaved runs: a busy machine only ever slows a run down, so the best is the steadiest ratio."""
+    if repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {repeats}")
     from npr.engine import LLM, SamplingParams
     from npr.modeling import token_logprobs, topology_forward
     from npr.tags import tag_ids
