@@ -302,9 +302,11 @@ def hf_schedule_timer(model, prompts: list[list[int]], runs: list[list[int]], pl
                     own = x[:, :, prefix:].unflatten(0, (rows, k)).transpose(1, 2).flatten(2, 3)
                     setattr(layer, name, torch.cat([x[::k, :, :prefix], own], 2))
 
+    total = sum(len(r) for r in runs)
+
     def timed() -> tuple[float, float]:
         out = []
-        for f in (lambda c: decode(c, rows, sum(len(r) for r in runs)), parallel):
+        for f in (lambda c: decode(c, rows, total), parallel):
             cache = copy.deepcopy(prefilled)
             with torch.inference_mode():
                 _sync(dev)
