@@ -42,6 +42,26 @@ class Bucket:
     mask: torch.Tensor | None = None  # sdpa: [G, 1, n, C] additive (0 / -inf) in the query dtype, or None
     causal: bool = False  # sdpa: no mask needed but causality (a whole prompt in one chunk)
     block_mask: object = None  # flex: BlockMask over the pool's pages
+    every: bool = False  # the only bucket, holding all T new tokens in order (queries = arange)
+
+
+def _bucket_queries(q_all: torch.Tensor, bk: Bucket) -> torch.Tensor:
+    """[G, H, n, D] queries of a bucket: a view when it holds every new token in order (every pure
+    decode step), which spares a gather here and a scatter of the output in every layer."""
+    if bk.every:
+        return q_all.view(*bk.queries.shape, *q_all.shape[1:]).transpose(1, 2)
+    return q_all[bk.queries].transpose(1, 2)
+
+
+def _place(out: torch.Tensor | None, q_all: torch.Tensor, bk: Bucket, o: torch.Tensor) -> torch.Tensor:
+    """Write a bucket's output [G, H, n, D] at its queries' rows of `out` ([T, H, D], allocated on
+    first use); a bucket of every token is the output itself."""
+    o = o.transpose(1, 2).flatten(0, 1)
+    if bk.every:
+        return o
+    out = torch.empty_like(q_all) if out is None else out
+    out[bk.queries.flatten()] = o
+    return out
 
 
 @dataclass
@@ -89,13 +109,13 @@ def flex_kernel():
 
 def flex_buckets(q_all: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, buckets: list[Bucket], scaling):
     """The GPU path: every bucket attends over the whole pool, restricted by its BlockMask."""
-    out = torch.empty_like(q_all)
+    out = None
     k = k_pool.permute(1, 0, 2)[None].to(q_all.dtype)  # [1, Hkv, slots, D], a view when dtypes match
     v = v_pool.permute(1, 0, 2)[None].to(q_all.dtype)
     for bk in buckets:
-        q = q_all[bk.queries].transpose(1, 2)  # [G, H, n, D]
+        q = _bucket_queries(q_all, bk)
         o = flex_kernel()(q, k, v, block_mask=bk.block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
-        out[bk.queries.flatten()] = o.transpose(1, 2).flatten(0, 1)
+        out = _place(out, q_all, bk, o)
     return out
 
 
@@ -106,7 +126,7 @@ def sdpa_buckets(q_all: torch.Tensor, pool: KVPool, layer: int, buckets: list[Bu
     repeated per query head and one [G, 1, n, C] mask, built once per step, serves every head
     and layer (a boolean mask would be converted to an additive one in every call).
     """
-    out = torch.empty_like(q_all)
+    out = None
     heads, dim = q_all.shape[1:]
     k_pool, v_pool = pool.k[layer], pool.v[layer]
     kv_heads = k_pool.shape[1]
@@ -118,11 +138,11 @@ def sdpa_buckets(q_all: torch.Tensor, pool: KVPool, layer: int, buckets: list[Bu
         k, v = torch.index_select(k_pool, 0, flat, out=kbuf), torch.index_select(v_pool, 0, flat, out=vbuf)
         k = k.view(g, width, kv_heads, dim).transpose(1, 2).to(q_all.dtype)
         v = v.view(g, width, kv_heads, dim).transpose(1, 2).to(q_all.dtype)
-        q = q_all[bk.queries].transpose(1, 2)  # [G, H, n, D]
+        q = _bucket_queries(q_all, bk)
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bk.mask, is_causal=bk.causal, scale=scaling, enable_gqa=heads != kv_heads
         )
-        out[bk.queries.flatten()] = o.transpose(1, 2).reshape(g * n, heads, dim)
+        out = _place(out, q_all, bk, o)
     return out
 
 

@@ -8,6 +8,7 @@ rebuilt on the host.
 
 from __future__ import annotations
 
+from array import array
 from itertools import accumulate
 
 import torch
@@ -85,8 +86,8 @@ class ModelRunner:
             lengths.append(b.length + n)
         if flushed == len(work):
             ops = self._layout(copies)
-        meta = torch.tensor([ids, pos, slots, rows, cols, fresh], dtype=torch.int64).to(dev, non_blocking=True)
-        groups = torch.tensor([group_rows, lengths, sizes], dtype=torch.int64).to(dev, non_blocking=True)
+        meta = int64_rows(ids, pos, slots, rows, cols, fresh).to(dev, non_blocking=True)
+        groups = int64_rows(group_rows, lengths, sizes).to(dev, non_blocking=True)
         most_pages = max(table.npages[r] for r in group_rows + [b.row for b in copies])
         table.reserve(max(lengths + [b.length for b in copies]), most_pages)
         table.write(meta[3], meta[4], meta[2])
@@ -108,9 +109,8 @@ class ModelRunner:
             shared = [(blk.prefix_len, m) for blk, m in siblings.items() if _share(blk.prefix_len, m, lengths)]
             attention.STATE.batch = self._buckets(meta[2], groups, sizes, lengths, shared, group_rows)
         cfg = self.model.config
-        prev = cfg._attn_implementation
+        prev = _set_attention(cfg, attention.NAME)
         try:
-            cfg._attn_implementation = attention.NAME
             with torch.inference_mode():
                 out = self.model.base_model(input_ids=meta[0][None], position_ids=meta[1][None], use_cache=False)
                 at = slice(None) if len(last) == len(ids) else torch.tensor(last, dtype=torch.int64, device=dev)
@@ -118,7 +118,7 @@ class ModelRunner:
                 return self.model.get_output_embeddings()(hidden).float()
         finally:
             attention.STATE.batch = None
-            cfg._attn_implementation = prev
+            _set_attention(cfg, prev)
             if self.kernel == "flex":
                 self.new_group[meta[2]] = -1
 
@@ -160,13 +160,13 @@ class ModelRunner:
             width = max(lengths[g] for g in members)
             uniform = all(lengths[g] == width for g in members)
             rows, lens = groups[0][idx], groups[1][idx]
-            context = self.table.slots[rows, :width]
+            context = self.table.slots[:, :width].index_select(0, rows)
             mask, causal = None, n > 1 and uniform and width == n  # a whole prompt in one chunk: plain causal
             if (n > 1 or not uniform) and not causal:
                 limit = (lens - n)[:, None] + torch.arange(n, device=self.device)[None, :]  # query j sees [0, limit]
                 hidden = torch.arange(width, device=self.device)[None, None, :] > limit[:, :, None]
                 mask = _additive(hidden, self.dtype)[:, None]
-            buckets.append(attention.Bucket(queries, context, mask, causal=causal))
+            buckets.append(attention.Bucket(queries, context, mask, causal=causal, every=isinstance(idx, slice)))
         return attention.Batch(slot_mapping, buckets)
 
     def _shared_bucket(self, blocks: list, first: list[int], lengths: list[int], group_rows: list[int]):
@@ -222,7 +222,7 @@ class ModelRunner:
             mask = BlockMask.from_kv_blocks(
                 *blocks, BLOCK_SIZE=(Q_BLOCK, ps), mask_mod=visible, seq_lengths=(n, slots), compute_q_blocks=False
             )
-            buckets.append(attention.Bucket(queries, block_mask=mask))
+            buckets.append(attention.Bucket(queries, block_mask=mask, every=isinstance(idx, slice)))
         return attention.Batch(slot_mapping, buckets)
 
     def _flex_shared_bucket(self, blocks: list, first: list[int], group_rows: list[int], whole):
@@ -269,6 +269,30 @@ class ModelRunner:
         if self.table.seen is not None and any(p != 1.0 and f < 0 for p, f in zip(batch.penalty, batch.forced)):
             seen = self.table.seen[torch.tensor(rows, device=self.device)]
         return sample(logits, batch, seen, masks)
+
+
+def _set_attention(cfg, name: str | None) -> str | None:
+    """Set a model config's attention implementation; return the one it had. transformers' setter
+    also walks the sub-configs, through attribute hooks that cost ~20 us a step on a CPU; a config
+    without sub-configs is set in its own dict (the setter's storage) directly."""
+    own = cfg.__dict__
+    if "_attn_implementation_internal" in own and not cfg.sub_configs:
+        prev, own["_attn_implementation_internal"] = own["_attn_implementation_internal"], name
+        return prev
+    prev = cfg._attn_implementation
+    cfg._attn_implementation = name
+    return prev
+
+
+def int64_rows(*rows: list[int]) -> torch.Tensor:
+    """[len(rows), n] int64 tensor of host lists of ints (or bools), each n long: through an array,
+    several times cheaper than `torch.tensor` of the lists, which a step pays a few times."""
+    flat = array("q")
+    for r in rows:
+        flat.extend(r)
+    if not flat:
+        return torch.zeros(len(rows), 0, dtype=torch.int64)
+    return torch.frombuffer(flat, dtype=torch.int64).view(len(rows), -1)  # keeps `flat` alive
 
 
 def _siblings(shared: list[tuple[int, list[int]]], sizes: list[int]) -> tuple[list[list], list[int], list[int] | None]:
