@@ -1,0 +1,69 @@
+"""Where a sequential decode step's time goes, in the engine and in HF `generate`: the model's
+forward (`base_model.forward`, timed inside both) and the rest (the engine's scheduling, metadata,
+sampling and schema bookkeeping; `generate`'s logits processing and cache handling; the output
+head in both). Same random tiny Qwen3 and replayed workload as `npr bench engine`, one process,
+the two interleaved, best of `--repeats`, 2 torch threads.
+
+    python examples/engine_step_split.py [--requests 16 64] [--repeats 6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from npr.bench import hf_timer, random_model, word_tokenizer, workload
+from npr.engine import LLM, SamplingParams
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, nargs="+", default=[16, 64], help="rows decoded together")
+    ap.add_argument("--repeats", type=int, default=6, help="interleaved runs, the fastest kept")
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    model, tok = random_model("tiny"), word_tokenizer(512)
+    inside = [0.0]  # seconds spent in the model's forward since the last reset
+    forward = model.base_model.forward
+
+    def timed_forward(*a, **kw):
+        t0 = time.perf_counter()
+        out = forward(*a, **kw)
+        inside[0] += time.perf_counter() - t0
+        return out
+
+    model.base_model.forward = timed_forward
+    print("| rows | engine: model ms / step | engine: rest | generate: model | generate: rest |")
+    print("|---|---|---|---|---|")
+    for n in args.requests:
+        cells = [f"{x * 1e3:.2f}" for x in split(model, tok, n, args.repeats, inside)]
+        print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
+
+
+def split(model, tok, n: int, repeats: int, inside: list[float]) -> list[float]:
+    """Seconds per step of n rows: [engine model, engine rest, generate model, generate rest]."""
+    work = workload(tok, n, plans=4, step_tokens=32, blocks=1, prompt_tokens=32)
+    steps = max(len(c) for _, c in work)  # tokens per request: one forward each in both
+    llm = LLM(model, tok, max_num_seqs=max(256, n))
+    sp = SamplingParams(mode="sequential", max_tokens=10**6, enforce_structure=False, repetition_limit=10**6)
+    hf = hf_timer(model, [p for p, _ in work])
+
+    def engine():
+        llm.generate([p for p, _ in work], sp, replay=[[c] for _, c in work])
+
+    best = {"engine": (float("inf"), 0.0), "hf": (float("inf"), 0.0)}
+    for _ in range(repeats):
+        for name, run in (("engine", engine), ("hf", lambda: hf(steps))):
+            inside[0] = 0.0
+            t0 = time.perf_counter()
+            run()
+            total = time.perf_counter() - t0
+            if total < best[name][0]:
+                best[name] = (total, inside[0])
+    return [x / steps for total, model_s in best.values() for x in (model_s, total - model_s)]
+
+
+if __name__ == "__main__":
+    main()
