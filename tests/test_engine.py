@@ -221,6 +221,36 @@ def test_unsupported_model_is_a_clear_error(tok):
         LLM(sliding, tok, num_pages=8)
 
 
+def test_engine_attention_is_set_for_its_forward_only(tok, biased):
+    """The runner sets its attention implementation around each forward and puts the model's back,
+    on a plain config (its dict, directly) and on one with sub-configs (through their setter)."""
+    from transformers import LlavaConfig
+
+    from npr.engine.runner import _set_attention
+
+    seen = []
+    forward = biased.base_model.forward
+
+    def spy(*a, **kw):
+        seen.append(biased.config._attn_implementation)
+        return forward(*a, **kw)
+
+    biased.base_model.forward = spy
+    try:
+        before = biased.config._attn_implementation
+        LLM(biased, tok, num_pages=64).generate(PROMPTS[:1], SamplingParams(max_tokens=8, seed=0))
+    finally:
+        del biased.base_model.forward
+    assert seen and set(seen) == {"npr_paged"}
+    assert biased.config._attn_implementation == before != "npr_paged"
+    composite = LlavaConfig()
+    composite._attn_implementation = "sdpa"
+    assert _set_attention(composite, "npr_paged") == "sdpa"
+    assert [getattr(composite, k)._attn_implementation for k in ("text_config", "vision_config")] == ["npr_paged"] * 2
+    _set_attention(composite, "sdpa")
+    assert [getattr(composite, k)._attn_implementation for k in ("text_config", "vision_config")] == ["sdpa"] * 2
+
+
 def test_bad_params_are_clear_errors():
     with pytest.raises(ValueError, match="mode"):
         SamplingParams(mode="tree")
