@@ -87,12 +87,11 @@ class ModelRunner:
         if flushed == len(work):
             ops = self._layout(copies)
         meta = int64_rows(ids, pos, slots, rows, cols, fresh).to(dev, non_blocking=True)
-        groups = int64_rows(group_rows, lengths, sizes).to(dev, non_blocking=True)
         most_pages = max(table.npages[r] for r in group_rows + [b.row for b in copies])
         table.reserve(max(lengths + [b.length for b in copies]), most_pages)
         table.write(meta[3], meta[4], meta[2])
         if page:
-            p = torch.tensor([prow, pcol, page], dtype=torch.int64).to(dev, non_blocking=True)
+            p = int64_rows(prow, pcol, page).to(dev, non_blocking=True)
             table.write_pages(p[0], p[1], p[2])
         for dst, src, slot_span, page_span in ops:
             table.copy(dst, src, slot_span, page_span)
@@ -107,6 +106,7 @@ class ModelRunner:
             attention.STATE.batch = self._flex_buckets(meta[2], sizes, group_rows, shared)
         else:
             shared = [(blk.prefix_len, m) for blk, m in siblings.items() if _share(blk.prefix_len, m, lengths)]
+            groups = int64_rows(group_rows, lengths, sizes).to(dev, non_blocking=True)  # only sdpa reads them
             attention.STATE.batch = self._buckets(meta[2], groups, sizes, lengths, shared, group_rows)
         cfg = self.model.config
         prev = _set_attention(cfg, attention.NAME)
