@@ -22,7 +22,7 @@ class ContextTable:
         self.slots = torch.zeros(rows, cols, dtype=torch.int64, device=device)
         self.pages = torch.zeros(rows, 16, dtype=torch.int64, device=device)
         self.npages = [0] * rows  # pages in each row (host copy, so no device sync is needed)
-        self.seen: torch.Tensor | None = None  # [rows, vocab] bool, allocated on first use
+        self.seen: torch.Tensor | None = None  # [rows, vocab + 1] bool, allocated on first use (see mark_seen)
         self.free: list[int] = list(range(rows - 1, -1, -1))
 
     @property
@@ -73,11 +73,17 @@ class ContextTable:
         at, start, end = pages
         self.pages[dst, at : at + end - start] = self.pages[src, start:end]
 
-    def mark_seen(self, rows: torch.Tensor, tokens: torch.Tensor, keep: torch.Tensor) -> None:
-        """seen[rows, tokens] |= keep (no boolean indexing: that would be a device sync on GPUs)."""
+    def mark_seen(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        """seen[rows, tokens] = True. A token the penalty does not count (a prompt's) comes as id
+        `vocab`, the last column, which nothing reads: one write, no mask (boolean indexing would
+        be a device sync on GPUs)."""
         if self.seen is None:
-            self.seen = torch.zeros(self.rows, self.vocab, dtype=torch.bool, device=self.device)
-        self.seen[rows, tokens] = self.seen[rows, tokens] | keep
+            self.seen = torch.zeros(self.rows, self.vocab + 1, dtype=torch.bool, device=self.device)
+        self.seen[rows, tokens] = True
+
+    def seen_rows(self, rows: list[int]) -> torch.Tensor:
+        """[len(rows), vocab] bool: the tokens each row's own run has written."""
+        return self.seen[torch.tensor(rows, device=self.device), : self.vocab]
 
 
 def _widen(t: torch.Tensor, cols: int) -> torch.Tensor:

@@ -216,12 +216,12 @@ class LLM:
         last, sampled, at = [], [], 0
         for b, n in work:  # a branch samples once all its pending tokens are computed
             at += n
-            if n == b.pending and not b.done:
+            if not b.done and n == len(b.run.tokens) - b.run.computed:
                 last.append(at - 1)
                 sampled.append(b)
         logits = self.runner.forward(work, sched.to_copy(), last)
         toks, lps = [], []
-        targets = [sched.replay_target(b) for b in sampled]
+        targets = [sched.replay_target(b) if b.req.replay is not None else None for b in sampled]
         if sampled:
             toks, lps = self.runner.sample(
                 logits, [b.row for b in sampled], self._sampling_batch(sampled, targets), self._mask_stack
@@ -230,7 +230,7 @@ class LLM:
 
     def _sampling_batch(self, branches: list[Branch], targets: list[int | None]) -> SamplingBatch:
         sched = self.scheduler
-        rows = []
+        batch = SamplingBatch([], [], [], [], [], [], [])
         for b, target in zip(branches, targets):
             req, run = b.req, b.run
             p = req.params
@@ -240,11 +240,14 @@ class LLM:
                     mask = self._mask(b.state.allowed(p.max_plans, sched.block_fits(b)), req.stops)
             else:  # it replays its target (-1 past the end: a token that finishes it)
                 forced, mask = max(target, 0), -1
-            rows.append((
-                p.temperature, p.top_k, p.top_p, p.repetition_penalty if b.state.phase == "step" else 1.0,
-                noise_seed(req.seed, run.key, len(run.tokens)), forced, mask,
-            ))  # fmt: skip
-        return SamplingBatch(*(list(c) for c in zip(*rows)))
+            batch.temperature.append(p.temperature)
+            batch.top_k.append(p.top_k)
+            batch.top_p.append(p.top_p)
+            batch.penalty.append(p.repetition_penalty if b.state.phase == "step" else 1.0)
+            batch.keys.append(noise_seed(req.seed, run.key, len(run.tokens)))
+            batch.forced.append(forced)
+            batch.masks.append(mask)
+        return batch
 
     def _mask(self, allowed: Allowed, stops: tuple[int, ...]) -> int:
         """Index of the structure mask (True = disallowed) for this state and these stop ids,

@@ -114,6 +114,20 @@ class KVPool:
             self.live.add(id(seg))
         seg.length += n
 
+    def reserve_all(self, work: list[tuple[Segment, int]]) -> bool:
+        """`reserve` n tokens in each segment, all or nothing: False, with nothing reserved, when the
+        free pages are too few. Each need is computed once (the engine's per-step path)."""
+        ps = self.page_size
+        needs = [max(0, -(-(n + seg.length - len(seg.pages) * ps) // ps)) for seg, n in work]
+        if sum(needs) > len(self.free):
+            return False
+        for (seg, n), need in zip(work, needs):
+            if need:
+                seg.pages += [self.free.pop() for _ in range(need)]
+                self.live.add(id(seg))
+            seg.length += n
+        return True
+
     def acquire(self, segs: list[Segment]) -> None:
         for s in segs:
             if s.freed:

@@ -8,7 +8,6 @@ rebuilt on the host.
 
 from __future__ import annotations
 
-from array import array
 from itertools import accumulate
 
 import torch
@@ -17,7 +16,7 @@ from npr.engine import attention
 from npr.engine.context import ContextTable
 from npr.engine.kv_pool import KVPool
 from npr.engine.request import Block, Branch
-from npr.engine.sampler import SamplingBatch, sample
+from npr.engine.sampler import SamplingBatch, int64_blocks, sample
 
 KERNELS = ("auto", "sdpa", "flex")
 Q_BLOCK = 128  # FlexAttention's query block: one per decode bucket row, a few per prompt chunk
@@ -28,6 +27,7 @@ class ModelRunner:
         if kernel not in KERNELS:
             raise ValueError(f"attention kernel must be one of {KERNELS}, got {kernel!r}")
         self.model, self.pool, self.table = model, pool, table
+        self.body, self.head = model.base_model, model.get_output_embeddings()  # looked up once, not per step
         self.device = table.device
         self.dtype = next(model.parameters()).dtype  # the queries' dtype: the sdpa masks are built in it
         self.kernel = ("flex" if self.device.type == "cuda" else "sdpa") if kernel == "auto" else kernel
@@ -49,7 +49,8 @@ class ModelRunner:
         or joined from them (`copies`) are laid out after their last page is counted.
         """
         dev, ps, table = self.device, self.pool.page_size, self.table
-        ids, pos, slots, rows, cols, fresh, prow, pcol, page = [], [], [], [], [], [], [], [], []
+        ids, pos, slots, rows, cols, seen, prow, pcol, page = [], [], [], [], [], [], [], [], []
+        unseen = table.vocab  # the `seen` column of a token the penalty does not count (a prompt's)
         sizes, group_rows, lengths, ops = [], [], [], []
         siblings: dict[Block, list[int]] = {}  # decoding steps of one block (shared-prefix attention)
         flushed = sum(b.done for b, _ in work)
@@ -60,13 +61,14 @@ class ModelRunner:
             if n == 1:  # a decode step: the common case, without the chunk's list building
                 if b.block is not None:
                     siblings.setdefault(b.block, []).append(g)
-                ids.append(run.tokens[c])
+                tok = run.tokens[c]
+                ids.append(tok)
                 pos.append(run.positions[c])
                 page_no, off = divmod(c, ps)
                 slots.append(run.seg.pages[page_no] * ps + off)
                 rows.append(row)
                 cols.append(b.length)
-                fresh.append(c >= run.offset)  # completion tokens: the penalty's "seen"
+                seen.append(tok if c >= run.offset else unseen)  # completion tokens: the penalty's "seen"
                 starts = () if off else (c,)
             else:
                 ids += run.tokens[c : c + n]
@@ -74,7 +76,7 @@ class ModelRunner:
                 slots += run.seg.slots(c, c + n, ps)
                 rows += [row] * n
                 cols += range(b.length, b.length + n)
-                fresh += [c + i >= run.offset for i in range(n)]
+                seen += [t if c + i >= run.offset else unseen for i, t in enumerate(run.tokens[c : c + n])]
                 starts = range(-(-c // ps) * ps, c + n, ps)
             for i in starts:  # pages this chunk starts
                 prow.append(row)
@@ -86,12 +88,14 @@ class ModelRunner:
             lengths.append(b.length + n)
         if flushed == len(work):
             ops = self._layout(copies)
-        meta = int64_rows(ids, pos, slots, rows, cols, fresh).to(dev, non_blocking=True)
+        # everything the device needs of this step, in one host -> device copy
+        meta, groups, p = int64_blocks(
+            dev, [ids, pos, slots, rows, cols, seen], [group_rows, lengths, sizes], [prow, pcol, page]
+        )
         most_pages = max(table.npages[r] for r in group_rows + [b.row for b in copies])
         table.reserve(max(lengths + [b.length for b in copies]), most_pages)
         table.write(meta[3], meta[4], meta[2])
         if page:
-            p = int64_rows(prow, pcol, page).to(dev, non_blocking=True)
             table.write_pages(p[0], p[1], p[2])
         for dst, src, slot_span, page_span in ops:
             table.copy(dst, src, slot_span, page_span)
@@ -99,23 +103,22 @@ class ModelRunner:
             for row in b.frees:
                 table.release(row)
             b.sources, b.frees = [], []
-        table.mark_seen(meta[3], meta[0], meta[5].bool())
+        table.mark_seen(meta[3], meta[5])
         attention.STATE.pool = self.pool
         if self.kernel == "flex":  # sharing only ever reads less here: every block of siblings shares
             shared = [(blk.prefix_len, m) for blk, m in siblings.items() if len(m) > 1]
             attention.STATE.batch = self._flex_buckets(meta[2], sizes, group_rows, shared)
         else:
             shared = [(blk.prefix_len, m) for blk, m in siblings.items() if _share(blk.prefix_len, m, lengths)]
-            groups = int64_rows(group_rows, lengths, sizes).to(dev, non_blocking=True)  # only sdpa reads them
             attention.STATE.batch = self._buckets(meta[2], groups, sizes, lengths, shared, group_rows)
         cfg = self.model.config
         prev = _set_attention(cfg, attention.NAME)
         try:
             with torch.inference_mode():
-                out = self.model.base_model(input_ids=meta[0][None], position_ids=meta[1][None], use_cache=False)
+                out = self.body(input_ids=meta[0][None], position_ids=meta[1][None], use_cache=False)
                 at = slice(None) if len(last) == len(ids) else torch.tensor(last, dtype=torch.int64, device=dev)
                 hidden = out.last_hidden_state[0, at]
-                return self.model.get_output_embeddings()(hidden).float()
+                return self.head(hidden).float()
         finally:
             attention.STATE.batch = None
             _set_attention(cfg, prev)
@@ -157,8 +160,9 @@ class ModelRunner:
         by_k, first, keep = _siblings(shared, sizes)
         buckets = [self._shared_bucket(blks, first, lengths, group_rows) for blks in by_k]
         for n, members, idx, queries in self._by_size(sizes, groups[2], keep):
-            width = max(lengths[g] for g in members)
-            uniform = all(lengths[g] == width for g in members)
+            lens_n = lengths if isinstance(idx, slice) else [lengths[g] for g in members]
+            width = max(lens_n)
+            uniform = min(lens_n) == width
             rows, lens = groups[0][idx], groups[1][idx]
             context = self.table.slots[:, :width].index_select(0, rows)
             mask, causal = None, n > 1 and uniform and width == n  # a whole prompt in one chunk: plain causal
@@ -267,7 +271,7 @@ class ModelRunner:
     ) -> tuple[list[int], list[float]]:
         seen = None
         if self.table.seen is not None and any(p != 1.0 and f < 0 for p, f in zip(batch.penalty, batch.forced)):
-            seen = self.table.seen[torch.tensor(rows, device=self.device)]
+            seen = self.table.seen_rows(rows)
         return sample(logits, batch, seen, masks)
 
 
@@ -282,17 +286,6 @@ def _set_attention(cfg, name: str | None) -> str | None:
     prev = cfg._attn_implementation
     cfg._attn_implementation = name
     return prev
-
-
-def int64_rows(*rows: list[int]) -> torch.Tensor:
-    """[len(rows), n] int64 tensor of host lists of ints (or bools), each n long: through an array,
-    several times cheaper than `torch.tensor` of the lists, which a step pays a few times."""
-    flat = array("q")
-    for r in rows:
-        flat.extend(r)
-    if not flat:
-        return torch.zeros(len(rows), 0, dtype=torch.int64)
-    return torch.frombuffer(flat, dtype=torch.int64).view(len(rows), -1)  # keeps `flat` alive
 
 
 def _siblings(shared: list[tuple[int, list[int]]], sizes: list[int]) -> tuple[list[list], list[int], list[int] | None]:

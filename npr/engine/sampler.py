@@ -8,6 +8,7 @@ decodes the same tokens whatever it is batched with, and again after a preemptio
 
 from __future__ import annotations
 
+from array import array
 from dataclasses import dataclass
 
 import torch
@@ -95,7 +96,7 @@ def sample(
     dev = logits.device
     logits = logits.float()
     free = [r for r, f in enumerate(batch.forced) if f < 0]  # rows that choose (the rest replay a target)
-    forced = torch.tensor(batch.forced, dtype=torch.int64).to(dev, non_blocking=True)
+    forced = int64_blocks(dev, [batch.forced])[0][0]
     tok, unsure = forced, None
     if free:  # a step that only replays (benchmarks, tests) pays for no choice at all
         rows = free if len(free) < len(batch.forced) else None
@@ -104,19 +105,39 @@ def sample(
     lse = torch.logsumexp(logits, -1)
     flags = []  # rows whose top-p mass ran past their candidates (rare), known after the transfer
     if unsure is not None:
-        flags.append(torch.zeros_like(lse, dtype=torch.float64).index_copy_(0, _at(free, dev), unsure.double()))
+        flags.append(torch.zeros_like(tok).index_copy_(0, _at(free, dev), unsure.long()))
     out = _transfer(logits, tok, lse, flags)  # the step's one device -> host sync
-    again = [r for r, u in enumerate(out[2].tolist()) if u] if flags else []
+    again = [r for r, u in enumerate(out[2]) if u] if flags else []
     if again:  # chosen again over the whole vocabulary
         tok[_at(again, dev)], _ = _choose(logits, batch, again, seen, masks, exact=True)
         out = _transfer(logits, tok, lse)
-    return [int(t) for t in out[0].tolist()], out[1].tolist()
+    return out[0], out[1]
 
 
-def _transfer(logits, tok, lse, extra=()) -> torch.Tensor:
-    """[ids, untempered log-probs, *extra] on the host, in one copy."""
+def _transfer(logits, tok, lse, extra=()) -> list[list]:
+    """[ids, untempered log-probs, *extra] as host lists, in one copy: one int64 tensor, the
+    log-probs as the bits of float64s (so the ids need no conversion from floats)."""
     logp = logits.gather(1, tok[:, None])[:, 0] - lse
-    return torch.stack([tok.double(), logp.double(), *extra]).cpu()
+    host = torch.stack([tok, logp.double().view(torch.int64), *extra]).cpu()
+    return [host[0].tolist(), host[1].view(torch.float64).tolist(), *(h.tolist() for h in host[2:])]
+
+
+def int64_blocks(device, *blocks: list[list[int]]) -> list[torch.Tensor]:
+    """Blocks of equally long host lists of ints (or bools) as [len(block), n] int64 views of one
+    tensor on `device`: one copy for all (a step's metadata has a few blocks, and each copy costs
+    a call), built through an array, several times cheaper than `torch.tensor` of the lists."""
+    flat, shapes = array("q"), []
+    for block in blocks:
+        for row in block:
+            flat.extend(row)
+        shapes.append((len(block), len(block[0]) if block else 0))
+    whole = torch.frombuffer(flat, dtype=torch.int64) if flat else torch.zeros(0, dtype=torch.int64)
+    whole = whole.to(device, non_blocking=True)  # the array outlives the copy: the tensor keeps it
+    out, at = [], 0
+    for rows, n in shapes:
+        out.append(whole[at : at + rows * n].view(rows, n))
+        at += rows * n
+    return out
 
 
 def _at(rows: list[int] | None, dev) -> torch.Tensor | slice:

@@ -115,14 +115,10 @@ class Scheduler:
                     break
                 work.append((b, n))
                 budget -= n
-            need = sum(self.pool.pages_needed(b.run.seg, n) for b, n in work)
-            if need <= self.pool.free_pages:
-                break
+            if self.pool.reserve_all([(b.run.seg, n) for b, n in work]):
+                return work
             if not self._preempt(keep=None):
                 return []
-        for b, n in work:
-            self.pool.reserve(b.run.seg, n)
-        return work
 
     def to_copy(self) -> list[Branch]:
         """Branches whose rows still need their sources copied in (after this step's writes)."""
@@ -197,11 +193,15 @@ class Scheduler:
         req, p, run = b.req, b.req.params, b.run
         if replay_ended:
             return self.finish(req, "stop")
-        if req.total + 1 > p.max_tokens:
+        if req.total >= p.max_tokens:
             return self.finish(req, "length")
-        if b.path + 1 > p.path_budget:
+        if b.path >= p.path_budget:
             return self.finish(req, "path_length")
-        self._write(b, tok, logprob)
+        run.add(tok, run.positions[-1] + 1, logprob, False)  # `_write`, inlined: every token passes here
+        req.total += 1
+        b.path += 1
+        if b.path > req.max_path:
+            req.max_path = b.path
         tag = self.tag_of.get(tok)
         if tag is None:
             if tok in req.stops:
@@ -368,6 +368,8 @@ def _repeating(run: Run, limit: int) -> bool:
     """Whether the run ends with a pattern of 1-16 tokens repeated `limit` times (reads only that tail)."""
     toks = run.tokens
     n, last = len(toks) - run.offset, toks[-1]
+    if n < limit or (limit > 1 and last not in toks[-17:-1]):
+        return False  # too short for any repeat, or the last token ends none (see the cheap reject below)
     for period in range(1, 17):
         span = period * limit
         if n < span:
