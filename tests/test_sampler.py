@@ -99,3 +99,35 @@ def test_large_vocabulary_top_k_top_p_choose_among_candidates_like_the_full_sort
     toks, lps = sample(logits, b)  # the unsure rows chosen again: every id is the full sort's
     assert toks == exact.tolist()
     torch.testing.assert_close(torch.tensor(lps), torch.log_softmax(logits, -1)[range(rows), toks], atol=1e-5, rtol=0)
+
+
+def _sort_and_scatter(warm, top_k, top_p):
+    """Top-k / top-p through the sort's permutation: the reference `_top_k_top_p` keeps to."""
+    vocab = warm.shape[-1]
+    ordered, order = torch.sort(warm, dim=-1, descending=True)
+    k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    ordered = ordered.masked_fill(ordered < ordered.gather(1, (k - 1)[:, None]), float("-inf"))
+    probs = torch.softmax(ordered, dim=-1)
+    drop = ((probs.cumsum(-1) - probs) > top_p) | (ordered == float("-inf"))
+    return warm.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), float("-inf"))
+
+
+def test_top_k_top_p_needs_no_permutation():
+    """The filter keeps what the sort-and-scatter reference keeps; ids tied at the boundary of the
+    kept prefix are kept together (the reference splits them in the sort's arbitrary order)."""
+    from npr.engine import sampler
+
+    torch.manual_seed(2)
+    rows, vocab = 96, 700
+    warm = torch.randn(rows, vocab) * torch.linspace(0.3, 5.0, rows)[:, None]
+    warm[::3, ::2] = float("-inf")  # masked ids, as the structure mask leaves them
+    top_k = torch.tensor([0, 1, 3, 40, vocab, 5000] * (rows // 6))
+    top_p = torch.tensor([0.1, 0.7, 0.95, 1.0] * (rows // 4))[:, None]
+    assert torch.equal(sampler._top_k_top_p(warm, top_k, top_p), _sort_and_scatter(warm, top_k, top_p))
+    assert torch.equal(sampler._ascending(warm), torch.sort(warm, dim=-1).values)
+    tied = torch.tensor([[3.0, 1.0, 1.0, 1.0, 0.0]])  # top-p 0.75 needs one of the 1.0s, not three
+    probs = torch.softmax(tied, -1)[0]
+    assert probs[0] < 0.75 < probs[0] + probs[1]
+    assert (_sort_and_scatter(tied, torch.tensor([0]), torch.tensor([[0.75]])) > float("-inf")).sum() == 2
+    kept = sampler._top_k_top_p(tied, torch.tensor([0]), torch.tensor([[0.75]])) > float("-inf")
+    assert kept.tolist() == [[True, True, True, True, False]]

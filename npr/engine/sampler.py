@@ -11,6 +11,7 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 _MASK = float("-inf")
@@ -219,13 +220,25 @@ def _candidate_choice(warm, keys, top_k, top_p) -> tuple[torch.Tensor, torch.Ten
 
 
 def _top_k_top_p(warm: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """Keep each row's k best tokens (ties at the k-th kept), then the smallest prefix reaching p."""
+    """Keep each row's k best tokens (ties at the k-th kept), then the smallest prefix reaching p:
+    every id scoring at least the last one that prefix needs (so ids of equal score share a fate).
+    Only the sorted scores are needed, not the permutation."""
     vocab = warm.shape[-1]
-    ordered, order = torch.sort(warm, dim=-1, descending=True)
+    ordered = _ascending(warm).flip(-1)
     k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
     kth = ordered.gather(1, (k - 1)[:, None])
     ordered = ordered.masked_fill(ordered < kth, _MASK)
     probs = torch.softmax(ordered, dim=-1)
     drop = (probs.cumsum(-1) - probs) > top_p  # mass before this token already reaches top_p
     drop |= ordered == _MASK
-    return warm.masked_fill(torch.zeros_like(drop).scatter(1, order, drop), _MASK)
+    needed = (~drop).sum(-1, keepdim=True).clamp(min=1)  # the best of a row is never dropped
+    return warm.masked_fill(warm < ordered.gather(1, needed - 1), _MASK)
+
+
+def _ascending(x: torch.Tensor) -> torch.Tensor:
+    """Each row's values in ascending order, without the permutation: on a CPU numpy's vectorised
+    sort, as torch.sort always builds the permutation too and is ~25x slower there (64 rows of
+    512: 50 us against 1.3 ms on 2 cores, which was most of a sampling step of the tiny model)."""
+    if x.device.type == "cpu":
+        return torch.from_numpy(np.sort(x.numpy(), axis=-1))
+    return torch.sort(x, dim=-1).values
