@@ -2,9 +2,11 @@
 forward (`base_model.forward`, timed inside both) and the rest (the engine's scheduling, metadata,
 sampling and schema bookkeeping; `generate`'s logits processing and cache handling; the output
 head in both). Same random tiny Qwen3 and replayed workload as `npr bench engine`, one process,
-the two interleaved, best of `--repeats`, 2 torch threads.
+the two interleaved, best of `--repeats`, 2 torch threads. With `--sample` both sample with the
+evaluation default (T = 1, top-p 0.7; the engine also under its structure mask) instead of
+replaying or taking the argmax: the sampling cost a user pays.
 
-    python examples/engine_step_split.py [--requests 16 64] [--repeats 6]
+    python examples/engine_step_split.py [--requests 16 64] [--repeats 6] [--sample]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, nargs="+", default=[16, 64], help="rows decoded together")
     ap.add_argument("--repeats", type=int, default=6, help="interleaved runs, the fastest kept")
+    ap.add_argument("--sample", action="store_true", help="sample (T = 1, top-p 0.7) in both, not replay / argmax")
     args = ap.parse_args()
     torch.set_num_threads(2)
     model, tok = random_model("tiny"), word_tokenizer(512)
@@ -38,20 +41,24 @@ def main() -> None:
     print("| rows | engine: model ms / step | engine: rest | generate: model | generate: rest |")
     print("|---|---|---|---|---|")
     for n in args.requests:
-        cells = [f"{x * 1e3:.2f}" for x in split(model, tok, n, args.repeats, inside)]
+        cells = [f"{x * 1e3:.2f}" for x in split(model, tok, n, args.repeats, inside, args.sample)]
         print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
 
 
-def split(model, tok, n: int, repeats: int, inside: list[float]) -> list[float]:
+def split(model, tok, n: int, repeats: int, inside: list[float], sample: bool = False) -> list[float]:
     """Seconds per step of n rows: [engine model, engine rest, generate model, generate rest]."""
     work = workload(tok, n, plans=4, step_tokens=32, blocks=1, prompt_tokens=32)
     steps = max(len(c) for _, c in work)  # tokens per request: one forward each in both
     llm = LLM(model, tok, max_num_seqs=max(256, n))
-    sp = SamplingParams(mode="sequential", max_tokens=10**6, enforce_structure=False, repetition_limit=10**6)
-    hf = hf_timer(model, [p for p, _ in work])
+    if sample:  # every request runs to `steps` tokens: no stop ids, no repetition stop
+        sp = SamplingParams(mode="sequential", temperature=1.0, top_p=0.7, max_tokens=steps, stop_token_ids=[],
+                            repetition_limit=10**6, seed=0)  # fmt: skip
+    else:
+        sp = SamplingParams(mode="sequential", max_tokens=10**6, enforce_structure=False, repetition_limit=10**6)
+    hf = hf_timer(model, [p for p, _ in work], sample=sample)
 
     def engine():
-        llm.generate([p for p, _ in work], sp, replay=[[c] for _, c in work])
+        llm.generate([p for p, _ in work], sp, replay=None if sample else [[c] for _, c in work])
 
     best = {"engine": (float("inf"), 0.0), "hf": (float("inf"), 0.0)}
     for _ in range(repeats):

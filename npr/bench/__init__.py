@@ -320,20 +320,22 @@ def hf_schedule_timer(model, prompts: list[list[int]], runs: list[list[int]], pl
     return timed
 
 
-def hf_timer(model, prompts: list[list[int]]):
-    """A timer of Hugging Face `generate` on `prompts` (left-padded, greedy): `timed(n)` is the
-    seconds to write exactly n new tokens per prompt. Warmed up once."""
+def hf_timer(model, prompts: list[list[int]], sample: bool = False):
+    """A timer of Hugging Face `generate` on `prompts` (left-padded; greedy, or with `sample` the
+    evaluation default: T = 1, top-p 0.7): `timed(n)` is the seconds to write exactly n new tokens
+    per prompt. Warmed up once."""
     dev = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=dev)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=dev)
-    model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    how = dict(do_sample=True, temperature=1.0, top_p=0.7, top_k=0) if sample else dict(do_sample=False)
+    model.generate(ids, attention_mask=mask, max_new_tokens=4, pad_token_id=0, **how)
 
     def timed(n: int) -> float:
         _sync(dev)
         t0 = time.perf_counter()
-        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                       pad_token_id=0, eos_token_id=None)  # fmt: skip
+        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, pad_token_id=0,
+                       eos_token_id=None, **how)  # fmt: skip
         _sync(dev)
         return time.perf_counter() - t0
 
