@@ -111,3 +111,28 @@ def test_any_pool_size_gives_the_large_pool_tokens(engines, num_pages, page_size
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
     small.pool.check()
     assert small.pool.free_pages == small.pool.num_pages and not small.pool.live
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 9), st.integers(1, 9)), min_size=1, max_size=6), st.integers(1, 4))
+def test_reserve_all_is_reserve_of_each_or_nothing(work, page_size):
+    """The engine's per-step reservation: the same pages as one `reserve` per segment in order when
+    they all fit; when they do not, False and no segment or free page touched."""
+    pools = [KVPool(1, 1, 2, num_pages=8, page_size=page_size) for _ in range(2)]
+    segs = [[Segment() for _ in work] for _ in pools]
+    for pool, ss in zip(pools, segs):
+        for s, (filled, _) in zip(ss, work):
+            pool.acquire([s])
+            if filled <= len(pool.free) * page_size:
+                pool.reserve(s, filled)
+    before = [(list(s.pages), s.length) for s in segs[0]], list(pools[0].free)
+    need = sum(pools[1].pages_needed(s, n) for s, (_, n) in zip(segs[1], work))
+    fits = pools[0].reserve_all([(s, n) for s, (_, n) in zip(segs[0], work)])
+    assert fits == (need <= len(pools[1].free))
+    if not fits:
+        assert ([(s.pages, s.length) for s in segs[0]], pools[0].free) == before
+        return
+    for s, (_, n) in zip(segs[1], work):
+        pools[1].reserve(s, n)
+    assert [(s.pages, s.length) for s in segs[0]] == [(s.pages, s.length) for s in segs[1]]
+    assert pools[0].free == pools[1].free

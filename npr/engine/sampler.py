@@ -133,7 +133,9 @@ def int64_blocks(device, *blocks: list[list[int]]) -> list[torch.Tensor]:
             flat.extend(row)
         shapes.append((len(block), len(block[0]) if block else 0))
     whole = torch.frombuffer(flat, dtype=torch.int64) if flat else torch.zeros(0, dtype=torch.int64)
-    whole = whole.to(device, non_blocking=True)  # the array outlives the copy: the tensor keeps it
+    # on a CPU the tensor is the array's memory (and keeps it alive); a copy to a GPU from pageable
+    # memory is staged before the call returns, so the array may go after it
+    whole = whole.to(device, non_blocking=True)
     out, at = [], 0
     for rows, n in shapes:
         out.append(whole[at : at + rows * n].view(rows, n))
