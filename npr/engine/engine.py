@@ -216,12 +216,12 @@ class LLM:
         last, sampled, at = [], [], 0
         for b, n in work:  # a branch samples once all its pending tokens are computed
             at += n
-            if not b.done and n == len(b.run.tokens) - b.run.computed:
+            if not b.done and n == b.pending:
                 last.append(at - 1)
                 sampled.append(b)
         logits = self.runner.forward(work, sched.to_copy(), last)
         toks, lps = [], []
-        targets = [sched.replay_target(b) if b.req.replay is not None else None for b in sampled]
+        targets = [sched.replay_target(b) for b in sampled]
         if sampled:
             toks, lps = self.runner.sample(
                 logits, [b.row for b in sampled], self._sampling_batch(sampled, targets), self._mask_stack

@@ -106,27 +106,26 @@ class KVPool:
     def reserve(self, seg: Segment, n: int) -> None:
         """`append` without building the slot list (the engine's per-step path)."""
         need = self.pages_needed(seg, n)
-        if need:  # most calls (a decode token with room on its last page) allocate nothing
-            if need > len(self.free):
-                raise PoolFull(f"need {need} pages, {len(self.free)} free")
-            for _ in range(need):
-                seg.pages.append(self.free.pop())
-            self.live.add(id(seg))
-        seg.length += n
+        if need > len(self.free):
+            raise PoolFull(f"need {need} pages, {len(self.free)} free")
+        self._grow(seg, n, need)
 
     def reserve_all(self, work: list[tuple[Segment, int]]) -> bool:
         """`reserve` n tokens in each segment, all or nothing: False, with nothing reserved, when the
         free pages are too few. Each need is computed once (the engine's per-step path)."""
-        ps = self.page_size
-        needs = [max(0, -(-(n + seg.length - len(seg.pages) * ps) // ps)) for seg, n in work]
+        needs = [self.pages_needed(seg, n) for seg, n in work]
         if sum(needs) > len(self.free):
             return False
         for (seg, n), need in zip(work, needs):
-            if need:
-                seg.pages += [self.free.pop() for _ in range(need)]
-                self.live.add(id(seg))
-            seg.length += n
+            self._grow(seg, n, need)
         return True
+
+    def _grow(self, seg: Segment, n: int, need: int) -> None:
+        """Give `seg` `need` free pages (there are that many) and count `n` more tokens in it."""
+        if need:  # most calls (a decode token with room on its last page) allocate nothing
+            seg.pages += [self.free.pop() for _ in range(need)]
+            self.live.add(id(seg))
+        seg.length += n
 
     def acquire(self, segs: list[Segment]) -> None:
         for s in segs:

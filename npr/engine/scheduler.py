@@ -197,11 +197,7 @@ class Scheduler:
             return self.finish(req, "length")
         if b.path >= p.path_budget:
             return self.finish(req, "path_length")
-        run.add(tok, run.positions[-1] + 1, logprob, False)  # `_write`, inlined: every token passes here
-        req.total += 1
-        b.path += 1
-        if b.path > req.max_path:
-            req.max_path = b.path
+        self._write(b, tok, logprob)
         tag = self.tag_of.get(tok)
         if tag is None:
             if tok in req.stops:
