@@ -486,7 +486,6 @@ def test_sibling_steps_share_their_prefix_gather(tok, biased, monkeypatch):
 
     prompts = [" ".join(["Let us try small cases first"] * 4)] * 3 + PROMPTS
     sp = [SamplingParams(max_tokens=120, seed=s) for s in range(len(prompts))]
-    monkeypatch.setattr(runner, "SHARED_PREFIX", 0)  # these prefixes are short: group them all the same
     calls = []
     shared_bucket = runner.ModelRunner._shared_bucket
     monkeypatch.setattr(

@@ -29,20 +29,6 @@ def test_samples_follow_the_softmax_and_logprobs_are_untempered():
     assert flat.max() < freq.max()  # a higher temperature flattens the choice
 
 
-def test_logprobs_are_the_trainers_formula_bit_for_bit():
-    """The engine's log-prob of a token is the trainer's (`modeling.token_logprobs`: log-softmax,
-    then gather) to the last bit, so a rollout's old log-probs and the trainer's first ratio agree."""
-    from npr.modeling import token_logprobs
-
-    torch.manual_seed(3)
-    logits = torch.randn(64, 997) * 6
-    for b in (batch(64), batch(64, forced=5), batch(64, top_p=0.7)):
-        toks, lps = sample(logits, b)
-        ids = torch.tensor(toks)[:, None]
-        trainer = token_logprobs(torch.stack([logits, logits], 1), torch.cat([ids, ids], 1))[:, 0]
-        assert torch.equal(torch.tensor(lps, dtype=torch.float32), trainer)
-
-
 def test_top_k_top_p_greedy_forced_and_masks():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).expand(3000, -1)
     assert set(sample(logits, batch(3000, top_k=2))[0]) == {0, 1}

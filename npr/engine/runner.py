@@ -336,16 +336,11 @@ def _sibling_visibility(ps: int, fill, sees):
     return visible
 
 
-SHARED_PREFIX = 96  # sdpa: shortest prefix whose shared gather saves more than its mask costs to build
-
-
 def _share(prefix: int, members: list[int], lengths: list[int]) -> bool:
-    """Whether a block's decoding steps attend as one group (sdpa): at least two of them, a prefix
-    of at least `SHARED_PREFIX` tokens (below it the k gathers cost less than the group's mask
-    takes to build), and their own tokens no longer than the prefix (each query also scores its
-    siblings' tokens, masked, so past that point the shared gather saves less than the extra
-    scores cost)."""
-    return len(members) > 1 and prefix >= SHARED_PREFIX and sum(lengths[g] - prefix for g in members) <= prefix
+    """Whether a block's decoding steps attend as one group: at least two of them, and their own
+    tokens no longer than the prefix (each query also scores its siblings' tokens, masked, so
+    past that point the shared gather saves less than the extra scores cost)."""
+    return len(members) > 1 and sum(lengths[g] - prefix for g in members) <= prefix
 
 
 def _additive(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
