@@ -1,4 +1,4 @@
-"""The KV pool under random fork / join / finish / preempt sequences (hypothesis)."""
+"""The KV pool and the scheduler under random fork / join / finish / preempt / abort sequences (hypothesis)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,50 @@ def test_any_pool_size_gives_the_large_pool_tokens(engines, num_pages, page_size
         assert a.token_ids == b.token_ids and a.finish_reason == b.finish_reason
     small.pool.check()
     assert small.pool.free_pages == small.pool.num_pages and not small.pool.live
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    st.integers(2, 16), st.integers(0, 48), st.integers(8, 80), st.sampled_from([1, 2, 4, 8]),
+    st.lists(st.integers(0, 30), min_size=2, max_size=6), st.integers(0, 40), st.integers(0, 10**6),
+)  # fmt: skip
+def test_any_schedule_gives_the_large_pool_tokens(
+    engines, seqs, extra_tokens, num_pages, page_size, arrivals, kill, seed
+):
+    """Requests arriving at random steps into an engine with random limits (live branches, tokens
+    per step, pages: forks preempt, prompts prefill in chunks) while one is aborted decode what
+    the large pool decodes for the others, to the token and finish reason, and leave every page
+    and context row free. A request's tokens depend on its seed only, not on when it came in or
+    what shared its steps."""
+    tok, big, model = engines
+    prompts = ["the plan is", "x + y = z so", "Let us try small cases first " * 3, "1: 2: 3:"]
+    n = len(arrivals)
+    sp = [SamplingParams(max_tokens=60 + 20 * i, max_path_tokens=50 if i % 3 == 2 else None, seed=seed + i,
+                         mode="sequential" if i % 4 == 3 else "parallel") for i in range(n)]  # fmt: skip
+    ref = big.generate([prompts[i % 4] for i in range(n)], sp)
+    small = LLM(model, tok, num_pages=num_pages, page_size=page_size, max_num_seqs=seqs,
+                max_batch_tokens=seqs + extra_tokens)  # fmt: skip
+    ids, victim, step = [None] * n, seed % n, 0
+    while None in ids or small.has_work():
+        for i, at in enumerate(arrivals):
+            if ids[i] is None and at <= step:
+                ids[i] = small.add_request(prompts[i % 4], sp[i])
+        if step == kill and ids[victim] is not None and small.abort(ids[victim]):
+            ids[victim] = -1
+        small.step()
+        step += 1
+    for i, rid in enumerate(ids):
+        if rid == -1:
+            continue
+        got = small.completion(rid)
+        if got.finish_reason == "aborted":  # the pool or max_num_seqs cannot hold it alone: said so
+            assert "KV pool" in got.error or "max_num_seqs" in got.error
+            continue
+        assert (got.token_ids, got.finish_reason) == (ref[i].token_ids, ref[i].finish_reason)
+        assert got.logprobs == pytest.approx(ref[i].logprobs, abs=1e-4)
+    small.pool.check()
+    assert small.pool.free_pages == small.pool.num_pages and not small.pool.live
+    assert len(small.table.free) == small.table.rows
 
 
 @settings(max_examples=100, deadline=None)
