@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # The GPU figures of issue 14, one part per call so each fits a short lease:
 #   bash examples/gpu_figures.sh OUT_DIR [part ...]
-# parts: parity sweep-0.6b sweep-4b decode pages train (default: all, in that order).
+# parts: parity stress sweep-0.6b sweep-4b decode pages train (default: all, in that order).
 # Each part writes OUT_DIR/<part>.json (the figures) and OUT_DIR/<part>.log (what it printed).
 set -euo pipefail
 out=${1:?usage: gpu_figures.sh OUT_DIR [part ...]}
 shift
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(parity sweep-0.6b sweep-4b decode pages train)
+[ ${#parts[@]} -eq 0 ] && parts=(parity stress sweep-0.6b sweep-4b decode pages train)
 npr=${NPR:-python3 -m npr}  # from the repository root, as the GPU machine runs it
 mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,clocks.max.memory --format=csv >"$out/gpu.txt" 2>&1 || true
@@ -27,6 +27,11 @@ for part in "${parts[@]}"; do
         parity)
             run parity-flex $npr bench engine --config qwen3-0.6b-shape --attention flex --requests 8 --json
             run parity-sdpa $npr bench engine --config qwen3-0.6b-shape --attention sdpa --requests 8 --json ;;
+        # the compiled flex kernel under random schedules, arrivals and aborts against the sdpa
+        # reference (fp32: bf16 kernels may round a near-tie apart); prints a summary, exits 1 on a failure
+        stress)
+            echo "== stress" | tee -a "$out/stress.log"
+            python3 examples/engine_stress.py --minutes 4 --attention flex 2>&1 | tail -n 40 | tee -a "$out/stress.log" ;;
         sweep-0.6b) run sweep-0.6b $npr bench engine --config qwen3-0.6b-shape --sweep --repeats 3 --json ;;
         sweep-4b) run sweep-4b $npr bench engine --config qwen3-4b-shape --sweep --repeats 2 --json ;;
         decode)
@@ -40,6 +45,6 @@ for part in "${parts[@]}"; do
             done ;;
         train)
             run train-4b $npr bench train --config qwen3-4b-shape --length 8192 --length 16384 --length 32768 --json ;;
-        *) echo "unknown part: $part (parity, sweep-0.6b, sweep-4b, decode, pages, train)" >&2; exit 2 ;;
+        *) echo "unknown part: $part (parity, stress, sweep-0.6b, sweep-4b, decode, pages, train)" >&2; exit 2 ;;
     esac
 done

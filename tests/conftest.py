@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from npr.bench import bias_tags  # noqa: F401 (the tests import it from here)
 from npr.tokens import add_npr_tokens
 
 CORPUS = [
@@ -62,19 +63,3 @@ def tokenizer():
     tok = make_tokenizer()
     add_npr_tokens(tok)
     return tok
-
-
-def bias_tags(model, tokenizer, bias: float | dict = 4.0):
-    """Give the output head a bias towards tag tokens, so a random model writes blocks often."""
-    from npr.tags import TAGS, tag_ids
-
-    ids = tag_ids(tokenizer)
-    head = model.get_output_embeddings()
-    new = torch.nn.Linear(head.in_features, head.out_features, bias=True)
-    with torch.no_grad():
-        new.weight.copy_(head.weight)
-        new.bias.zero_()
-        for t in TAGS:
-            new.bias[ids[t]] = bias[t] if isinstance(bias, dict) else bias
-    model.set_output_embeddings(new)
-    return model

@@ -299,26 +299,37 @@ def test_forks_count_against_max_num_seqs(tok, biased):
 def test_decoding_branches_are_left_out_only_for_flushed_rows(tok, biased):
     """At the tightest legal budget (max_batch_tokens = max_num_seqs) a decoding branch misses a step
     only when that step also computes the last token of branches that just ended (a fork's parent,
-    a finished step), one branch per such row; a budget below max_num_seqs, which would leave the
-    same branches out step after step, is a clear error."""
-    llm = LLM(biased, tok, num_pages=1024, page_size=4, max_num_seqs=4, max_batch_tokens=4)
+    a finished step), and then with all its request's decoding branches, so siblings stay in step;
+    a budget below max_num_seqs, which would leave the same branches out step after step, is a
+    clear error."""
+    for seqs in (4, 5):  # at 5 the old cut split a block's siblings within 321 steps
+        steps = _left_out(LLM(biased, tok, num_pages=1024, page_size=4, max_num_seqs=seqs, max_batch_tokens=seqs))
+        assert all(flushed > 0 for left_out, flushed, _ in steps if left_out)
+        assert not any(split for *_, split in steps)
+        assert sum(left_out == 0 for left_out, *_ in steps) > 0.9 * len(steps)
+    with pytest.raises(ValueError, match=r"max_batch_tokens \(3\) must be at least max_num_seqs \(4\)"):
+        LLM(biased, tok, num_pages=64, max_num_seqs=4, max_batch_tokens=3)
+
+
+def _left_out(llm: LLM) -> list[tuple[int, int, bool]]:
+    """Per step of eight requests with forks: (decoding branches left out, flushed rows computed,
+    whether part of a request's decoding branches was left out)."""
     sched, steps = llm.scheduler, []
     schedule = sched.schedule
 
     def checked():
         branches = [b for r in sched.running for b in r.branches]
-        decoding = {id(b) for b in branches if not b.done and b.pending == 1}
+        decoding = {b for b in branches if not b.done and b.pending == 1}
         work = schedule()
-        steps.append((len(decoding - {id(b) for b, _ in work}), sum(b.done for b, _ in work)))
+        out = decoding - {b for b, _ in work}
+        split = any(b.req is c.req for b in out for c in decoding - out)  # part of a request left out
+        steps.append((len(out), sum(b.done for b, _ in work), split))
         return work
 
     sched.schedule = checked
     out = llm.generate(PROMPTS * 2, [SamplingParams(max_tokens=120, seed=s, max_plans=3) for s in range(8)])
     assert max(b["plans"] for o in out for b in o.blocks) == 3  # forks and joins really happen
-    assert all(left_out <= flushed for left_out, flushed in steps)
-    assert sum(left_out == 0 for left_out, _ in steps) > 0.9 * len(steps)
-    with pytest.raises(ValueError, match=r"max_batch_tokens \(3\) must be at least max_num_seqs \(4\)"):
-        LLM(biased, tok, num_pages=64, max_num_seqs=4, max_batch_tokens=3)
+    return steps
 
 
 def test_long_prompts_prefill_in_chunks(tok, biased):

@@ -72,6 +72,25 @@ def random_model(shape: str, dtype=torch.float32, device="cpu", seed: int = 0):
     return model.eval()
 
 
+def bias_tags(model, tokenizer, bias: float | dict = 4.0):
+    """Give a random model's output head a bias towards the tag tokens (one value, or one per tag),
+    so it writes blocks often: what engine tests and stress runs need of a model that knows no
+    schema. The tied head is replaced by an untied copy with a bias."""
+    from npr.tags import tag_ids
+
+    ids = tag_ids(tokenizer)
+    head = model.get_output_embeddings()
+    new = torch.nn.Linear(head.in_features, head.out_features, bias=True, dtype=head.weight.dtype,
+                          device=head.weight.device)  # fmt: skip
+    with torch.no_grad():
+        new.weight.copy_(head.weight)
+        new.bias.zero_()
+        for t in TAGS:
+            new.bias[ids[t]] = bias[t] if isinstance(bias, dict) else bias
+    model.set_output_embeddings(new)
+    return model
+
+
 def filler_ids(tok) -> list[int]:
     """Ids of the word tokenizer's filler words ("w0", "w1", ...), the text of every workload."""
     return [i for w, i in tok.get_vocab().items() if w.startswith("w")] or list(range(100, 200))

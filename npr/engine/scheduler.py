@@ -97,24 +97,39 @@ class Scheduler:
 
         Branches whose last token is sampled (forks' parents, ended steps) always go first and
         whole: the rows of the branches forked or joined from them are copied right after.
-        Then decoding branches, then prompt chunks, within `max_batch_tokens`.
+        Then decoding requests, then prompt chunks and forced tokens, within `max_batch_tokens`.
+        A request's branches go together: all of them sample in a step or none does, so sibling
+        steps stay token for token in step, and the shared budgets end a block where they would
+        in any other batch (a request's tokens never depend on what else the engine runs). A
+        decoding request that does not fit waits one step whole; a request with too many forced
+        tokens for the step computes all but each branch's last, so none samples before the others.
         """
         while True:
             flushed, decode, chunks = [], [], []
             for r in self.running:
+                rows = []
                 for b in r.branches:
                     n = len(b.run.tokens) - b.run.computed
                     if n:
-                        (flushed if b.done else decode if n == 1 else chunks).append((b, n))
+                        (flushed if b.done else rows).append((b, n))
+                if rows:
+                    (decode if all(n == 1 for _, n in rows) else chunks).append(rows)
             budget = self.max_batch_tokens - len(flushed)
-            work = flushed + decode[: max(budget, 0)]
-            budget -= len(decode)
-            for b, n in sorted(chunks, key=lambda w: w[1]):  # shortest first, as decode rows are
-                n = min(n, budget)
-                if n <= 0:
+            work = flushed
+            for rows in decode:
+                if len(rows) <= budget:
+                    work += rows
+                    budget -= len(rows)
+            for rows in sorted(chunks, key=lambda rows: min(n for _, n in rows)):  # shortest first
+                if budget <= 0:
                     break
-                work.append((b, n))
-                budget -= n
+                if len(rows) == 1 or sum(n for _, n in rows) <= budget:  # a lone branch may take part of its chunk
+                    rows = [(b, min(n, budget)) for b, n in rows]
+                else:
+                    rows = [(b, min(n - 1, budget // len(rows))) for b, n in rows]
+                rows = [(b, n) for b, n in rows if n > 0]
+                work += rows
+                budget -= sum(n for _, n in rows)
             if self.pool.reserve_all([(b.run.seg, n) for b, n in work]):
                 return work
             if not self._preempt(keep=None):
