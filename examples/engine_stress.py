@@ -22,7 +22,7 @@ from collections import Counter
 
 import torch
 
-from npr.bench import bias_tags, random_model, resolve_dtype, word_tokenizer
+from npr.bench import bias_tags, random_model, resolve_dtype, staggered, word_tokenizer
 from npr.engine import LLM, SamplingParams
 from npr.tags import TAGS
 
@@ -65,16 +65,7 @@ def drive(llm: LLM, prompts, params, rs: random.Random) -> list:
     """Requests in at random steps, at most one aborted; their completions (None if aborted)."""
     arrive = [rs.randrange(40) for _ in prompts]
     victim, kill = rs.randrange(len(prompts)), rs.randrange(60) if rs.random() < 0.5 else -1
-    ids, step = [None] * len(prompts), 0
-    while None in ids or llm.has_work():
-        for i, at in enumerate(arrive):
-            if ids[i] is None and at <= step:
-                ids[i] = llm.add_request(prompts[i], params[i])
-        if step == kill and ids[victim] is not None and llm.abort(ids[victim]):
-            ids[victim] = -1
-        llm.step()
-        step += 1
-    return [None if rid == -1 else llm.completion(rid) for rid in ids]
+    return staggered(llm, prompts, params, arrive, victim, kill)
 
 
 def check(ref, got, llm: LLM, atol: float, seen: dict) -> None:

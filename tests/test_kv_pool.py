@@ -7,6 +7,7 @@ from conftest import bias_tags, make_model, make_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from npr.bench import staggered
 from npr.engine import LLM, SamplingParams
 from npr.engine.kv_pool import KVPool, PoolFull, Segment
 from npr.tokens import add_npr_tokens
@@ -134,19 +135,9 @@ def test_any_schedule_gives_the_large_pool_tokens(
     ref = big.generate([prompts[i % 4] for i in range(n)], sp)
     small = LLM(model, tok, num_pages=num_pages, page_size=page_size, max_num_seqs=seqs,
                 max_batch_tokens=seqs + extra_tokens)  # fmt: skip
-    ids, victim, step = [None] * n, seed % n, 0
-    while None in ids or small.has_work():
-        for i, at in enumerate(arrivals):
-            if ids[i] is None and at <= step:
-                ids[i] = small.add_request(prompts[i % 4], sp[i])
-        if step == kill and ids[victim] is not None and small.abort(ids[victim]):
-            ids[victim] = -1
-        small.step()
-        step += 1
-    for i, rid in enumerate(ids):
-        if rid == -1:
+    for i, got in enumerate(staggered(small, [prompts[i % 4] for i in range(n)], sp, arrivals, seed % n, kill)):
+        if got is None:  # the one aborted
             continue
-        got = small.completion(rid)
         if got.finish_reason == "aborted":  # the pool or max_num_seqs cannot hold it alone: said so
             assert "KV pool" in got.error or "max_num_seqs" in got.error
             continue

@@ -91,6 +91,22 @@ def bias_tags(model, tokenizer, bias: float | dict = 4.0):
     return model
 
 
+def staggered(llm, prompts: list, params: list, arrive: list[int], victim: int = -1, kill: int = -1) -> list:
+    """Drive `llm` step by step, request i coming in at step `arrive[i]` and request `victim`
+    aborted at step `kill` (if it is in by then and still running); the completions, None for
+    the aborted one. What engine tests and stress runs need to vary when requests come and go."""
+    ids, step = [None] * len(prompts), 0
+    while None in ids or llm.has_work():
+        for i, at in enumerate(arrive):
+            if ids[i] is None and at <= step:
+                ids[i] = llm.add_request(prompts[i], params[i])
+        if step == kill and ids[victim] is not None and llm.abort(ids[victim]):
+            ids[victim] = -1
+        llm.step()
+        step += 1
+    return [None if rid == -1 else llm.completion(rid) for rid in ids]
+
+
 def filler_ids(tok) -> list[int]:
     """Ids of the word tokenizer's filler words ("w0", "w1", ...), the text of every workload."""
     return [i for w, i in tok.get_vocab().items() if w.startswith("w")] or list(range(100, 200))
