@@ -105,31 +105,30 @@ class Scheduler:
         tokens for the step computes all but each branch's last, so none samples before the others.
         """
         while True:
-            flushed, decode, chunks = [], [], []
+            flushed, decode, chunks = [], [], []  # decode, chunks: (a request's rows, their tokens)
             for r in self.running:
-                rows = []
+                rows, total = [], 0
                 for b in r.branches:
                     n = len(b.run.tokens) - b.run.computed
                     if n:
-                        (flushed if b.done else rows).append((b, n))
+                        if b.done:
+                            flushed.append((b, n))
+                        else:
+                            rows.append((b, n))
+                            total += n
                 if rows:
-                    (decode if all(n == 1 for _, n in rows) else chunks).append(rows)
-            budget = self.max_batch_tokens - len(flushed)
-            work = flushed
-            for rows in decode:
-                if len(rows) <= budget:
-                    work += rows
-                    budget -= len(rows)
-            for rows in sorted(chunks, key=lambda rows: min(n for _, n in rows)):  # shortest first
-                if budget <= 0:
-                    break
-                if len(rows) == 1 or sum(n for _, n in rows) <= budget:  # a lone branch may take part of its chunk
-                    rows = [(b, min(n, budget)) for b, n in rows]
-                else:
-                    rows = [(b, min(n - 1, budget // len(rows))) for b, n in rows]
-                rows = [(b, n) for b, n in rows if n > 0]
+                    (decode if total == len(rows) else chunks).append((rows, total))
+            budget, work = self.max_batch_tokens - len(flushed), flushed
+            for rows, total in decode + sorted(chunks, key=lambda c: min(n for _, n in c[0])):  # shortest first
+                if total > budget:  # it does not fit whole
+                    if len(rows) == 1:  # a lone branch (a prompt) takes part of its chunk
+                        rows = [(rows[0][0], budget)] if budget > 0 else []
+                    else:  # all but each branch's last token, so none samples before the others
+                        share = budget // len(rows)  # (a decoding request gets none: it waits whole)
+                        rows = [(b, min(n - 1, share)) for b, n in rows if min(n - 1, share) > 0]
+                    total = sum(n for _, n in rows)
                 work += rows
-                budget -= sum(n for _, n in rows)
+                budget -= total
             if self.pool.reserve_all([(b.run.seg, n) for b, n in work]):
                 return work
             if not self._preempt(keep=None):
