@@ -390,15 +390,19 @@ def test_context_rows_always_list_the_branch_context(tok, biased):
     assert forks
 
 
-def block_sparse_flex(q, k, v, block_mask, scale, enable_gqa, seen: list):
+def block_sparse_flex(q, k, v, block_mask, scale, enable_gqa, seen: list, kernel_options=None):
     """FlexAttention as the fused GPU kernel computes it: a listed block is masked by mask_mod, a
     listed full block is read whole without mask_mod, an unlisted block is hidden (eager
     FlexAttention ignores the lists and evaluates mask_mod over the whole key sequence). Checks
-    that both views agree, then attends; `seen` collects (partial, full) blocks per call."""
+    that both views agree, and that the key tile divides a block, as inductor's kernel requires
+    (its default tile for 16-bit heads up to 128 wide is 64 keys on A100/H100), then attends;
+    `seen` collects (partial, full) blocks per call."""
     from torch.nn.attention.flex_attention import create_mask
 
     (g, heads, n, _), slots = q.shape, k.shape[2]
     qs, ks = block_mask.BLOCK_SIZE
+    tile = (kernel_options or {}).get("BLOCK_N", 64)
+    assert ks % tile == 0, f"a {ks}-key block is not a multiple of the kernel's {tile}-key tile"
     kind = torch.zeros(g, n, slots, dtype=torch.int8)  # 0 unlisted, 1 partial, 2 full
     counts, lists = [], block_mask.as_tuple()
     for code, (num, idx) in ((1, lists[2:4]), (2, lists[4:6])):
@@ -416,6 +420,16 @@ def block_sparse_flex(q, k, v, block_mask, scale, enable_gqa, seen: list):
         k, v = (x.repeat_interleave(heads // x.shape[1], 1) for x in (k, v))
     scores = (q @ k.transpose(-1, -2) * scale).masked_fill(~visible[:, None], -torch.inf)
     return scores.softmax(-1) @ v
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_flex_key_tile_divides_every_page_size(head_dim, dtype):
+    from npr.engine.attention import flex_tile
+
+    for page in (16, 32, 64, 128, 256):
+        tile = flex_tile(page, head_dim, dtype)["BLOCK_N"]
+        assert page % tile == 0 and tile >= 16  # Triton's dot needs 16 keys at least
 
 
 def test_flex_kernel_reads_the_pool_like_sdpa(tok, biased, monkeypatch):

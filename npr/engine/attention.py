@@ -89,7 +89,7 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     pool.v[layer].index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1).to(pool.v.dtype))
     q_all = query[0].transpose(0, 1)  # [T, H, D]
     if batch.buckets and batch.buckets[0].block_mask is not None:
-        return flex_buckets(q_all, pool.k[layer], pool.v[layer], batch.buckets, scaling)[None], None
+        return flex_buckets(q_all, pool.k[layer], pool.v[layer], batch.buckets, scaling, pool.page_size)[None], None
     return sdpa_buckets(q_all, pool, layer, batch.buckets, scaling)[None], None
 
 
@@ -107,14 +107,29 @@ def flex_kernel():
     return flex_attention
 
 
-def flex_buckets(q_all: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, buckets: list[Bucket], scaling):
+def flex_tile(page_size: int, head_dim: int, dtype: torch.dtype) -> dict:
+    """Kernel options of the paged flex call: the keys the fused kernel loads at a time (BLOCK_N).
+    Inductor's GPU kernel refuses a key/value block (here one page) that is not a multiple of
+    BLOCK_N (a ValueError at the first call: it compiles one default config, not a search), and
+    its default BLOCK_N is 64 or 128 for 16-bit heads up to 128 wide, 32-64 in fp32 and 16-64 past
+    128 (torch 2.13, A100 to B200). A tile of one page, capped below every default of its dtype and
+    head width, divides the page and never asks for more shared memory than the default would."""
+    cap = (64 if dtype.itemsize == 2 else 32) if head_dim <= 128 else 16
+    return {"BLOCK_N": min(page_size, cap)}
+
+
+def flex_buckets(q_all: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, buckets: list[Bucket], scaling,
+                 page_size: int):  # fmt: skip
     """The GPU path: every bucket attends over the whole pool, restricted by its BlockMask."""
     out = None
+    options = flex_tile(page_size, q_all.shape[-1], q_all.dtype)
     k = k_pool.permute(1, 0, 2)[None].to(q_all.dtype)  # [1, Hkv, slots, D], a view when dtypes match
     v = v_pool.permute(1, 0, 2)[None].to(q_all.dtype)
     for bk in buckets:
         q = _bucket_queries(q_all, bk)
-        o = flex_kernel()(q, k, v, block_mask=bk.block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1])
+        o = flex_kernel()(
+            q, k, v, block_mask=bk.block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options
+        )
         out = _place(out, q_all, bk, o)
     return out
 
