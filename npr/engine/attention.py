@@ -127,9 +127,8 @@ def flex_buckets(q_all: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     v = v_pool.permute(1, 0, 2)[None].to(q_all.dtype)
     for bk in buckets:
         q = _bucket_queries(q_all, bk)
-        o = flex_kernel()(
-            q, k, v, block_mask=bk.block_mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1], kernel_options=options
-        )
+        gqa = q.shape[1] != k.shape[1]
+        o = flex_kernel()(q, k, v, block_mask=bk.block_mask, scale=scaling, enable_gqa=gqa, kernel_options=options)
         out = _place(out, q_all, bk, o)
     return out
 
