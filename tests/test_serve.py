@@ -150,16 +150,20 @@ def test_a_cancelled_stream_frees_its_pages(served):
     assert not engine.llm.scheduler.running and not engine.streams
 
 
-def test_a_client_that_gives_up_on_a_whole_answer_frees_its_pages(served):
+@pytest.mark.parametrize("n", [1, 8])
+def test_a_client_that_gives_up_on_a_whole_answer_frees_its_pages(served, n):
+    """Cancelled while it decodes, not when it ends: with n = 1 nothing is preempted, so the
+    engine's queue is never silent by chance (a whole answer must not get per-step deltas)."""
     server, engine = served
     wait_idle(engine)
-    start, cancelled = engine.llm.pool.free_pages, engine.cancelled
-    body = {"model": NAME, "prompt": PROMPTS[2], "max_tokens": 4000, "n": 8, "seed": 4, "temperature": 1.0}
+    start, cancelled, steps = engine.llm.pool.free_pages, engine.cancelled, engine.steps
+    body = {"model": NAME, "prompt": PROMPTS[2], "max_tokens": 4000, "n": n, "seed": 4, "temperature": 1.0}
     with pytest.raises(httpx.TimeoutException):
         httpx.post(server.url + "/v1/completions", json=body, timeout=0.3)
     wait_idle(engine)
     assert engine.cancelled > cancelled
     assert engine.llm.pool.free_pages == start
+    assert engine.steps - steps < 4000  # it never ran to its budget
 
 
 def wait_idle(engine, timeout=60):
@@ -283,3 +287,38 @@ def test_served_text_keeps_tags_registered_as_special_and_drops_end_of_turn():
     tok.add_tokens(list(TAGS), special_tokens=True)  # as some checkpoints made elsewhere have them
     ids = tok.encode("<guideline><plan>1: a</plan></guideline>") + [tok.eos_token_id]
     assert text_decoder(tok)(ids) == "<guideline><plan>1: a</plan></guideline>"
+
+
+def test_what_the_engine_cannot_hold_is_an_error_not_a_stop(served):
+    """A prompt larger than the KV cache is a 400; a request the pool cannot hold alone ends
+    "aborted" in the engine, which a client gets as a 503 (an error event when streaming), never
+    as an answer that stopped; a chat template that refuses the turns is a 400, not a crash."""
+    import copy
+
+    llm = served[1].llm
+    tok = copy.deepcopy(llm.tokenizer)
+    tok.chat_template = (
+        "{% if messages[-1]['role'] != 'user' %}{{ raise_exception('the last turn must be the user') }}{% endif %}"
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    engine = EngineLoop(LLM(llm.model, tok, num_pages=8, page_size=4))  # 32 tokens of KV cache
+    server = Server(create_app(engine, ServeConfig(NAME, max_tokens=200, max_tokens_limit=4096)))
+    url = server.url + "/v1"
+    try:
+        r = httpx.post(url + "/completions", json={"model": NAME, "prompt": [5] * 40}, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+        body = {"model": NAME, "prompt": [5] * 8, "temperature": 0.0, "stop": ["never"]}
+        r = httpx.post(url + "/completions", json=body, timeout=60)
+        assert r.status_code == 503 and "KV pool" in r.json()["error"]["message"], r.text
+        with httpx.stream("POST", url + "/completions", json={**body, "stream": True}, timeout=60) as r:
+            events = [line[5:].strip() for line in r.iter_lines() if line.startswith("data:")]
+        assert events[-1] == "[DONE]" and "KV pool" in json.loads(events[-2])["error"]["message"]
+        assert not any(json.loads(e).get("choices", [{}])[0].get("finish_reason") for e in events[:-1])
+        chat = {"model": NAME, "messages": [{"role": "system", "content": "be brief"}]}
+        r = httpx.post(url + "/chat/completions", json=chat, timeout=60)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+        assert engine.llm.pool.free_pages == engine.llm.pool.num_pages
+    finally:
+        server.stop()
+    with pytest.raises(ValueError, match="max_tokens"):
+        ServeConfig(NAME, max_tokens=0)

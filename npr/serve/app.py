@@ -52,6 +52,11 @@ class ServeConfig:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         get_task(self.task)
         layout_texts(self.layout)
+        if self.max_n < 1 or not 1 <= self.max_tokens <= self.max_tokens_limit:
+            raise ValueError(
+                f"need max_n >= 1 and 1 <= max_tokens <= max_tokens_limit, got max_n={self.max_n}, "
+                f"max_tokens={self.max_tokens}, max_tokens_limit={self.max_tokens_limit}"
+            )
 
 
 class BadRequest(ValueError):
@@ -162,7 +167,12 @@ def chat_prompt(body: dict, tokenizer, cfg: ServeConfig, mode: str) -> list[int]
         last = turns[users[-1]]
         record = {"problem": last["content"], "grader": cfg.task, "instruction": cfg.instruction}
         last["content"] = user_message(record, parallel=mode == "parallel")
-    return chat_ids(tokenizer, turns)
+    from jinja2 import TemplateError
+
+    try:
+        return chat_ids(tokenizer, turns)
+    except TemplateError as e:  # the model's template refuses these turns (no user turn, roles not alternating)
+        raise BadRequest(f"the model's chat template refused these messages: {e}", "messages") from None
 
 
 # ---- responses --------------------------------------------------------------------------------
@@ -261,9 +271,15 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
     async def respond(request, body: dict, prompt: list[int], params: list[SamplingParams], chat: bool):
         if len(prompt) > cfg.max_tokens_limit:
             raise BadRequest(f"the prompt has {len(prompt)} tokens; this server takes at most {cfg.max_tokens_limit}")
+        pool = engine.llm.pool
+        if len(prompt) + 1 > pool.num_pages * pool.page_size:  # the engine would abort it at admission
+            raise BadRequest(
+                f"the prompt has {len(prompt)} tokens; this server's KV cache holds {pool.num_pages * pool.page_size}",
+                "prompt",
+            )
         sink: asyncio.Queue = asyncio.Queue()
         try:
-            ids = await engine.submit(prompt, params, sink)
+            ids = await engine.submit(prompt, params, sink, stream=body.get("stream") is True)
         except ValueError as e:
             raise BadRequest(str(e)) from None
         head = {
@@ -284,6 +300,8 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
                 try:
                     ev = await asyncio.wait_for(sink.get(), timeout=0.5)
                 except asyncio.TimeoutError:
+                    # the queue is silent until a choice is done (no deltas for a whole answer), so
+                    # this runs every half second while it decodes
                     if await request.is_disconnected():  # nobody will read the answer: free its pages now
                         engine.cancel(ids)
                         return JSONResponse(error_body("client disconnected"), status_code=499)
@@ -297,6 +315,9 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
         if failed:
             return JSONResponse(error_body(failed[0], kind="server_error"), status_code=500)
         comps = [done[i].completion for i in range(len(ids))]
+        aborted = [c.error for c in comps if c.finish_reason == "aborted"]
+        if aborted:  # the engine could not hold it (pages, max_num_seqs): no answer, not a normal stop
+            return JSONResponse(error_body(aborted[0] or "aborted", kind="server_error"), status_code=503)
         choices = []
         for i, c in enumerate(comps):
             text = decode(c.token_ids)
@@ -331,8 +352,9 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
                     yield chunk(ev.choice, ev.text, None, {"deltas": ev.deltas})
                     continue
                 ended += 1
-                if ev.completion is None:
-                    yield sse(error_body(ev.error or "engine error", kind="server_error"))
+                if ev.completion is None or ev.completion.finish_reason == "aborted":
+                    error = ev.error if ev.completion is None else ev.completion.error
+                    yield sse(error_body(error or "engine error", kind="server_error"))
                     continue
                 comps[ev.choice] = ev.completion
                 yield chunk(ev.choice, None, finish_reason(ev.completion), npr_extras(ev.completion, decode))

@@ -65,6 +65,7 @@ class _Stream:
     sink: asyncio.Queue
     loop: asyncio.AbstractEventLoop
     canonical: Detokenizer
+    stream: bool = True  # text deltas after each step; a whole answer gets only its `Done`
     frontier: int = 0  # the first run (index in req.runs) not yet wholly in the canonical stream
     before: int = 0  # canonical tokens of the runs before it
     runs: dict[int, Detokenizer] = field(default_factory=dict)  # per run: what its deltas have carried
@@ -95,11 +96,14 @@ class EngineLoop:
         self.inbox.put(("wake",))
         self._thread.join(timeout=30)
 
-    async def submit(self, prompt: list[int], params: list[SamplingParams], sink: asyncio.Queue) -> list[int]:
-        """Add one engine request per params (the choices); events arrive on `sink`. Returns their ids."""
+    async def submit(
+        self, prompt: list[int], params: list[SamplingParams], sink: asyncio.Queue, stream: bool = True
+    ) -> list[int]:
+        """Add one engine request per params (the choices); events arrive on `sink`: text deltas
+        after each step when `stream`, then a `Done` per choice. Returns their ids."""
         loop = asyncio.get_running_loop()
         accepted = loop.create_future()
-        self.inbox.put(("add", prompt, params, sink, loop, accepted))
+        self.inbox.put(("add", prompt, params, sink, loop, accepted, stream))
         return await accepted
 
     def cancel(self, request_ids: list[int]) -> None:
@@ -130,14 +134,14 @@ class EngineLoop:
                 return
             block = False
             if msg[0] == "add":
-                _, prompt, params, sink, loop, accepted = msg
+                _, prompt, params, sink, loop, accepted, stream = msg
                 try:
                     ids = [self.llm.add_request(prompt, p) for p in params]
                 except Exception as e:  # noqa: BLE001 - handed back to the HTTP handler
                     loop.call_soon_threadsafe(_settle, accepted, None, e)
                     continue
                 for choice, rid in enumerate(ids):
-                    self.streams[rid] = _Stream(choice, sink, loop, Detokenizer(self.decode))
+                    self.streams[rid] = _Stream(choice, sink, loop, Detokenizer(self.decode), stream)
                 loop.call_soon_threadsafe(_settle, accepted, ids, None)
             elif msg[0] == "abort":
                 for rid in msg[1]:
@@ -151,9 +155,10 @@ class EngineLoop:
             if req is None:
                 continue  # still waiting for admission
             finished = req.finish_reason is not None
-            delta = Delta(s.choice, _canonical(s, req, finished), _run_deltas(s, req, self.decode))
-            if delta.text or delta.deltas:
-                s.put(delta)
+            if s.stream:
+                delta = Delta(s.choice, _canonical(s, req, finished), _run_deltas(s, req, self.decode))
+                if delta.text or delta.deltas:
+                    s.put(delta)
             if finished:
                 del self.streams[rid]
                 s.put(Done(s.choice, self.llm.completion(rid)))
