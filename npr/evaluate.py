@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from npr import grammar, metrics
-from npr.data import load_benchmark, read_appended, write_records
+from npr.data import atomic_write, load_benchmark, read_appended, write_records
 from npr.tasks import grade, prompt_ids, read_prompt_file, with_instruction
 
 CHUNK = 64  # prompts per engine call: progress is saved between chunks
@@ -125,7 +125,7 @@ def check_provenance(out_dir: Path, now: dict, overwrite: bool) -> None:
         else:
             diff = "; ".join(f"{k}: {before.get(k)!r} there, {now[k]!r} now" for k in now if before.get(k) != now[k])
         raise ValueError(f"{out_dir} holds results of another evaluation ({diff}): use another --out, or --overwrite")
-    path.write_text(json.dumps(now, indent=1))
+    atomic_write(path, json.dumps(now, indent=1))
 
 
 def run_eval(
@@ -189,22 +189,30 @@ def run_eval(
                             rec = sample_record(bench, m, p, j, o)
                         f.write(json.dumps(rec, ensure_ascii=False) + "\n")
                     f.flush()
-                    timing_path.write_text(json.dumps(timing))
+                    atomic_write(timing_path, json.dumps(timing))  # a kill mid-write must not block the resume
                     finished += len(chunk)
                     if progress:
                         progress(finished, todo_total)
-    results = summarize_run(read_appended(path), timing, benches, modes) | {"provenance": prov}
+    plan = {(b, m, p["id"], j) for b, ps in problems.items() for m in modes for p in ps for j in range(n)}
+    results = summarize_run(read_appended(path), timing, benches, modes, plan) | {"provenance": prov}
     write_outputs(out_dir, results)
     return results
 
 
-def summarize_run(samples: list[dict], timing: dict, benches: list[str], modes: list[str]) -> dict:
+def summarize_run(
+    samples: list[dict], timing: dict, benches: list[str], modes: list[str], plan: set | None = None
+) -> dict:
+    """Metrics per benchmark and mode, over the samples of this run's `plan` ((bench, mode, problem
+    id, sample) keys) when given: a rerun with a smaller --n or --limit reads the same file, and
+    its time is counted pro rata (samples of a chunk share its wall time)."""
     results: dict = {"benchmarks": {}}
     for b in benches:
         per = {}
         for m in modes:
-            mine = [s for s in samples if s["bench"] == b and s["mode"] == m]
-            per[m] = metrics.summarize(mine, timing.get(f"{b}/{m}"))
+            every = [s for s in samples if s["bench"] == b and s["mode"] == m]
+            mine = [s for s in every if plan is None or _key(s) in plan]
+            wall = timing.get(f"{b}/{m}")
+            per[m] = metrics.summarize(mine, wall * len(mine) / len(every) if wall and every else wall)
         if "parallel" in per and "sequential" in per and per["parallel"].get("wall_time_s"):
             per["speedup"] = per["sequential"]["wall_time_s"] / per["parallel"]["wall_time_s"]
         results["benchmarks"][b] = per
@@ -212,12 +220,14 @@ def summarize_run(samples: list[dict], timing: dict, benches: list[str], modes: 
 
 
 def write_outputs(out_dir: Path, results: dict) -> None:
-    (out_dir / "results.json").write_text(json.dumps(results, indent=1))
-    (out_dir / "report.md").write_text(report_markdown(results))
+    atomic_write(out_dir / "results.json", json.dumps(results, indent=1))
+    atomic_write(out_dir / "report.md", report_markdown(results))
     plot(out_dir, results)
 
 
 ROWS = [
+    ("samples", "{}"),
+    ("errors", "{}"),  # failed samples, left out of every other row (a rerun retries them)
     ("avg@k", "{:.3f}"),
     ("best@k", "{:.3f}"),
     ("pass@1", "{:.3f}"),

@@ -106,6 +106,12 @@ def test_eval_refuses_to_mix_models_or_settings_in_one_folder(tmp_path):
     before = (out / "samples.jsonl").read_text()
     assert run_eval(llms[0], ["countdown"], out, 2, "sequential", 2, sampling)["benchmarks"] == first["benchmarks"]
     assert (out / "samples.jsonl").read_text() == before  # same model and settings: resumed, nothing redone
+    # a smaller --n and --limit into the same folder: summarised over its own plan, not the file
+    small = run_eval(llms[0], ["countdown"], out, 1, "sequential", 1, sampling)["benchmarks"]["countdown"]["sequential"]
+    whole = first["benchmarks"]["countdown"]["sequential"]
+    assert (small["problems"], small["samples"], small["k"]) == (1, 1, 1)
+    assert small["wall_time_s"] == pytest.approx(whole["wall_time_s"] / 4)  # its share of the chunk's time
+    assert "| samples | 1 |" in (out / "report.md").read_text()
     second = run_eval(llms[1], ["countdown"], out, 2, "sequential", 2, sampling, overwrite=True)
     assert second["provenance"]["weights"] != prov["weights"]
     assert len((out / "samples.jsonl").read_text().splitlines()) == 4  # afresh, not appended
