@@ -264,6 +264,21 @@ def test_micro_batches_respect_the_sequence_and_token_budgets():
         assert len(p) <= 4 and (len(p) == 1 or len(p) * max(lengths[i] for i in p) <= 1000)
 
 
+def test_every_mini_batch_trains_on_every_rank():
+    """The paper setting's split (8 ranks, 16 groups of 16, 4 optimiser steps): each step holds a
+    quarter of every rank's rollouts, each rollout goes to one step; at one rank, whole groups in order."""
+    from npr.train.rl import mini_batch_parts
+
+    groups, n, world, mini = 16, 16, 8, 4
+    owners = [g % world for g in range(groups) for _ in range(n)]  # group g decodes on rank g % world
+    part = mini_batch_parts(owners, mini)
+    for j in range(mini):
+        mine = [i for i, p in enumerate(part) if p == j]
+        assert len(mine) == groups * n // mini and {owners[i] for i in mine} == set(range(world))
+    part = mini_batch_parts([0] * 143, mini)  # one rank: runs in order, sizes within one
+    assert part == sorted(part) and {part.count(j) for j in range(mini)} == {35, 36}
+
+
 def test_mini_batches_recompute_old_logprobs_and_let_the_clip_act(tiny_dir, tmp_path, monkeypatch):
     """One rollout batch, two optimiser steps: the trainer's old log-probs equal the engine's (parity),
     and the second update sees a ratio away from 1, so clip-higher acts; with one step it cannot."""

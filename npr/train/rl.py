@@ -118,6 +118,23 @@ def select_groups(summaries: list[dict], schema_filter: bool, dynamic_sampling: 
     return kept, dropped, filtered
 
 
+def mini_batch_parts(owners: list[int], mini: int) -> list[int]:
+    """The part (optimiser step) of each kept rollout, given the rank holding it: each rank's
+    rollouts, in order, cut into `mini` near-equal runs, so every step trains on every rank's
+    share. (Contiguous groups would give a step the groups of a few ranks while the others ran
+    empty passes: at 8 ranks, 16 groups and 4 steps, half the GPUs idle in every update.) At one
+    rank, part j is the j-th of `mini` near-equal runs of the rollouts in order."""
+    part = [0] * len(owners)
+    by_rank: dict[int, list[int]] = {}
+    for i, r in enumerate(owners):
+        by_rank.setdefault(r, []).append(i)
+    for idx in by_rank.values():
+        for j in range(mini):
+            for k in range(j * len(idx) // mini, (j + 1) * len(idx) // mini):
+                part[idx[k]] = j
+    return part
+
+
 def _sequence_batch(rolls: list[Rollout], pad_id: int, tag_ids: dict):
     """Input ids, topology, response mask (sampled tokens only) and engine log-probs, right-padded."""
     seqs = [(r.out.prompt_ids + r.out.token_ids, r.out.layout) for r in rolls]
@@ -220,7 +237,7 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True, overwrite
                 with policy.full_weights():
                     batch = rollouts(llm, cfg, share, step, rounds, reward_fn)
                 mine |= {(r.group, r.sample): r for r in batch}
-                summaries = sorted(distributed.gather([r.summary(llm.tags) for r in batch]),
+                summaries = sorted(distributed.gather([r.summary(llm.tags) | {"rank": rank} for r in batch]),
                                    key=lambda x: (x["group"], x["sample"]))  # fmt: skip
                 seen += summaries
                 base, rounds = base + len(taken), rounds + 1
@@ -248,14 +265,13 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True, overwrite
                 mini = cfg.algo.mini_batches
                 if mini > 1:
                     recompute_old_logprobs(policy, cfg, list(local.values()), llm.tags, pad)
-                updates = []
-                for j in range(mini):  # the kept groups in `mini` parts, one optimiser step each
-                    part = range(j * len(kept) // mini, (j + 1) * len(kept) // mini)
-                    if not part:
+                updates, part_of = [], mini_batch_parts([x["rank"] for x in flat], mini)
+                for j in range(mini):  # the kept rollouts in `mini` parts, one optimiser step each
+                    if j not in part_of:
                         continue
-                    mine_part = [i for i in local if group_of[i] in part]
+                    mine_part = [i for i in local if part_of[i] == j]
                     rolls = [local[i] for i in mine_part]
-                    total = sum(x["sampled"] for i, x in enumerate(flat) if group_of[i] in part)
+                    total = sum(x["sampled"] for i, x in enumerate(flat) if part_of[i] == j)
                     updates.append(train_step(policy, opt, sched, cfg, rolls, adv[mine_part], llm.tags, pad, total))
                 stats = {k: _mean([u[k] for u in updates]) for k in updates[0]}
             tokens = sum(x["total_tokens"] for x in seen)
