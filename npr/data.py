@@ -34,10 +34,15 @@ def _read_text(path: Path) -> str:
         import gzip
 
         try:
-            return gzip.decompress(path.read_bytes()).decode("utf-8")
+            data = gzip.decompress(path.read_bytes())
         except (OSError, EOFError) as e:
             raise DataError(f"{path}: not a readable gzip file ({e})") from None
-    return path.read_text(encoding="utf-8")
+    else:
+        data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
 
 
 def read_rows(path: str | Path) -> list[dict]:
@@ -119,7 +124,7 @@ def records(
 ) -> list[dict]:
     """Load a file into problem records for `grader`."""
     name = name or Path(path).stem
-    out = []
+    out, seen = [], {}
     for i, row in enumerate(read_rows(path)):
         where = f"{path}: record {i}"
         if not isinstance(row, dict):
@@ -143,22 +148,28 @@ def records(
         else:
             rec["answer"] = _text(av, f"{where}, field {af!r}")
         rec["grader"] = grader
+        if rec["id"] in seen:  # metrics group samples by id, and a resume would skip the second
+            raise DataError(f"{where}: id {rec['id']!r} is also record {seen[rec['id']]}'s; ids must be unique")
+        seen[rec["id"]] = i
         out.append(rec)
     return out
 
 
 def _lettered_options(text: str) -> list[str]:
-    """The last run of lines "A. ...", "B. ...", ... in a question."""
-    found = re.findall(r"^([A-Z])\. (.+)$", text, re.MULTILINE)
-    starts = [i for i, (letter, _) in enumerate(found) if letter == "A"]
+    """The last run of options "A. ...", "B. ...", ... in a question, each with the lines that
+    continue it up to the next option (a synthesis route of numbered steps is one option)."""
+    heads = list(re.finditer(r"^([A-Z])\. ", text, re.MULTILINE))
+    starts = [i for i, m in enumerate(heads) if m.group(1) == "A"]
     if not starts:
         return []
-    run = []
-    for letter, option in found[starts[-1] :]:
-        if ord(letter) - ord("A") != len(run):
+    run: list[re.Match] = []
+    for m in heads[starts[-1] :]:
+        if ord(m.group(1)) - ord("A") != len(run):
             break
-        run.append(option)
-    return run
+        run.append(m)
+    after = starts[-1] + len(run)  # the first head past the run, if any
+    ends = [m.start() for m in run[1:]] + [heads[after].start() if after < len(heads) else len(text)]
+    return [text[m.end() : end].strip() for m, end in zip(run, ends)]
 
 
 @dataclass(frozen=True)
@@ -234,12 +245,23 @@ def read_appended(path: Path) -> list[dict]:
     if not path.exists():
         return []
     out = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().splitlines():  # bytes: a cut may split a character of the last line
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            out.append(json.loads(line.decode("utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError):
             continue
     return out
+
+
+def reopen_appended(path: Path, keep=None) -> list[dict]:
+    """The records of a JSONL file a run appends to, the file rewritten (atomically) without the
+    line a crash cut and the records `keep` rejects, so the run can append to it again (appending
+    after a cut line would glue the next record onto it, and lose it)."""
+    rows = [r for r in read_appended(path) if keep is None or keep(r)]
+    raw = path.read_bytes() if path.exists() else b""
+    if len(rows) != len(raw.splitlines()) or (raw and not raw.endswith(b"\n")):
+        write_records(path, rows)
+    return rows
 
 
 def atomic_write(path: Path, text: str) -> None:

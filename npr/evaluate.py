@@ -15,7 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from npr import grammar, metrics
-from npr.data import atomic_write, load_benchmark, read_appended, write_records
+from npr.data import atomic_write, load_benchmark, read_appended, reopen_appended
+from npr.grading import extract_answer
 from npr.tasks import grade, prompt_ids, read_prompt_file, with_instruction
 
 CHUNK = 64  # prompts per engine call: progress is saved between chunks
@@ -50,7 +51,7 @@ def sample_record(bench: str, mode: str, problem: dict, j: int, out) -> dict:
         rec["wellformed_blocks"] = sum(wellformed)
         forked = out.stats["blocks"] if mode == "parallel" else 0
         rec["forked_wellformed_blocks"] = sum(wellformed[:forked])
-        rec["answer"] = parsed.answer
+        rec["answer"] = extract_answer(out.text)  # what `grade` reads (also inside a takeaway)
         rec["correct"] = grade(problem, out.text)
     except Exception as e:  # recorded, not fatal
         rec["error"] = f"{type(e).__name__}: {e}"
@@ -155,10 +156,7 @@ def run_eval(
     prov = provenance(llm, sampling, parallel_prompt, fields, instruction)
     check_provenance(out_dir, prov, overwrite)
     path = out_dir / "samples.jsonl"
-    kept = [x for x in read_appended(path) if "error" not in x]  # failed samples are retried
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if len(kept) != len(text.splitlines()) or (text and not text.endswith("\n")):
-        write_records(path, kept)  # drop failed samples and lines cut by a crash
+    kept = reopen_appended(path, keep=lambda x: "error" not in x)  # failed samples are retried
     done = {_key(s) for s in kept}
     modes = [mode] + (["sequential"] if compare_sequential and mode != "sequential" else [])
     timing_path = out_dir / "timing.json"

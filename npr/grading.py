@@ -36,8 +36,11 @@ def extract_answer(text: str) -> str | None:
         return boxed.strip()
     hits = _ANSWER_IS.findall(text[-4000:])
     if hits:
-        return hits[-1].strip().strip("$").strip()
+        return _BOLD.sub("", hits[-1].strip()).strip().strip("$").strip()
     return None
+
+
+_BOLD = re.compile(r"^(?:\*\*|__)|(?:\*\*|__)$")  # markdown bold around a stated answer: "is **42**"
 
 
 # ---- math ----------------------------------------------------------------------------------
@@ -70,6 +73,9 @@ class _Worker:
     def _run(self, fn, *args, timeout: float):
         if self.pool is None:
             self.pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"))
+            # the worker's start (an interpreter, the caller's main module, math-verify's imports:
+            # seconds on a busy machine) must not count against the first answer's timeout
+            self.pool.submit(_warm).result()
         future = self.pool.submit(fn, *args)
         try:
             return future.result(timeout=timeout)
@@ -83,6 +89,12 @@ class _Worker:
                 p.kill()
             self.pool.shutdown(wait=False, cancel_futures=True)
             self.pool = None
+
+
+def _warm() -> bool:
+    import math_verify  # noqa: F401
+
+    return True
 
 
 _WORKER = _Worker()
@@ -105,26 +117,40 @@ def math_equal(pred: str | None, gold: str, timeout: float = 10.0) -> bool:
 
 # ---- multiple choice -----------------------------------------------------------------------
 
-_LETTER = re.compile(r"^\(?([A-Z])\)?(?:[.):]|\s|$)")
+# a letter alone ("B", "b", "(B)", "B.") or before text ("(B) text", "B. text", "B) text", "B: text")
+_LETTER = re.compile(r"^(?:\(([A-Za-z])\)|([A-Za-z])(?=[.):]|$))[.):]?(?:\s+(.*))?$", re.S)
+_WRAP = re.compile(r"\\(?:text|textbf|textit|mathrm|mathbf|mbox)\{([^{}]*)\}")
 
 
 def choice_of(answer: str | None, options: list[str]) -> str | None:
-    """The option letter an extracted answer names: a letter ("B", "(B)", "B. text") or an option's text."""
+    """The option letter an extracted answer names, trying in turn: an option's exact text; a
+    letter alone; an option's text in another case, where that names one option (options may
+    differ only in case); a letter before some text. So an answer that starts like a letter
+    ("A = 2, B = 3") names the option with that text, not "A"."""
     if not answer:
         return None
-    a = re.sub(r"\\text\{([^}]*)\}", r"\1", answer).strip()
-    m = _LETTER.match(a)
-    if m and ord(m.group(1)) - ord("A") < max(len(options), 1):
-        return m.group(1)
+    a = answer
+    while _WRAP.search(a):
+        a = _WRAP.sub(r"\1", a)
+    a = a.replace("**", "").replace("__", "").strip().strip("$").strip()
     norm = _norm(a)
-    for i, opt in enumerate(options):
-        if norm and norm == _norm(opt):
-            return chr(ord("A") + i)
-    return None
+    exact = [i for i, opt in enumerate(options) if norm and norm == _norm(opt)]
+    folded = [i for i, opt in enumerate(options) if norm and norm.lower() == _norm(opt).lower()]
+    m = _LETTER.match(a)
+    letter = (m.group(1) or m.group(2)).upper() if m else None
+    if letter and ord(letter) - ord("A") >= max(len(options), 1):
+        letter = None
+    if exact:
+        return chr(ord("A") + exact[0])
+    if letter and not m.group(3):  # a letter alone
+        return letter
+    if len(folded) == 1:
+        return chr(ord("A") + folded[0])
+    return letter  # a letter before some text, or None
 
 
 def _norm(s: str) -> str:
-    return re.sub(r"[\s$.]+", " ", s).strip().lower()
+    return re.sub(r"[\s$.]+", " ", s).strip()
 
 
 def choice_correct(text: str, letter: str, options: list[str]) -> bool:

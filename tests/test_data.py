@@ -102,3 +102,23 @@ def test_missing_named_field_and_unknown_benchmark(tmp_path):
         records(p, answer_field="ans")
     with pytest.raises(DataError, match="unknown benchmark 'nope'"):
         load_benchmark("nope")
+
+
+def test_unreadable_text_duplicate_ids_and_cut_characters(tmp_path):
+    """A file that is not UTF-8 and a file with one id twice are refused naming the file; a line a
+    crash cut inside a character is skipped, not a failed resume."""
+    from npr.data import read_appended, reopen_appended
+
+    bad = tmp_path / "utf16.jsonl"
+    bad.write_bytes('{"problem": "x", "answer": "1"}\n'.encode("utf-16"))
+    with pytest.raises(DataError, match="not UTF-8") as e:
+        records(bad)
+    assert str(bad) in str(e.value)
+    twice = tmp_path / "mine.jsonl"
+    twice.write_text('{"id": 1, "problem": "1+1", "answer": "2"}\n{"id": 1, "problem": "2+2", "answer": "4"}\n')
+    with pytest.raises(DataError, match="record 1: id 'mine-1' is also record 0's"):
+        records(twice)
+    cut = tmp_path / "samples.jsonl"
+    cut.write_bytes(b'{"a": 1}\n' + '{"text": "\u03c0\u22483.14"}'.encode()[:11])  # ends inside "pi"
+    assert read_appended(cut) == [{"a": 1}]
+    assert reopen_appended(cut) == [{"a": 1}] and cut.read_bytes() == b'{"a": 1}\n'

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from npr.data import benchmarks_dir, load_benchmark
-from npr.grading import choice_correct, extract_answer, math_equal
+from npr.grading import choice_correct, choice_of, extract_answer, math_equal
 from npr.tasks import grade
 
 MATH500 = benchmarks_dir() / "math500.json"
@@ -63,7 +63,7 @@ def test_pathological_inputs_finish_and_are_incorrect():
     huge = "x " * 50_000 + "\\boxed{" + "9" * 99_000 + "}"
     assert not math_equal(extract_answer(huge), "9", timeout=3)
     assert time.perf_counter() - t0 < 30
-    assert math_equal("7", "7")  # the worker recovers after a timeout
+    assert math_equal("\\frac{1}{2}", "0.5")  # the worker recovers after a timeout (no string shortcut)
 
 
 def test_extraction_fallbacks():
@@ -83,6 +83,19 @@ def test_multiple_choice():
     assert not choice_correct("\\boxed{Z}", "D", opts)
     gpqa = load_benchmark("gpqa", 3)
     assert grade(gpqa[0], f"\\boxed{{{gpqa[0]['answer']}}}") and not grade(gpqa[0], "\\boxed{E}")
+    # options that start like a letter, or differ only in case (as in GPQA-Diamond)
+    opts = ["A = x, B = y", "A = z, B = w", "q/L^2", "q/l^2"]
+    assert choice_correct("\\boxed{A = z, B = w}", "B", opts) and not choice_correct("\\boxed{A = z, B = w}", "A", opts)
+    assert choice_correct("\\boxed{q/l^2}", "D", opts) and not choice_correct("\\boxed{q/l^2}", "C", opts)
+    assert choice_of("Q/L^2", opts) is None  # another case names two options: no answer
+    for said in ["b", "\\textbf{B}", "\\mathrm{B}", "$B$", "(B) A = z, B = w", "B. something"]:
+        assert choice_correct(f"so \\boxed{{{said}}}", "B", opts), said
+    assert choice_correct("The correct answer is **B**.", "B", opts)
+    assert choice_correct("**Answer: B**", "B", opts)
+    assert extract_answer("The final answer is **42**.") == "42"
+    # a multi-line option is kept whole (a synthesis route of numbered steps)
+    route = load_benchmark("gpqa")[100]
+    assert all(o.count("\n") >= 3 for o in route["options"]) and len(set(route["options"])) == 4
 
 
 def test_grade_cli():

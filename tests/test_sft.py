@@ -128,6 +128,14 @@ def test_rejection_sampler_resumes_without_duplicates(tok, tmp_path):
     run_distill(_scripted(tok, ps, script), ps, tmp_path, cfg, progress=False)
     ex = [json.loads(x) for x in (tmp_path / "examples.jsonl").read_text().splitlines()]
     assert sorted(e["id"] for e in ex) == sorted(p["id"] for p in ps)
+    # A crash in the middle of writing the last example: its line is cut, its problem not marked done.
+    lines = (tmp_path / "examples.jsonl").read_text().splitlines()
+    (tmp_path / "examples.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:30])
+    tried = (tmp_path / "attempts.jsonl").read_text().splitlines()
+    (tmp_path / "attempts.jsonl").write_text("\n".join(tried[:-1]) + "\n")
+    run_distill(_scripted(tok, ps, script), ps, tmp_path, cfg, progress=False)
+    ex = [json.loads(x) for x in (tmp_path / "examples.jsonl").read_text().splitlines()]  # every line whole
+    assert sorted(e["id"] for e in ex) == sorted(p["id"] for p in ps)
 
 
 def _examples(tok, n: int = 5) -> list[tuple[list[int], int]]:

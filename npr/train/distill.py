@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from npr import grammar
-from npr.data import read_appended
+from npr.data import read_appended, reopen_appended
 from npr.engine import SamplingParams
 from npr.progress import bar as progress_bar
 from npr.tags import tag_ids
@@ -77,8 +77,8 @@ def run_distill(llm, problems: list[dict], out_dir: str | Path, cfg: DistillConf
     out.mkdir(parents=True, exist_ok=True)
     tok = llm.tokenizer
     meta = {"tag_ids": tag_ids(tok), "vocab_size": len(tok), "config": asdict(cfg)}
-    examples = read_appended(out / EXAMPLES)
-    done = {a["id"] for a in read_appended(out / ATTEMPTS)}
+    examples = reopen_appended(out / EXAMPLES)  # without a line a crash cut: the next append starts clean
+    done = {a["id"] for a in reopen_appended(out / ATTEMPTS)}
     seen = {(e["id"], e["response"]) for e in examples}  # dedupe across reruns
     prior = Counter(e["id"] for e in examples)  # a problem cut by a crash keeps what it had accepted
     unique, ids = [], set()
