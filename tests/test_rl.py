@@ -328,3 +328,25 @@ def test_kv_pool_sleeps_through_the_update(tiny_dir, tmp_path, monkeypatch):
     # and it wakes for the next generation with its full size
     completion = engines[0].generate([[5, 6, 7]], rl.SamplingParams(max_tokens=4, seed=1))[0]
     assert engines[0].pool.k.numel() > 0 and len(completion.token_ids) == 4
+
+
+def test_checkpoints_are_pruned_to_the_newest_and_bad_run_settings_refused(tmp_path):
+    import pytest
+
+    from npr.train import checkpoint
+    from npr.train.config import load_config
+
+    root = tmp_path / "checkpoints"
+    for step in (5, 10, 100, 1000):  # name order must be step order past a change of digits
+        (root / f"step-{step:06d}").mkdir(parents=True)
+        (root / f"step-{step:06d}" / checkpoint.STATE).write_text("x")
+    (root / "latest.json").write_text('{"step": 1000, "path": "step-001000"}')
+    checkpoint.prune(tmp_path, 0)
+    assert len(list(root.glob("step-*"))) == 4  # 0 keeps all
+    checkpoint.prune(tmp_path, 2)
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-000100", "step-001000"]
+    assert checkpoint.latest(tmp_path) == root / "step-001000"
+    with pytest.raises(ValueError, match="run.save_every must be >= 1"):
+        load_config(None, ["run.save_every=0"])
+    with pytest.raises(ValueError, match="run.keep_checkpoints"):
+        load_config(None, ["run.keep_checkpoints=-1"])

@@ -31,6 +31,14 @@ def save(out: Path, step: int, model, tokenizer, state: dict, state_dict: dict |
     return final
 
 
+def prune(out: Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (0: keep all), after `latest` points to the newest."""
+    if keep < 1:
+        return
+    for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:  # step-NNNNNN: name order is step order
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def latest(out: Path) -> Path | None:
     pointer = out / "checkpoints" / "latest.json"
     if not pointer.exists():
@@ -45,7 +53,8 @@ def step_of(path: Path) -> int:
 
 
 def load_state(path: Path) -> dict:
-    return torch.load(path / STATE, weights_only=True)
+    # mapped, not read: a 4B model's optimiser state is ~48 GB, and every rank loads it
+    return torch.load(path / STATE, weights_only=True, mmap=True)
 
 
 def _plain_config(folder: Path, model, state_dict: dict | None) -> None:

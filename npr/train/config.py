@@ -94,8 +94,15 @@ class RunConfig:
     steps: int = 40
     seed: int = 0
     save_every: int = 10
+    keep_checkpoints: int = 0  # the newest checkpoints kept (0: all); a 4B run's full state is ~56 GB each
     samples_per_step: int = 2  # rollouts written to samples.txt each step
     tensorboard: bool = False
+
+    def __post_init__(self):
+        if self.save_every < 1:
+            raise ValueError(f"run.save_every must be >= 1 (the final step always saves), got {self.save_every}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"run.keep_checkpoints must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
 
 
 @dataclass

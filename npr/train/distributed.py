@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -15,7 +16,9 @@ def init() -> tuple[int, int]:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        # ranks wait in a barrier while rank 0 writes a checkpoint (tens of GB for a 4B model's full
+        # state on shared storage): more than the default 10 minutes must not kill the run
+        dist.init_process_group(backend, timeout=timedelta(minutes=60))
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 

@@ -246,6 +246,8 @@ class Run:
             "python_rng": random.getstate(),
         }
         self.policy.save(self.out, step, opt, state)
+        if self.rank == 0:
+            checkpoint.prune(self.out, self.cfg.run.keep_checkpoints)
         distributed.barrier()
 
     def bar(self):
