@@ -220,9 +220,9 @@ def test_chat_prompt_takes_the_prompt_file_instruction_unless_turned_off(served)
     tok = served[1].llm.tokenizer
     cfg = ServeConfig(NAME, instruction="Think in branches about: {problem}")
     msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "2 + 2"}]
-    text = tok.decode(chat_prompt({"messages": msgs}, tok, cfg, "parallel"))
+    text = tok.decode(chat_prompt({"messages": msgs}, tok, cfg))
     assert "Think in branches about: 2 + 2" in text and "be brief" in text
-    plain = tok.decode(chat_prompt({"messages": msgs, "npr_instruction": False}, tok, cfg, "parallel"))
+    plain = tok.decode(chat_prompt({"messages": msgs, "npr_instruction": False}, tok, cfg))
     assert "Think in branches" not in plain and plain.endswith("2 + 2")
 
 
@@ -322,3 +322,31 @@ def test_what_the_engine_cannot_hold_is_an_error_not_a_stop(served):
         server.stop()
     with pytest.raises(ValueError, match="max_tokens"):
         ServeConfig(NAME, max_tokens=0)
+
+
+def test_stop_strings_are_cut_from_the_answer_streamed_or_whole(served, client):
+    """As OpenAI's and vLLM's servers do: the returned text ends before the stop string, and the
+    stream (which holds back enough text to cut it) carries the same text."""
+    from types import SimpleNamespace
+
+    from npr.serve.app import answer_text
+
+    def fake(ids, reason="stop"):
+        return SimpleNamespace(token_ids=ids, finish_reason=reason)
+
+    def decode(ids):
+        return "".join(chr(97 + i) for i in ids)
+
+    ids = list(range(20))  # "abcdefghijklmnopqrst": only the last 16 tokens are searched
+    assert answer_text(fake(ids), decode, ["b", "rs", "q"]) == "abcdefghijklmnop"
+    assert answer_text(fake(ids, "length"), decode, ["q"]) == decode(ids)  # a budget, not a stop
+    for seed in range(20):
+        body = dict(model=NAME, max_tokens=40, seed=seed, temperature=1.0, extra_body={"mode": "sequential"})
+        free = client.completions.create(prompt=PROMPTS[0], **body).choices[0].text
+        if len(free) > 12 and "<" not in free[:8]:
+            break
+    stop = free[4:7]
+    whole = client.completions.create(prompt=PROMPTS[0], stop=[stop], **body).choices[0]
+    assert whole.finish_reason == "stop" and whole.text == free[: free.find(stop)]
+    chunks = client.completions.create(prompt=PROMPTS[0], stop=[stop], stream=True, **body)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.text

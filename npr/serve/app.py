@@ -140,7 +140,7 @@ def completion_prompt(body: dict, tokenizer) -> list[int]:
     return ids
 
 
-def chat_prompt(body: dict, tokenizer, cfg: ServeConfig, mode: str) -> list[int]:
+def chat_prompt(body: dict, tokenizer, cfg: ServeConfig) -> list[int]:
     from npr.prompts import chat_ids
     from npr.tasks import user_message
 
@@ -166,7 +166,7 @@ def chat_prompt(body: dict, tokenizer, cfg: ServeConfig, mode: str) -> list[int]
     if add and users:
         last = turns[users[-1]]
         record = {"problem": last["content"], "grader": cfg.task, "instruction": cfg.instruction}
-        last["content"] = user_message(record, parallel=mode == "parallel")
+        last["content"] = user_message(record)  # the NPR format in both modes: "sequential" is how it decodes
     from jinja2 import TemplateError
 
     try:
@@ -196,6 +196,25 @@ def npr_extras(c: Completion, decode) -> dict:
             {"plans": b["plans"], "steps": [decode(c.token_ids[s:e]) for s, e in b["branches"]]} for b in c.blocks
         ],
     }
+
+
+def answer_text(c: Completion, decode, stops: list[str]) -> str:
+    """The text a client gets: the canonical text, cut before the stop string that ended it
+    (OpenAI's and vLLM's servers return no stop string). The engine checks stop strings in the
+    decoded last 16 tokens of the main line, so the match is sought there only: a stop string
+    inside an earlier step did not stop anything."""
+    text = decode(c.token_ids)
+    if c.finish_reason != "stop" or not stops:
+        return text
+    start = max(0, len(text) - len(decode(c.token_ids[-16:])))
+    hits = [i for i in (text.find(s, start) for s in stops) if i >= 0]
+    return text[: min(hits)] if hits else text
+
+
+def held_back(stops: list[str]) -> int:
+    """Characters a stream keeps back while a request with stop strings decodes, so a stop string
+    (and the rest of the token that ends it) is never sent before the request knows it stopped."""
+    return max(map(len, stops)) + 32 if stops else 0
 
 
 def usage(prompt: list[int], completions: list[Completion]) -> dict:
@@ -266,7 +285,7 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
     async def chat(request: Request):
         body = await parse(request)
         params = sampling(body, cfg, len(tok))
-        return await respond(request, body, chat_prompt(body, tok, cfg, params[0].mode), params, chat=True)
+        return await respond(request, body, chat_prompt(body, tok, cfg), params, chat=True)
 
     async def respond(request, body: dict, prompt: list[int], params: list[SamplingParams], chat: bool):
         if len(prompt) > cfg.max_tokens_limit:
@@ -290,10 +309,14 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
         if body.get("stream"):
             options = body.get("stream_options") or {}
             with_usage = isinstance(options, dict) and options.get("include_usage") is True
-            return StreamingResponse(stream(head, prompt, ids, sink, chat, with_usage), media_type="text/event-stream")
-        return await whole(request, head, prompt, ids, sink, chat)
+            stops = params[0].stop
+            return StreamingResponse(
+                stream(head, prompt, ids, sink, chat, with_usage, stops), media_type="text/event-stream"
+            )
+        return await whole(request, head, prompt, ids, sink, chat, params[0].stop)
 
-    async def whole(request, head: dict, prompt: list[int], ids: list[int], sink: asyncio.Queue, chat: bool):
+    async def whole(request, head: dict, prompt: list[int], ids: list[int], sink: asyncio.Queue, chat: bool,
+                    stops: list[str]):  # fmt: skip
         done: dict[int, Done] = {}
         try:
             while len(done) < len(ids):
@@ -320,16 +343,17 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
             return JSONResponse(error_body(aborted[0] or "aborted", kind="server_error"), status_code=503)
         choices = []
         for i, c in enumerate(comps):
-            text = decode(c.token_ids)
+            text = answer_text(c, decode, stops)
             body = {"message": {"role": "assistant", "content": text}} if chat else {"text": text, "logprobs": None}
             choices.append({"index": i, **body, "finish_reason": finish_reason(c), "npr": npr_extras(c, decode)})
         obj = "chat.completion" if chat else "text_completion"
         return {**head, "object": obj, "choices": choices, "usage": usage(prompt, comps)}
 
-    async def stream(head, prompt, ids, sink: asyncio.Queue, chat: bool, with_usage: bool):
+    async def stream(head, prompt, ids, sink: asyncio.Queue, chat: bool, with_usage: bool, stops: list[str]):
         obj = "chat.completion.chunk" if chat else "text_completion"
         comps: dict[int, Completion] = {}
-        ended = 0
+        ended, hold = 0, held_back(stops)
+        sent, pending = [""] * len(ids), [""] * len(ids)  # per choice: canonical text out, and held back
 
         def chunk(choice: int, text: str | None, finish: str | None, npr: dict | None) -> str:
             if chat:
@@ -349,7 +373,10 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
             while ended < len(ids):
                 ev = await sink.get()
                 if isinstance(ev, Delta):
-                    yield chunk(ev.choice, ev.text, None, {"deltas": ev.deltas})
+                    text, i = pending[ev.choice] + ev.text, ev.choice
+                    cut = max(0, len(text) - hold)
+                    sent[i], pending[i] = sent[i] + text[:cut], text[cut:]
+                    yield chunk(i, text[:cut], None, {"deltas": ev.deltas})
                     continue
                 ended += 1
                 if ev.completion is None or ev.completion.finish_reason == "aborted":
@@ -357,6 +384,9 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
                     yield sse(error_body(error or "engine error", kind="server_error"))
                     continue
                 comps[ev.choice] = ev.completion
+                whole_text = answer_text(ev.completion, decode, stops)
+                if whole_text.startswith(sent[ev.choice]) and len(whole_text) > len(sent[ev.choice]):
+                    yield chunk(ev.choice, whole_text[len(sent[ev.choice]) :], None, None)  # what was held back
                 yield chunk(ev.choice, None, finish_reason(ev.completion), npr_extras(ev.completion, decode))
             if with_usage:
                 yield sse({**head, "object": obj, "choices": [], "usage": usage(prompt, list(comps.values()))})
