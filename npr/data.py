@@ -242,10 +242,12 @@ def _hub(spec: str, **fields) -> list[dict]:
 
 def read_appended(path: Path) -> list[dict]:
     """The records of a JSONL file a run appends to; a line cut by a crash is skipped (redone)."""
-    if not path.exists():
-        return []
+    return _records(path.read_bytes()) if path.exists() else []
+
+
+def _records(raw: bytes) -> list[dict]:
     out = []
-    for line in path.read_bytes().splitlines():  # bytes: a cut may split a character of the last line
+    for line in raw.splitlines():  # bytes: a cut may split a character of the last line
         try:
             out.append(json.loads(line.decode("utf-8")))
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -257,8 +259,8 @@ def reopen_appended(path: Path, keep=None) -> list[dict]:
     """The records of a JSONL file a run appends to, the file rewritten (atomically) without the
     line a crash cut and the records `keep` rejects, so the run can append to it again (appending
     after a cut line would glue the next record onto it, and lose it)."""
-    rows = [r for r in read_appended(path) if keep is None or keep(r)]
     raw = path.read_bytes() if path.exists() else b""
+    rows = [r for r in _records(raw) if keep is None or keep(r)]
     if len(rows) != len(raw.splitlines()) or (raw and not raw.endswith(b"\n")):
         write_records(path, rows)
     return rows

@@ -20,6 +20,7 @@ from npr.grammar import last_boxed
 MAX_ANSWER_CHARS = 1000  # longer "answers" are not answers
 _ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*:?\s*(.+?)(?:\.\s|\.?$|\n)", re.IGNORECASE)
 _FBOX = re.compile(r"\\fbox\{")
+_BOLD = re.compile(r"^(?:\*\*|__)|(?:\*\*|__)$")  # markdown bold around a stated answer: "is **42**"
 
 
 def extract_answer(text: str) -> str | None:
@@ -38,9 +39,6 @@ def extract_answer(text: str) -> str | None:
     if hits:
         return _BOLD.sub("", hits[-1].strip()).strip().strip("$").strip()
     return None
-
-
-_BOLD = re.compile(r"^(?:\*\*|__)|(?:\*\*|__)$")  # markdown bold around a stated answer: "is **42**"
 
 
 # ---- math ----------------------------------------------------------------------------------
@@ -133,17 +131,16 @@ def choice_of(answer: str | None, options: list[str]) -> str | None:
     while _WRAP.search(a):
         a = _WRAP.sub(r"\1", a)
     a = a.replace("**", "").replace("__", "").strip().strip("$").strip()
-    norm = _norm(a)
-    exact = [i for i, opt in enumerate(options) if norm and norm == _norm(opt)]
-    folded = [i for i, opt in enumerate(options) if norm and norm.lower() == _norm(opt).lower()]
+    norm, texts = _norm(a), [_norm(opt) for opt in options]
+    if norm and norm in texts:
+        return chr(ord("A") + texts.index(norm))
     m = _LETTER.match(a)
     letter = (m.group(1) or m.group(2)).upper() if m else None
     if letter and ord(letter) - ord("A") >= max(len(options), 1):
         letter = None
-    if exact:
-        return chr(ord("A") + exact[0])
     if letter and not m.group(3):  # a letter alone
         return letter
+    folded = [i for i, t in enumerate(texts) if norm and norm.lower() == t.lower()]
     if len(folded) == 1:
         return chr(ord("A") + folded[0])
     return letter  # a letter before some text, or None

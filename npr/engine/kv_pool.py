@@ -43,6 +43,7 @@ class KVPool:
         if num_pages < 1 or page_size < 1:
             raise ValueError(f"KV pool needs at least one page of at least one token (got {num_pages}x{page_size})")
         self.page_size, self.num_pages = page_size, num_pages
+        self.capacity = num_pages * page_size  # tokens the whole pool holds
         shape = (num_layers, num_pages * page_size, num_kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)

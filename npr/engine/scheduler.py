@@ -66,7 +66,7 @@ class Scheduler:
         while self.waiting and live < self.max_num_seqs and not (self.paused and self.running):
             req = self.waiting[0]
             need = -(-(len(req.prompt) + 1) // self.pool.page_size)
-            if need > self.pool.num_pages:
+            if len(req.prompt) + 1 > self.pool.capacity:  # its prompt and first token, alone
                 self.waiting.popleft()
                 self.finish(req, "aborted", f"prompt of {len(req.prompt)} tokens exceeds the KV pool")
                 self.finished[req.id] = req

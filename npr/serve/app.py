@@ -290,12 +290,9 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
     async def respond(request, body: dict, prompt: list[int], params: list[SamplingParams], chat: bool):
         if len(prompt) > cfg.max_tokens_limit:
             raise BadRequest(f"the prompt has {len(prompt)} tokens; this server takes at most {cfg.max_tokens_limit}")
-        pool = engine.llm.pool
-        if len(prompt) + 1 > pool.num_pages * pool.page_size:  # the engine would abort it at admission
-            raise BadRequest(
-                f"the prompt has {len(prompt)} tokens; this server's KV cache holds {pool.num_pages * pool.page_size}",
-                "prompt",
-            )
+        capacity = engine.llm.pool.capacity
+        if len(prompt) + 1 > capacity:  # the engine would abort it at admission
+            raise BadRequest(f"the prompt has {len(prompt)} tokens; this server's KV cache holds {capacity}", "prompt")
         sink: asyncio.Queue = asyncio.Queue()
         try:
             ids = await engine.submit(prompt, params, sink, stream=body.get("stream") is True)
@@ -306,14 +303,14 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
             "created": int(time.time()),
             "model": cfg.model_name,
         }
+        stops = params[0].stop  # the same for every choice
         if body.get("stream"):
             options = body.get("stream_options") or {}
             with_usage = isinstance(options, dict) and options.get("include_usage") is True
-            stops = params[0].stop
             return StreamingResponse(
                 stream(head, prompt, ids, sink, chat, with_usage, stops), media_type="text/event-stream"
             )
-        return await whole(request, head, prompt, ids, sink, chat, params[0].stop)
+        return await whole(request, head, prompt, ids, sink, chat, stops)
 
     async def whole(request, head: dict, prompt: list[int], ids: list[int], sink: asyncio.Queue, chat: bool,
                     stops: list[str]):  # fmt: skip
