@@ -305,6 +305,8 @@ class _Parser:
         answer = last_boxed(self.texts[-1])
         if require_answer and answer is None:
             self.flag("no_answer", "no \\boxed{} answer after the last block", end)
+        elif require_answer and not answer.strip():
+            self.flag("no_answer", "an empty \\boxed{} after the last block", end)
         return Response(self.blocks, self.texts, self.violations, answer)
 
 

@@ -99,7 +99,7 @@ HEAD_CHUNK = 1024  # tokens per pass through the output head: [1024, 151936] fp3
 
 def _head_chunk(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     """[n, 2]: log p(target) (differentiable) and the entropy of the distribution (detached)."""
-    logp_all = F.log_softmax(F.linear(hidden, weight, bias).float(), dim=-1)
+    logp_all = F.log_softmax(F.linear(hidden, weight.to(hidden.dtype), bias).float(), dim=-1)
     logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
     with torch.no_grad():
         entropy = -(logp_all.exp() * logp_all).sum(-1)
@@ -125,6 +125,11 @@ class TokenStatsHead(torch.nn.Module):
         B, L, H = hidden.shape
         flat, targets = hidden.reshape(B * L, H), self.targets.reshape(B * L)
         weight, bias = self.head.weight, getattr(self.head, "bias", None)
+        if weight.dtype in (torch.bfloat16, torch.float16):
+            # The chunks' weight gradients are summed where the weight fans out: in its own dtype,
+            # ~30 bf16 roundings at 30k tokens. Fanning out from an fp32 copy sums them in fp32
+            # (each chunk casts back inside its checkpoint, so no 16-bit copy outlives its chunk).
+            weight = weight.float()
         parts = [
             checkpoint(
                 _head_chunk, flat[i : i + self.chunk], targets[i : i + self.chunk], weight, bias, use_reentrant=False

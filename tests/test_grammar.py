@@ -56,6 +56,7 @@ CORPUS = [
     ("short_takeaway", GOOD_COMPACT.replace("Roots 2 and 3.", "ok"[:1]), False, {"too_short"}),
     ("glue", GOOD_COMPACT.replace("</step><step>2", "</step> and then <step>2"), False, {"glue"}),
     ("no_answer", GOOD_COMPACT.replace("\\boxed{\\{2, 3\\}}", "2 and 3"), False, {"no_answer"}),
+    ("empty_answer", GOOD_COMPACT.replace("\\boxed{\\{2, 3\\}}", "\\boxed{ }"), False, {"no_answer"}),
     (
         "nested_block",
         GOOD_COMPACT.replace("(x-2)(x-3)=0.", "<guideline><plan>1: sub</plan></guideline>"),

@@ -24,8 +24,9 @@ def test_group_advantages_and_zero_variance_groups():
 def test_batch_advantages_use_the_batch_std():
     r = torch.tensor([1.0, -1.0, 2.0, 0.0])
     g = torch.tensor([0, 0, 1, 1])
-    adv = batch_advantages(r, g)
-    assert adv.tolist() == pytest.approx([1.0, -1.0, 1.0, -1.0], rel=1e-4)
+    adv = batch_advantages(r, g)  # centred [1, -1, 1, -1]; the raw rewards' std (unbiased) is sqrt(5/3)
+    assert adv.tolist() == pytest.approx([x / math.sqrt(5 / 3) for x in (1, -1, 1, -1)], rel=1e-4)
+    assert batch_advantages(torch.tensor([1.0, 1.0]), torch.tensor([0, 1])).tolist() == [0.0, 0.0]
 
 
 def test_dapo_clip_higher_and_token_mean():

@@ -26,7 +26,8 @@ def test_batch_advantages_by_hand_without_drift():
     kept = r.clone()
     adv = batch_advantages(r, g)
     centred = [1 + 1 / 3, -1 + 1 / 3, -1 + 1 / 3, 0.0, 0.0]
-    std = (sum(c * c for c in centred) / 5 - (sum(centred) / 5) ** 2) ** 0.5
+    mean = sum(r.tolist()) / 5  # the std of the batch's rewards, not of the centred ones
+    std = (sum((x - mean) ** 2 for x in r.tolist()) / 4) ** 0.5
     assert adv.tolist() == pytest.approx([c / std for c in centred], rel=1e-5)
     assert torch.equal(r, kept)  # the rewards are not modified in place
     assert torch.equal(batch_advantages(r, g), adv)  # and a second call gives the same
@@ -101,7 +102,7 @@ def test_forced_tokens_carry_no_loss(parallel_rollouts, tokenizer):
     tags = tag_ids(tokenizer)
     forced = [t for r in rolls for t, f in zip(r.out.token_ids, r.out.forced) if f]
     assert tags["<step>"] in forced and tags["<takeaway>"] in forced  # forks and joins happened
-    _, _, mask, _ = _sequence_batch(rolls, 0, tags)
+    mask = _sequence_batch(rolls, 0, tags)[2]
     for b, r in enumerate(rolls):
         n, m = len(r.out.prompt_ids), len(r.out.token_ids)
         assert mask[b, n - 1 : n - 1 + m].tolist() == [float(not f) for f in r.out.forced]

@@ -308,6 +308,45 @@ def test_mini_batches_recompute_old_logprobs_and_let_the_clip_act(tiny_dir, tmp_
     assert clip[1] == 0.0 and clip[2] > 0.0, clip
 
 
+def test_one_update_per_batch_takes_the_trainers_own_old_policy(tiny_dir, tmp_path, monkeypatch):
+    """With one optimiser step per rollout batch the old log-probs are the trainer's forward itself:
+    engine log-probs off by kernel noise (here 0.3 nats, as bf16 kernels can differ) must not let
+    the clip act on the only update; the gap is logged instead."""
+    from npr.train import rl
+
+    monkeypatch.setitem(rewards.REWARDS, "even", even)
+    make = rl.rollouts
+
+    def noisy(*args, **kw):
+        out = make(*args, **kw)
+        for r in out:
+            r.out.logprobs = [x - 0.3 for x in r.out.logprobs]
+        return out
+
+    monkeypatch.setattr(rl, "rollouts", noisy)
+    out = tmp_path / "run"
+    train_rl(_cfg(tiny_dir, out, 1, **{"algo.loss": "dapo"}), progress=False)
+    m = json.loads((out / "metrics.jsonl").read_text())
+    assert m["clip_fraction"] == 0.0 and abs(m["logprob_gap"] - 0.3) < 1e-3, m
+
+
+def test_a_problem_drawn_twice_in_one_step_gets_different_rollouts(tiny_dir, tmp_path):
+    from npr.data import load_benchmark
+    from npr.engine import LLM
+    from npr.train.policy import load_policy
+    from npr.train.rl import rollouts
+
+    cfg = _cfg(tiny_dir, tmp_path / "run", 1, **{"rollout.n": 2})
+    policy = load_policy(cfg.model)
+    llm = LLM(policy.model, policy.tokenizer, num_pages=256)
+    p = load_benchmark(cfg.data.source, 1)[0]
+    rolls = rollouts(llm, cfg, [(0, p), (1, p)], 0, 0, even)
+    first, second = [r.out.token_ids for r in rolls if r.group == 0], [r.out.token_ids for r in rolls if r.group == 1]
+    assert first != second
+    again = rollouts(llm, cfg, [(0, p)], 0, 0, even)  # and a group's rollouts do not depend on the others
+    assert [r.out.token_ids for r in again] == first
+
+
 def test_kv_pool_sleeps_through_the_update(tiny_dir, tmp_path, monkeypatch):
     """The engine's KV pool holds no memory while the trainer updates, and is back for the next
     rollouts (the run's results are those of an engine that never slept: see the resume test)."""

@@ -17,12 +17,15 @@ def group_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1
 
 
 def batch_advantages(rewards: torch.Tensor, groups: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """PAPO: subtract the group mean, then divide by the std of the whole batch."""
-    centred = rewards.float().clone()
+    """PAPO: (r - mean of its group) / std of all the batch's rewards (the paper's batch-level
+    normalisation after Lite PPO; unbiased std, as the authors' code takes it, but from the raw
+    rewards throughout: their loop normalises in place, so later rows see a drifting std)."""
+    r = rewards.float()
+    centred = r.clone()
     for g in groups.unique():
         m = groups == g
-        centred[m] -= rewards[m].float().mean()
-    std = centred.std(unbiased=False)
+        centred[m] -= r[m].mean()
+    std = r.std() if r.numel() > 1 else torch.tensor(0.0)
     return centred / (std + eps) if std > eps else torch.zeros_like(centred)
 
 

@@ -39,7 +39,7 @@ class Rollout:
     reward: float
     correct: bool
     valid: bool
-    old: torch.Tensor | None = None  # log-probs of its tokens recomputed by the trainer (else the engine's)
+    old: torch.Tensor | None = None  # log-probs of its tokens recomputed by the trainer before the update
 
     def summary(self, tags: dict) -> dict:
         """What every rank needs to know about this rollout to take the same decisions."""
@@ -61,14 +61,16 @@ class Rollout:
 
 
 def rollouts(llm: LLM, cfg: Config, problems: list[tuple[int, dict]], step: int, round_: int, reward_fn):
-    """n rollouts for each (group id, problem); seeds depend on the problem, not on the rank."""
+    """n rollouts for each (group id, problem); seeds depend on the step, the group
+    and the problem, not on the rank."""
     r = cfg.rollout
     texts = layout_texts(r.layout)
     prompts, params, meta = [], [], []
     for g, p in problems:
         ids = prompt_ids(llm.tokenizer, p)
         for j in range(r.n):
-            seed = zlib.crc32(f"{cfg.run.seed}/{step}/{round_}/{p['id']}/{j}".encode())
+            # the group id too: a problem drawn twice in one step gets two different groups
+            seed = zlib.crc32(f"{cfg.run.seed}/{step}/{round_}/{g}/{p['id']}/{j}".encode())
             prompts.append(ids)
             params.append(
                 SamplingParams(
@@ -136,18 +138,21 @@ def mini_batch_parts(owners: list[int], mini: int) -> list[int]:
 
 
 def _sequence_batch(rolls: list[Rollout], pad_id: int, tag_ids: dict):
-    """Input ids, topology, response mask (sampled tokens only) and engine log-probs, right-padded."""
+    """Input ids, topology, response mask (sampled tokens only), the engine's log-probs and the
+    trainer's recomputed old log-probs (None unless every rollout has them), right-padded."""
     seqs = [(r.out.prompt_ids + r.out.token_ids, r.out.layout) for r in rolls]
     ids, topo = collate(seqs, tag_ids, pad_id=pad_id)
     B, L = ids.shape
     mask = torch.zeros(B, L - 1)
-    old = torch.zeros(B, L - 1)
+    engine = torch.zeros(B, L - 1)
+    old = torch.zeros(B, L - 1) if all(r.old is not None for r in rolls) else None
     for b, r in enumerate(rolls):
         n, m = len(r.out.prompt_ids), len(r.out.token_ids)
-        sampled = torch.tensor([not f for f in r.out.forced], dtype=torch.float32)
-        mask[b, n - 1 : n - 1 + m] = sampled
-        old[b, n - 1 : n - 1 + m] = r.old if r.old is not None else torch.tensor(r.out.logprobs)
-    return ids, topo, mask, old
+        mask[b, n - 1 : n - 1 + m] = torch.tensor([not f for f in r.out.forced], dtype=torch.float32)
+        engine[b, n - 1 : n - 1 + m] = torch.tensor(r.out.logprobs)
+        if old is not None:
+            old[b, n - 1 : n - 1 + m] = r.old
+    return ids, topo, mask, engine, old
 
 
 def _length(r: Rollout) -> int:
@@ -163,7 +168,7 @@ def recompute_old_logprobs(policy: Policy, cfg: Config, rolls: list[Rollout], ta
     with policy.full_weights(), torch.no_grad():  # gathered: ranks may run different counts
         for part in micro_batches([_length(r) for r in rolls], cfg.optim):
             chunk = [rolls[i] for i in part]
-            ids, topo, _, _ = _sequence_batch(chunk, pad_id, tag_ids)
+            ids, topo = _sequence_batch(chunk, pad_id, tag_ids)[:2]
             logp = topology_token_stats(model, ids.to(device), topo)[..., 0].float().cpu()
             for b, r in enumerate(chunk):
                 n = len(r.out.prompt_ids)
@@ -175,18 +180,24 @@ def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], ad
     """One optimiser step; the loss is the token-mean over the kept rollouts of all ranks."""
     a, model = cfg.algo, policy.model
     device = next(model.parameters()).device
-    stats = {"clip_fraction": 0.0, "entropy": 0.0}
+    stats = {"clip_fraction": 0.0, "entropy": 0.0, "logprob_gap": 0.0}
     model.train()
     opt.zero_grad(set_to_none=True)
 
     def run_chunk(part) -> None:
         chunk, adv = part
-        ids, topo, mask, old = _sequence_batch(chunk, pad_id, tag_ids)
-        ids, mask, old = ids.to(device), mask.to(device), old.to(device)
+        ids, topo, mask, engine, old = _sequence_batch(chunk, pad_id, tag_ids)
+        ids, mask, engine = ids.to(device), mask.to(device), engine.to(device)
         token_stats = topology_token_stats(model, ids, topo)  # chunked through the head: no [L, V] tensor
         logp, ent = token_stats[..., 0], token_stats[..., 1].detach()
+        # The old policy is the trainer's own: recomputed before the first of several updates, else
+        # this forward itself (one update per batch: the ratio is exactly 1). The engine's log-probs
+        # differ by kernel noise, in bf16 enough for the clip to act on the only update; their gap
+        # is logged as a rollout/trainer mismatch gauge.
+        old = logp.detach() if old is None else old.to(device)
         adv = adv.to(device)
         share = mask.sum() / max(total_tokens, 1)  # this micro-batch's share of the token-mean
+        stats["logprob_gap"] += float(((logp.detach().float() - engine).abs() * mask).sum() / max(total_tokens, 1))
         if a.loss == "dapo":
             loss, st = dapo_loss(logp, old, adv, mask, a.clip_low, a.clip_high)
             stats["clip_fraction"] += st["clip_fraction"] * float(share)
