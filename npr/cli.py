@@ -405,7 +405,7 @@ def eval_cmd(
         ...,
         "--bench",
         help="Benchmarks, comma-separated: aime24, aime25, amc23, hmmt25, "
-        "math500, gpqa, countdown, or NAME=PATH for a file of your own.",
+        "math500, gpqa, countdown, or NAME=PATH for a file of your own (NAME:choice=PATH: multiple choice).",
     ),  # fmt: skip
     n: int = typer.Option(4, "--n", help="Samples per problem (k)."),
     mode: str = typer.Option("parallel", help="parallel or sequential decoding."),
@@ -464,7 +464,7 @@ def eval_cmd(
 @app.command()
 def distill(
     model: str = typer.Option(..., "--model", help="Stage-1 model: a model folder or a training run folder."),
-    data: str = typer.Option("countdown:train", "--data", help="Problems: benchmark, countdown:SPLIT or NAME=PATH."),
+    data: str = typer.Option("countdown:train", "--data", help="Problems: a benchmark or NAME[:choice]=PATH."),
     out: Path = typer.Option(
         Path("runs/distill"), "--out", help="Output folder (rerun with the same folder to resume)."
     ),

@@ -194,13 +194,17 @@ def load_benchmark(
     name: str, limit: int | None = None, problem_field: str | None = None, answer_field: str | None = None
 ) -> list[dict]:
     """Problems of a registered benchmark, of `NAME=PATH` (a file of your own; field names may be
-    given) or of `hf:DATASET[:SPLIT]` (a Hugging Face hub dataset, when online)."""
+    given; `NAME:choice=PATH` grades it as multiple choice) or of `hf:DATASET[:SPLIT]` (a Hugging
+    Face hub dataset, when online)."""
     fields = {"problem_field": problem_field, "answer_field": answer_field}
     if name.startswith("hf:"):
         rows = _hub(name[3:], **fields)
-    elif "=" in name:
+    elif "=" in name:  # NAME=PATH, or NAME:GRADER=PATH for another task than math (e.g. choice)
         name, path = name.split("=", 1)
-        rows = records(path, name=name, **fields)
+        name, _, grader = name.partition(":")
+        if grader not in ("", "math", "choice"):
+            raise DataError(f"{name}:{grader}={path}: the grader must be math or choice, got {grader!r}")
+        rows = records(path, grader or "math", name=name, **fields)
     elif name.split(":")[0] not in BENCHMARKS or (":" in name and BENCHMARKS[name.split(":")[0]].files):
         raise DataError(f"unknown benchmark {name!r}; known: {', '.join(BENCHMARKS)} (or NAME=PATH, hf:DATASET)")
     elif BENCHMARKS[name.split(":")[0]].files == ():  # a generated task, e.g. countdown:train:1,2

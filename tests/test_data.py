@@ -60,6 +60,17 @@ def test_countdown_and_user_files(tmp_path):
     (tmp_path / "ok.json").write_text(json.dumps([{"question": "x?", "answer": "1"}]))
     assert load_benchmark(f"mine={tmp_path / 'ok.json'}")[0]["id"] == "mine-0"
     assert load_benchmark(f"mine={p}", None, "q", "a")[1]["problem"] == "2+2?"
+    # a multiple-choice file of one's own: NAME:choice=PATH, graded by option letter or text
+    mc = tmp_path / "mc.jsonl"
+    mc.write_text('{"question": "Which?\\nA. red\\nB. blue", "answer": "B"}\n')
+    row = load_benchmark(f"quiz:choice={mc}")[0]
+    assert row["grader"] == "choice" and row["options"] == ["red", "blue"] and row["id"] == "quiz-0"
+    from npr.tasks import grade
+
+    assert grade(row, "\\boxed{B}") and grade(row, "the answer is blue") and not grade(row, "\\boxed{A}")
+    assert load_benchmark(f"quiz={mc}")[0]["grader"] == "math"
+    with pytest.raises(DataError, match="grader must be math or choice"):
+        load_benchmark(f"quiz:essay={mc}")
 
 
 def test_parquet(tmp_path):

@@ -162,6 +162,37 @@ def test_tiny_pool_preempts_and_matches_large_pool(tok, biased):
     assert small.pool.free_pages == small.pool.num_pages and not small.pool.live
 
 
+def test_a_preempted_request_resumes_with_the_tokens_it_had_chosen(tok, biased, monkeypatch):
+    """After a preemption a request writes again the tokens it had chosen (a stream may have sent
+    them), then samples on, even when the logits differ the second time, as bf16 GPU kernels do
+    with another batch: here the output head changes at every preemption."""
+    import copy
+
+    from npr.engine.request import Request
+
+    model = copy.deepcopy(biased)
+    llm = LLM(model, tok, num_pages=40, page_size=4)
+    before, reset = {}, Request.reset
+
+    def preempt(req):
+        before.setdefault(req.id, {r.index: list(r.tokens[r.offset :]) for r in req.runs})
+        with torch.no_grad():
+            model.lm_head.weight.mul_(-1.0)  # other tokens from now on, had it to sample them
+        reset(req)
+
+    monkeypatch.setattr(Request, "reset", preempt)
+    ids = [llm.add_request(p, SamplingParams(max_tokens=80, seed=s)) for s, p in enumerate(PROMPTS * 2)]
+    while llm.has_work():
+        llm.step()
+    assert before  # the pool really was too small
+    for i in ids:
+        runs = {r.index: r.tokens[r.offset :] for r in llm.finished[i].runs}
+        for index, toks in before.get(i, {}).items():
+            assert runs[index][: len(toks)] == toks, (i, index)
+    assert any(sum(map(len, b.values())) for b in before.values())  # some had tokens to keep
+    assert llm.pool.free_pages == llm.pool.num_pages
+
+
 def test_pool_too_small_for_one_request_aborts_cleanly(tok, biased):
     llm = LLM(biased, tok, num_pages=3, page_size=2)
     o = llm.generate(["Let us try small cases first and compare both results"], SamplingParams(seed=0))[0]

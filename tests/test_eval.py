@@ -81,6 +81,26 @@ def test_eval_end_to_end_and_resume(tmp_path):
     assert len({(x["mode"], x["problem_id"], x["sample"]) for x in again}) == 12
 
 
+def test_compared_sequential_decoding_is_not_held_to_the_latency_budget(tmp_path):
+    """--compare-sequential --max-path-tokens: the budget is the parallel run's; the reference
+    decodes the same work serially up to --max-tokens (else it would be cut at the budget)."""
+    from conftest import make_model
+
+    from npr.engine import LLM
+    from npr.evaluate import run_eval
+    from npr.world.tokenizer import build_tokenizer
+
+    tok = build_tokenizer()
+    model = make_model("qwen3", len(tok))  # random: it rarely stops before its budget
+    llm = LLM(model, tok, num_pages=256)
+    run_eval(llm, ["countdown"], tmp_path / "ev", 2, "parallel", 2, {"max_tokens": 40, "max_path_tokens": 10}, True)
+    rows = [json.loads(x) for x in (tmp_path / "ev" / "samples.jsonl").read_text().splitlines()]
+    par = [r for r in rows if r["mode"] == "parallel"]
+    seq = [r for r in rows if r["mode"] == "sequential"]
+    assert len(par) == len(seq) == 4
+    assert max(r["critical_path_tokens"] for r in par) <= 10 < max(r["total_tokens"] for r in seq)
+
+
 def test_eval_refuses_to_mix_models_or_settings_in_one_folder(tmp_path):
     """The issue's case: a second model into the same --out must not 'resume' the first one's results."""
     from conftest import make_model

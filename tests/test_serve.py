@@ -174,10 +174,10 @@ def wait_idle(engine, timeout=60):
     time.sleep(0.1)
 
 
+HI = [{"role": "user", "content": "hi"}]
 BAD = [
     ("not json", None, None),
     ({"prompt": "hi"}, "model", None),
-    ({"model": "gpt-5", "prompt": "hi"}, "model", None),
     ({"model": NAME}, "prompt", None),
     ({"model": NAME, "prompt": "hi", "max_tokens": -5}, "max_tokens", None),
     ({"model": NAME, "prompt": "hi", "max_tokens": 10**9}, "max_tokens", None),
@@ -188,6 +188,10 @@ BAD = [
     ({"model": NAME, "messages": "hi"}, "messages", "chat"),
     ({"model": NAME, "messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", "chat"),
     ({"model": NAME, "messages": [{"role": "user", "content": "hi"}], "mode": "diagonal"}, "mode", "chat"),
+    ({"model": NAME, "prompt": "hi", "logprobs": 2}, "logprobs", None),
+    ({"model": NAME, "prompt": "hi", "presence_penalty": 0.5}, "presence_penalty", None),
+    ({"model": NAME, "messages": HI, "tools": [{"type": "function"}]}, "tools", "chat"),
+    ({"model": NAME, "messages": HI, "response_format": {"type": "json_object"}}, "response_format", "chat"),
 ]
 
 
@@ -203,9 +207,15 @@ def test_bad_input_is_a_400_and_the_server_keeps_serving(served, client, body, p
     assert client.completions.create(model=NAME, prompt="hi", max_tokens=4).choices[0].finish_reason
 
 
-def test_openai_client_raises_bad_request(client):
-    with pytest.raises(openai.BadRequestError, match="not served here"):
+def test_unknown_model_is_a_404_and_neutral_unsupported_parameters_pass(served, client):
+    with pytest.raises(openai.NotFoundError, match="not served here"):
         client.chat.completions.create(model="other", messages=[{"role": "user", "content": "hi"}])
+    r = httpx.post(served[0].url + "/v1/completions", json={"model": "gpt-5", "prompt": "hi"}, timeout=30)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    # what clients send by default (no penalties, no logprobs, plain text) is not refused
+    neutral = dict(presence_penalty=0, frequency_penalty=0.0, logprobs=False, response_format={"type": "text"})
+    msgs = [{"role": "user", "content": "hi"}]
+    assert client.chat.completions.create(model=NAME, messages=msgs, max_tokens=4, **neutral).choices[0].finish_reason
 
 
 def test_page_is_served(served):

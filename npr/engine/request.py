@@ -84,6 +84,7 @@ class Request:
     params: SamplingParams
     seed: int
     replay: list[list[int]] | None = None  # per-run token targets instead of sampling (benchmarks, tests)
+    resumed: bool = False  # `replay` holds the tokens decoded before a preemption: it samples past them
     runs: list[Run] = field(default_factory=list)
     branches: list[Branch] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
@@ -98,7 +99,12 @@ class Request:
     ended: float = 0.0
 
     def reset(self) -> None:
-        """Forget all progress (after a preemption): it decodes again from the prompt, same seed."""
+        """Forget the KV progress (after a preemption): it decodes again from the prompt, writing the
+        tokens it had chosen before sampling on. Sampling them again from the seed would give the
+        same tokens only where logits are bitwise batch-invariant, which GPU kernels in bf16 are
+        not, and a client may already hold them (a stream)."""
+        if self.replay is None or self.resumed:
+            self.replay, self.resumed = [run.tokens[run.offset :] for run in self.runs], True
         self.runs, self.branches, self.blocks = [], [], []
         self.total = self.max_path = 0
         self.refused = Counter()

@@ -181,7 +181,8 @@ class Scheduler:
             self.paused = False
 
     def replay_target(self, b: Branch) -> int | None:
-        """The token a replayed request writes next (-1 past its end), or None when it samples."""
+        """The token a replayed request writes next (-1 past its end: it finishes, unless it is a
+        preempted request resuming, which samples on), or None when it samples."""
         run = b.run
         target = run.target
         if target is None:
@@ -190,7 +191,7 @@ class Scheduler:
                 return None
             target = run.target = replay[run.index] if run.index < len(replay) else []
         j = len(run.tokens) - run.offset
-        return target[j] if j < len(target) else -1
+        return target[j] if j < len(target) else None if b.req.resumed else -1
 
     def block_fits(self, b: Branch) -> bool:
         """Whether a minimal block still fits both budgets (counted once as a refusal when not)."""

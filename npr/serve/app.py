@@ -60,15 +60,40 @@ class ServeConfig:
 
 
 class BadRequest(ValueError):
-    """Refused with HTTP 400; `param` names the offending field."""
+    """Refused with HTTP 400 (or `status`); `param` names the offending field."""
 
-    def __init__(self, message: str, param: str | None = None):
+    def __init__(self, message: str, param: str | None = None, status: int = 400, code: str | None = None):
         super().__init__(message)
-        self.param = param
+        self.param, self.status, self.code = param, status, code
 
 
-def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error") -> dict:
-    return {"error": {"message": message, "type": kind, "param": param, "code": None}}
+def error_body(message: str, param: str | None = None, kind: str = "invalid_request_error", code=None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# OpenAI parameters this server does not implement, with their neutral values: a request that sets
+# one to anything else is refused by name, not answered as if it had been honoured.
+UNSUPPORTED = {
+    "logprobs": (None, False, 0),
+    "top_logprobs": (None, 0),
+    "presence_penalty": (None, 0),
+    "frequency_penalty": (None, 0),
+    "logit_bias": (None, {}),
+    "response_format": (None, {"type": "text"}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "best_of": (None, 1),
+    "echo": (None, False),
+    "suffix": (None, ""),
+}
+
+
+def refuse_unsupported(body: dict) -> None:
+    for name, neutral in UNSUPPORTED.items():
+        if name in body and body[name] not in neutral:
+            raise BadRequest(f"'{name}' is not supported by this server (got {body[name]!r})", name)
 
 
 # ---- request parsing --------------------------------------------------------------------------
@@ -243,7 +268,8 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
 
     @app.exception_handler(BadRequest)
     async def _bad(_, e: BadRequest):
-        return JSONResponse(error_body(str(e), e.param), status_code=400)
+        kind = "not_found_error" if e.status == 404 else "invalid_request_error"
+        return JSONResponse(error_body(str(e), e.param, kind, e.code), status_code=e.status)
 
     @app.exception_handler(HTTPException)
     async def _http(_, e: HTTPException):
@@ -270,9 +296,11 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
         if model is None:
             raise BadRequest("missing field 'model'", "model")
         if model != cfg.model_name:
-            raise BadRequest(f"model {model!r} is not served here; this server has {cfg.model_name!r}", "model")
+            message = f"model {model!r} is not served here; this server has {cfg.model_name!r}"
+            raise BadRequest(message, "model", status=404, code="model_not_found")
         if not isinstance(body.get("stream", False), bool):
             raise BadRequest("'stream' must be true or false", "stream")
+        refuse_unsupported(body)
         return body
 
     @app.post("/v1/completions")
