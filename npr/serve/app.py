@@ -71,6 +71,12 @@ def error_body(message: str, param: str | None = None, kind: str = "invalid_requ
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+def client_error(message: str, status: int, param: str | None = None, code: str | None = None) -> JSONResponse:
+    """A 4xx answer in OpenAI's error shape."""
+    kind = "not_found_error" if status == 404 else "invalid_request_error"
+    return JSONResponse(error_body(message, param, kind, code), status_code=status)
+
+
 # OpenAI parameters this server does not implement, with their neutral values: a request that sets
 # one to anything else is refused by name, not answered as if it had been honoured.
 UNSUPPORTED = {
@@ -268,13 +274,11 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
 
     @app.exception_handler(BadRequest)
     async def _bad(_, e: BadRequest):
-        kind = "not_found_error" if e.status == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(e), e.param, kind, e.code), status_code=e.status)
+        return client_error(str(e), e.status, e.param, e.code)
 
     @app.exception_handler(HTTPException)
     async def _http(_, e: HTTPException):
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        return JSONResponse(error_body(str(e.detail), kind=kind), status_code=e.status_code)
+        return client_error(str(e.detail), e.status_code)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -352,7 +356,7 @@ def create_app(engine: EngineLoop, cfg: ServeConfig):
                     # this runs every half second while it decodes
                     if await request.is_disconnected():  # nobody will read the answer: free its pages now
                         engine.cancel(ids)
-                        return JSONResponse(error_body("client disconnected"), status_code=499)
+                        return client_error("client disconnected", 499)
                     continue
                 if isinstance(ev, Done):
                     done[ev.choice] = ev

@@ -194,10 +194,11 @@ def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], ad
         # this forward itself (one update per batch: the ratio is exactly 1). The engine's log-probs
         # differ by kernel noise, in bf16 enough for the clip to act on the only update; their gap
         # is logged as a rollout/trainer mismatch gauge.
-        old = logp.detach() if old is None else old.to(device)
+        current = logp.detach()
+        old = current if old is None else old.to(device)
         adv = adv.to(device)
         share = mask.sum() / max(total_tokens, 1)  # this micro-batch's share of the token-mean
-        stats["logprob_gap"] += float(((logp.detach().float() - engine).abs() * mask).sum() / max(total_tokens, 1))
+        stats["logprob_gap"] += float(((current.float() - engine).abs() * mask).sum() / max(total_tokens, 1))
         if a.loss == "dapo":
             loss, st = dapo_loss(logp, old, adv, mask, a.clip_low, a.clip_high)
             stats["clip_fraction"] += st["clip_fraction"] * float(share)
