@@ -7,17 +7,23 @@ mean ± std over seeds next to the base model's best sequential decoding (read f
 evaluation). Every number is measured by the run.
 
     python examples/stage3_seeds.py --demo runs/demo --seeds 1 2 3
+    python examples/stage3_seeds.py --demo runs/demo --seeds 1 2 3 --redistill
+
+With --redistill each seed also redraws the distilled set from the demo's Stage-1 model and
+retrains Stage 2 and the sequential SFT on it, so the spread covers the Stage-2 model's draw too
+(one Stage-2 model understates it: docs of the README's demo section).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 from pathlib import Path
 
 from npr.engine import LLM, load
-from npr.pipeline import ROW_KINDS, ROWS, eval_dir, eval_row, load_pipeline
+from npr.pipeline import ROW_KINDS, ROWS, eval_dir, eval_row, load_pipeline, run_pipeline
 from npr.progress import quiet_libraries
 from npr.train import checkpoint
 from npr.train.config import load_config
@@ -41,35 +47,65 @@ def base_best(demo: Path, bench: str) -> tuple[str, float]:
     return best
 
 
+def train_from_stage2(plan, root: Path, demo: Path, out: Path, seed: int) -> dict[str, Path]:
+    """Stage 3 and SR retrained with `seed` from the demo's own Stage-2 and sequential-SFT models."""
+    runs = {}
+    for start, row, extra in ((demo / "stage2", "parallel", []),
+                              (demo / "sr" / "sft", "sequential", ["rollout.mode=sequential"])):  # fmt: skip
+        run = out / f"{row}-seed{seed}"
+        over = [f"model.path={start}", f"run.out={run}", f"run.seed={seed}", *extra]
+        cfg = load_config(root / plan.stage3.config, list(plan.stage3.overrides) + over)
+        pointer = run / "checkpoints" / "latest.json"
+        if checkpoint.latest(run) is None or json.loads(pointer.read_text())["step"] < cfg.run.steps:
+            found = checkpoint.latest(run) is not None
+            train_rl(cfg, resume=found, overwrite=not found)
+        runs[row] = run
+    return runs
+
+
+def train_from_stage1(plan, root: Path, demo: Path, out: Path, seed: int) -> dict[str, Path]:
+    """The pipeline from the demo's Stage-1 model on with `seed`: a distilled set of its own, then
+    Stage 2, the sequential SFT, Stage 3 and SR (the pipeline's stages, resumable as in `npr demo`)."""
+    folder = out / f"redistill-seed{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for shared in ("base", "stage1"):  # the seed's pipeline folder starts from the demo's models
+        link = folder / shared
+        if not link.exists():
+            link.symlink_to((demo / shared).resolve(), target_is_directory=True)
+
+    def seeded(sp):
+        return dataclasses.replace(sp, overrides=(*sp.overrides, f"run.seed={seed}"))
+
+    mine = dataclasses.replace(plan, out=str(folder), stage2=seeded(plan.stage2), stage3=seeded(plan.stage3),
+                               distill=dataclasses.replace(plan.distill, seed=seed))  # fmt: skip
+    for stage in ("distill", "stage2", "stage3", "sr"):
+        run_pipeline(mine, root, progress=False, only=stage)
+    return {"parallel": folder / "stage3", "sequential": folder / "sr"}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", type=Path, default=Path("runs/demo"), help="a finished `npr demo` folder")
     ap.add_argument("--out", type=Path, default=None, help="where the seed runs go (default: DEMO/seeds)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    what = "per seed, also redraw the distilled set and retrain Stage 2 and the sequential SFT"
+    ap.add_argument("--redistill", action="store_true", help=what)
     args = ap.parse_args()
     quiet_libraries()
     plan, _ = load_pipeline(args.demo / "pipeline.yaml")
     root = Path(__file__).resolve().parents[1] / "npr" / "configs" / "tiny"
     out = args.out or args.demo / "seeds"
     base_row, base_acc = base_best(args.demo, plan.eval.bench)
+    train = train_from_stage1 if args.redistill else train_from_stage2
+    names = {"parallel": "NPR (Stage 3, parallel)", "sequential": "SR (sequential RL)"}
     rows: dict[str, list[dict]] = {}
-    for name, start, row, extra in (
-        ("NPR (Stage 3, parallel)", args.demo / "stage2", "parallel", []),
-        ("SR (sequential RL)", args.demo / "sr" / "sft", "sequential", ["rollout.mode=sequential"]),
-    ):
-        for seed in args.seeds:
-            run = out / f"{row}-seed{seed}"
-            over = [f"model.path={start}", f"run.out={run}", f"run.seed={seed}", *extra]
-            cfg = load_config(root / plan.stage3.config, list(plan.stage3.overrides) + over)
-            pointer = run / "checkpoints" / "latest.json"
-            if checkpoint.latest(run) is None or json.loads(pointer.read_text())["step"] < cfg.run.steps:
-                found = checkpoint.latest(run) is not None
-                train_rl(cfg, resume=found, overwrite=not found)
-            rows.setdefault(name, []).append(evaluate(plan, run, run / "eval", row))
-            print(f"{name} seed {seed}: avg@k {rows[name][-1]['avg@k']:.3f}", flush=True)
-    e = plan.eval
+    for seed in args.seeds:
+        for row, run in train(plan, root, args.demo, out, seed).items():
+            rows.setdefault(names[row], []).append(evaluate(plan, run, run / "eval", row))
+            print(f"{names[row]} seed {seed}: avg@k {rows[names[row]][-1]['avg@k']:.3f}", flush=True)
+    e, kind = plan.eval, "pipeline" if args.redistill else "RL"
     print(f"\n{e.bench}: {e.limit} held-out problems x {e.n} samples, at most {e.max_tokens} tokens, "
-          f"critical path {e.max_path_tokens}; RL seeds {args.seeds}\n")  # fmt: skip
+          f"critical path {e.max_path_tokens}; {kind} seeds {args.seeds}\n")  # fmt: skip
     print("| model | avg@k mean ± std over seeds | per seed | best@k | trigger | parallelism |")
     print("|---|---|---|---|---|---|")
     print(f"| base, best sequential decoding ({base_row}) | {base_acc:.3f} | - | - | - | - |")
@@ -91,7 +127,7 @@ def main() -> None:
     print(f"\nNPR - SR = {gap_sr:+.3f} (2 x the larger seed std: {band_sr:.3f}); "
           f"NPR - base = {gap_base:+.3f} (2 x NPR's seed std: {band_base:.3f})")  # fmt: skip
     summary |= {"npr_minus_sr": gap_sr, "npr_minus_base": gap_base, "two_std_sr": band_sr, "two_std_base": band_base}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / f"summary-{kind.lower()}.json").write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
