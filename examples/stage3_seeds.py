@@ -11,7 +11,10 @@ evaluation). Every number is measured by the run.
 
 With --redistill each seed also redraws the distilled set from the demo's Stage-1 model and
 retrains Stage 2 and the sequential SFT on it, so the spread covers the Stage-2 model's draw too
-(one Stage-2 model understates it: docs of the README's demo section).
+(one Stage-2 model understates it: the README's demo section). Seed 0 is the demo's own run,
+whose models are evaluated as they are. --eval-limit evaluates every model, the base included,
+on more held-out problems than the demo's 50 (the countdown test split has 200); finished
+training is reused, so a second call with it only evaluates.
 """
 
 from __future__ import annotations
@@ -35,16 +38,33 @@ def evaluate(plan, model_dir: Path, out: Path, row: str) -> dict:
     return eval_row(plan, LLM(model, tok, kv_cache_gb=plan.eval.kv_cache_gb), out, row)
 
 
-def base_best(demo: Path, bench: str) -> tuple[str, float]:
-    """The base model's best sequential row under the latency budget in the demo's evaluation."""
+def base_best(plan, demo: Path, evals: Path | None) -> tuple[str, float]:
+    """The base model's best sequential row under the latency budget: read from the demo's
+    evaluation, or evaluated again into `evals` (when the evaluation's size differs from the demo's)."""
     best = ("", -1.0)
     for row in ROWS["base"]:
         if ROW_KINDS[row].mode != "sequential" or not ROW_KINDS[row].budget:
             continue
-        res = json.loads((eval_dir(demo, "base", row) / "results.json").read_text())
-        acc = res["benchmarks"][bench]["sequential"]["avg@k"]
+        if evals is None:
+            res = json.loads((eval_dir(demo, "base", row) / "results.json").read_text())
+            acc = res["benchmarks"][plan.eval.bench]["sequential"]["avg@k"]
+        else:
+            acc = evaluate(plan, demo / "base", eval_dir(evals, "base", row), row)["avg@k"]
         best = max(best, (row, acc), key=lambda x: x[1])
     return best
+
+
+def demo_seed(demo: Path, redistill: bool) -> dict[str, Path]:
+    """Seed 0 is the demo's own run: its stages are seeded 0, so its models are evaluated, not retrained."""
+    from npr.train.config import read_yaml
+
+    stages = ["stage3", "sr"] + (["stage2", "sr/sft"] if redistill else [])
+    seeds = [read_yaml(demo / s / "config.yaml").get("run", {}).get("seed", 0) for s in stages]
+    if redistill:
+        seeds.append(load_pipeline(demo / "pipeline.yaml")[0].distill.seed)
+    if any(seeds):
+        raise SystemExit(f"{demo} was not run with seed 0 ({dict(zip(stages, seeds))}): leave 0 out of --seeds")
+    return {"parallel": demo / "stage3", "sequential": demo / "sr"}
 
 
 def train_from_stage2(plan, root: Path, demo: Path, out: Path, seed: int) -> dict[str, Path]:
@@ -90,20 +110,28 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     what = "per seed, also redraw the distilled set and retrain Stage 2 and the sequential SFT"
     ap.add_argument("--redistill", action="store_true", help=what)
+    what = "held-out problems to evaluate on (default: the demo's); the base model is evaluated again at that size"
+    ap.add_argument("--eval-limit", type=int, default=None, help=what)
     args = ap.parse_args()
     quiet_libraries()
     plan, _ = load_pipeline(args.demo / "pipeline.yaml")
     root = Path(__file__).resolve().parents[1] / "npr" / "configs" / "tiny"
     out = args.out or args.demo / "seeds"
-    base_row, base_acc = base_best(args.demo, plan.eval.bench)
+    kind = "pipeline" if args.redistill else "RL"
+    evals = out / f"eval-{args.eval_limit}" if args.eval_limit else None
+    if args.eval_limit:
+        plan = dataclasses.replace(plan, eval=dataclasses.replace(plan.eval, limit=args.eval_limit))
+    base_row, base_acc = base_best(plan, args.demo, evals)
     train = train_from_stage1 if args.redistill else train_from_stage2
     names = {"parallel": "NPR (Stage 3, parallel)", "sequential": "SR (sequential RL)"}
     rows: dict[str, list[dict]] = {}
     for seed in args.seeds:
-        for row, run in train(plan, root, args.demo, out, seed).items():
-            rows.setdefault(names[row], []).append(evaluate(plan, run, run / "eval", row))
+        runs = demo_seed(args.demo, args.redistill) if seed == 0 else train(plan, root, args.demo, out, seed)
+        for row, run in runs.items():
+            where = (evals or out / "eval") / f"{kind.lower()}-{row}-seed{seed}"
+            rows.setdefault(names[row], []).append(evaluate(plan, run, where, row))
             print(f"{names[row]} seed {seed}: avg@k {rows[names[row]][-1]['avg@k']:.3f}", flush=True)
-    e, kind = plan.eval, "pipeline" if args.redistill else "RL"
+    e = plan.eval
     print(f"\n{e.bench}: {e.limit} held-out problems x {e.n} samples, at most {e.max_tokens} tokens, "
           f"critical path {e.max_path_tokens}; {kind} seeds {args.seeds}\n")  # fmt: skip
     print("| model | avg@k mean ± std over seeds | per seed | best@k | trigger | parallelism |")
@@ -127,7 +155,7 @@ def main() -> None:
     print(f"\nNPR - SR = {gap_sr:+.3f} (2 x the larger seed std: {band_sr:.3f}); "
           f"NPR - base = {gap_base:+.3f} (2 x NPR's seed std: {band_base:.3f})")  # fmt: skip
     summary |= {"npr_minus_sr": gap_sr, "npr_minus_base": gap_base, "two_std_sr": band_sr, "two_std_base": band_base}
-    (out / f"summary-{kind.lower()}.json").write_text(json.dumps(summary, indent=1))
+    (out / f"summary-{kind.lower()}-eval{e.limit}.json").write_text(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
