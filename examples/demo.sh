@@ -10,7 +10,7 @@ echo; echo "== npr check bad.txt (a step and the takeaway are missing)"; $NPR ch
 echo; echo "== npr topology tiny.txt (positions; steps 1 and 2 share positions and cannot see each other)"
 $NPR topology tiny.txt
 
-echo; echo "== npr demo: the whole pipeline on the default world (about 25 CPU minutes; resumable)"
+echo; echo "== npr demo: the whole pipeline on the default world (about 40 CPU minutes; resumable)"
 $NPR demo --out ../runs/demo
 
 echo; echo "== npr bench engine --config tiny (random tiny Qwen3; parallel vs sequential vs HF generate)"

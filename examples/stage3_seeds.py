@@ -13,8 +13,8 @@ With --redistill each seed also redraws the distilled set from the demo's Stage-
 retrains Stage 2 and the sequential SFT on it, so the spread covers the Stage-2 model's draw too
 (one Stage-2 model understates it: the README's demo section). Seed 0 is the demo's own run,
 whose models are evaluated as they are. --eval-limit evaluates every model, the base included,
-on more held-out problems than the demo's 50 (the countdown test split has 200); finished
-training is reused, so a second call with it only evaluates.
+on another number of held-out problems than the demo's; finished training and finished samples
+are reused, so a second call only evaluates what is new.
 """
 
 from __future__ import annotations

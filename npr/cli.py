@@ -589,7 +589,7 @@ def demo(
     only: str = typer.Option(None, "--only", help=STAGE_HELP),
 ) -> None:
     """The whole method on the embedded default world: base -> Stage 1 -> distill -> Stage 2 -> Stage 3
-    -> evaluation of every stage -> DIR/report.md. About 25 CPU minutes; resumable."""
+    -> evaluation of every stage -> DIR/report.md. About 40 CPU minutes; resumable."""
     _run_pipeline(CONFIGS / "tiny" / "pipeline.yaml", [f"out={out}"], only)
 
 
