@@ -29,7 +29,7 @@ from npr.engine import LLM, load
 from npr.pipeline import ROW_KINDS, ROWS, eval_dir, eval_row, load_pipeline, run_pipeline
 from npr.progress import quiet_libraries
 from npr.train import checkpoint
-from npr.train.config import load_config
+from npr.train.config import load_config, read_yaml
 from npr.train.rl import train_rl
 
 
@@ -56,8 +56,6 @@ def base_rows(plan, demo: Path, evals: Path | None) -> dict[str, float]:
 
 def demo_seed(demo: Path, redistill: bool) -> dict[str, Path]:
     """Seed 0 is the demo's own run: its stages are seeded 0, so its models are evaluated, not retrained."""
-    from npr.train.config import read_yaml
-
     stages = ["stage3", "sr"] + (["stage2", "sr/sft"] if redistill else [])
     seeds = [read_yaml(demo / s / "config.yaml").get("run", {}).get("seed", 0) for s in stages]
     if redistill:
