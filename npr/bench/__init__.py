@@ -108,8 +108,9 @@ def staggered(llm, prompts: list, params: list, arrive: list[int], victim: int =
 
 
 def filler_ids(tok) -> list[int]:
-    """Ids of the word tokenizer's filler words ("w0", "w1", ...), the text of every workload."""
-    return [i for w, i in tok.get_vocab().items() if w.startswith("w")] or list(range(100, 200))
+    """Ids of the word tokenizer's filler words ("w0", "w1", ...), the text of every workload. Sorted:
+    the tokenizer's vocabulary comes in a different order in every process, and so did the workload."""
+    return sorted(i for w, i in tok.get_vocab().items() if w.startswith("w")) or list(range(100, 200))
 
 
 def workload(tok, n: int, plans: int, step_tokens: int, blocks: int, prompt_tokens: int, seed: int = 0):

@@ -22,7 +22,7 @@ from npr.engine.kv_pool import KVPool
 from npr.engine.params import SamplingParams
 from npr.engine.request import Branch, Completion, Request, Run, completion
 from npr.engine.runner import ModelRunner
-from npr.engine.sampler import SamplingBatch, noise_seed
+from npr.engine.sampler import SamplingBatch, noise_base, noise_key
 from npr.engine.scheduler import Scheduler
 from npr.engine.structure import Allowed, TagState
 from npr.tags import TAGS
@@ -216,7 +216,7 @@ class LLM:
         last, sampled, at = [], [], 0
         for b, n in work:  # a branch samples once all its pending tokens are computed
             at += n
-            if not b.done and n == b.pending:
+            if not b.done and n == len(b.run.tokens) - b.run.computed:  # n == b.pending
                 last.append(at - 1)
                 sampled.append(b)
         logits = self.runner.forward(work, sched.to_copy(), last)
@@ -229,25 +229,19 @@ class LLM:
         sched.postprocess(work, sampled, toks, lps, targets)
 
     def _sampling_batch(self, branches: list[Branch], targets: list[int | None]) -> SamplingBatch:
-        sched = self.scheduler
-        batch = SamplingBatch([], [], [], [], [], [], [])
+        block_fits, mask_of, rows = self.scheduler.block_fits, self._mask, []
         for b, target in zip(branches, targets):
+            if target is not None:  # it replays its target (-1 past the end: a token that finishes it)
+                rows.append((0.0, 0, 1.0, 1.0, 0, max(target, 0), -1))  # and chooses nothing
+                continue
             req, run = b.req, b.run
             p = req.params
-            if target is None:  # it samples: -1, and the structure mask of its state
-                forced = mask = -1
-                if p.enforce_structure:
-                    mask = self._mask(b.state.allowed(p.max_plans, sched.block_fits(b)), req.stops)
-            else:  # it replays its target (-1 past the end: a token that finishes it)
-                forced, mask = max(target, 0), -1
-            batch.temperature.append(p.temperature)
-            batch.top_k.append(p.top_k)
-            batch.top_p.append(p.top_p)
-            batch.penalty.append(p.repetition_penalty if b.state.phase == "step" else 1.0)
-            batch.keys.append(noise_seed(req.seed, run.key, len(run.tokens)))
-            batch.forced.append(forced)
-            batch.masks.append(mask)
-        return batch
+            mask = mask_of(b.state.allowed(p.max_plans, block_fits(b)), req.stops) if p.enforce_structure else -1
+            if run.noise < 0:
+                run.noise = noise_base(req.seed, run.key)
+            penalty = p.repetition_penalty if b.state.phase == "step" else 1.0
+            rows.append((p.temperature, p.top_k, p.top_p, penalty, noise_key(run.noise, len(run.tokens)), -1, mask))
+        return SamplingBatch.of_rows(rows)
 
     def _mask(self, allowed: Allowed, stops: tuple[int, ...]) -> int:
         """Index of the structure mask (True = disallowed) for this state and these stop ids,

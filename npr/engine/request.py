@@ -26,6 +26,7 @@ class Run:
     offset: int = 0  # prompt tokens at the start (first run only)
     computed: int = 0  # tokens whose keys/values are in the pool
     target: list[int] | None = None  # a replayed request's tokens for this run (set on first use)
+    noise: int = -1  # the run's part of its noise keys (sampler.noise_base; set on first use)
 
     def add(self, token: int, position: int, logprob: float, forced: bool) -> None:
         self.tokens.append(token)

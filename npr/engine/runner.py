@@ -57,17 +57,18 @@ class ModelRunner:
         for g, (b, n) in enumerate(work):
             if g == flushed:  # after the flushed branches' pages: lay out the forks' and joins' rows
                 ops = self._layout(copies)
-            run, c, row = b.run, b.run.computed, b.row
+            run, row, length = b.run, b.row, b.length
+            c = run.computed
             if n == 1:  # a decode step: the common case, without the chunk's list building
                 if b.block is not None:
                     siblings.setdefault(b.block, []).append(g)
                 tok = run.tokens[c]
                 ids.append(tok)
                 pos.append(run.positions[c])
-                page_no, off = divmod(c, ps)
-                slots.append(run.seg.pages[page_no] * ps + off)
+                off = c % ps
+                slots.append(run.seg.pages[c // ps] * ps + off)
                 rows.append(row)
-                cols.append(b.length)
+                cols.append(length)
                 seen.append(tok if c >= run.offset else unseen)  # completion tokens: the penalty's "seen"
                 starts = () if off else (c,)
             else:
@@ -75,7 +76,7 @@ class ModelRunner:
                 pos += run.positions[c : c + n]
                 slots += run.seg.slots(c, c + n, ps)
                 rows += [row] * n
-                cols += range(b.length, b.length + n)
+                cols += range(length, length + n)
                 seen += [t if c + i >= run.offset else unseen for i, t in enumerate(run.tokens[c : c + n])]
                 starts = range(-(-c // ps) * ps, c + n, ps)
             for i in starts:  # pages this chunk starts
@@ -84,8 +85,8 @@ class ModelRunner:
                 page.append(run.seg.pages[i // ps])
                 table.npages[row] += 1
             sizes.append(n)
-            group_rows.append(b.row)
-            lengths.append(b.length + n)
+            group_rows.append(row)
+            lengths.append(length + n)
         if flushed == len(work):
             ops = self._layout(copies)
         # everything the device needs of this step, in one host -> device copy

@@ -18,10 +18,23 @@ _MASK = float("-inf")
 _M32 = 0xFFFFFFFF
 
 
+NOISE_KEYS = 2**62
+
+
+def noise_base(seed: int, branch: tuple[int, int]) -> int:
+    """The part of a noise key fixed for a whole branch (`noise_seed` adds the token index)."""
+    block, step = branch
+    return (seed * 1_000_003 + (block + 1) * 65_537 + (step + 1) * 8_191) % NOISE_KEYS
+
+
+def noise_key(base: int, index: int) -> int:
+    """The key of token `index` of a branch whose `noise_base` is `base`."""
+    return (base + index * 131) % NOISE_KEYS
+
+
 def noise_seed(seed: int, branch: tuple[int, int], index: int) -> int:
     """One 62-bit key per (request, branch, token index)."""
-    block, step = branch
-    return (seed * 1_000_003 + (block + 1) * 65_537 + (step + 1) * 8_191 + index * 131) % (2**62)
+    return noise_key(noise_base(seed, branch), index)
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -81,6 +94,11 @@ class SamplingBatch:
     keys: list[int]  # noise keys (noise_seed)
     forced: list[int]  # replayed token, or -1 to sample
     masks: list[int]  # index into the stacked structure masks, or -1
+
+    @classmethod
+    def of_rows(cls, rows: list[tuple]) -> SamplingBatch:
+        """From one tuple per row, in the field order (cheaper to build than seven appends a row)."""
+        return cls(*map(list, zip(*rows))) if rows else cls([], [], [], [], [], [], [])
 
 
 def sample(

@@ -105,11 +105,13 @@ class Scheduler:
         tokens for the step computes all but each branch's last, so none samples before the others.
         """
         while True:
-            flushed, decode, chunks = [], [], []  # decode, chunks: (a request's rows, their tokens)
+            flushed, decode, chunks = [], [], []  # a request's rows; chunks: (rows, their tokens)
+            decoding = 0  # rows of the decoding requests (one token each)
             for r in self.running:
                 rows, total = [], 0
                 for b in r.branches:
-                    n = len(b.run.tokens) - b.run.computed
+                    run = b.run
+                    n = len(run.tokens) - run.computed
                     if n:
                         if b.done:
                             flushed.append((b, n))
@@ -117,9 +119,20 @@ class Scheduler:
                             rows.append((b, n))
                             total += n
                 if rows:
-                    (decode if total == len(rows) else chunks).append((rows, total))
+                    if total == len(rows):
+                        decode.append(rows)
+                        decoding += total
+                    else:
+                        chunks.append((rows, total))
             budget, work = self.max_batch_tokens - len(flushed), flushed
-            for rows, total in decode + sorted(chunks, key=lambda c: min(n for _, n in c[0])):  # shortest first
+            later = sorted(chunks, key=lambda c: min(n for _, n in c[0]))  # shortest first
+            if decoding <= budget:  # every decoding request fits whole (the common case)
+                for rows in decode:
+                    work += rows
+                budget -= decoding
+            else:
+                later = [(rows, len(rows)) for rows in decode] + later
+            for rows, total in later:
                 if total > budget:  # it does not fit whole
                     if len(rows) == 1:  # a lone branch (a prompt) takes part of its chunk
                         rows = [(rows[0][0], budget)] if budget > 0 else []
@@ -166,14 +179,17 @@ class Scheduler:
         targets: list[int | None],
     ):
         """Apply the sampled tokens; `targets` holds each sampled branch's `replay_target`."""
+        done = []
         for b, n in work:
             b.run.computed += n
             b.length += n
+            if b.done:
+                done.append(b)
         for b, tok, lp, target in zip(sampled, toks, lps, targets):
             if not b.dropped and b.req.finish_reason is None:
                 self._accept(b, tok, lp, target == -1)
-        for b, _ in work:
-            if b.done and not b.pending and not b.dropped and b.req.finish_reason is None:
+        for b in done:  # flushed this step (a branch marked done by this step's tokens has one pending)
+            if not b.pending and not b.dropped and b.req.finish_reason is None:
                 self._retire(b)
         for req in [r for r in self.running if r.finish_reason is not None]:
             self.running.remove(req)
@@ -205,14 +221,24 @@ class Scheduler:
         return self.eos if p.stop_token_ids is None else tuple(p.stop_token_ids)
 
     def _accept(self, b: Branch, tok: int, logprob: float, replay_ended: bool) -> None:
-        req, p, run = b.req, b.req.params, b.run
+        req, run = b.req, b.run
+        p = req.params
         if replay_ended:
             return self.finish(req, "stop")
         if req.total >= p.max_tokens:
             return self.finish(req, "length")
-        if b.path >= p.path_budget:
+        path = b.path
+        if path >= p.path_budget:
             return self.finish(req, "path_length")
-        self._write(b, tok, logprob)
+        # `_write`, inline (this runs for every sampled token)
+        run.tokens.append(tok)
+        run.positions.append(run.positions[-1] + 1)
+        run.logprobs.append(logprob)
+        run.forced.append(False)
+        req.total += 1
+        b.path = path = path + 1
+        if path > req.max_path:
+            req.max_path = path
         tag = self.tag_of.get(tok)
         if tag is None:
             if tok in req.stops:
