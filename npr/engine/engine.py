@@ -213,35 +213,38 @@ class LLM:
         work = sched.schedule()
         if not work:
             return
-        last, sampled, at = [], [], 0
-        for b, n in work:  # a branch samples once all its pending tokens are computed
+        # one pass over the rows: which sample (once all their pending tokens are computed), at
+        # which packed position, and with which settings
+        last, sampled, targets, settings, at = [], [], [], [], 0
+        for b, n in work:
             at += n
-            if not b.done and n == len(b.run.tokens) - b.run.computed:  # n == b.pending
+            run = b.run
+            if not b.done and n == len(run.tokens) - run.computed:  # n == b.pending
+                target = None if b.req.replay is None else sched.replay_target(b)
                 last.append(at - 1)
                 sampled.append(b)
+                targets.append(target)
+                settings.append(self._sampling_row(b, target))
         logits = self.runner.forward(work, sched.to_copy(), last)
         toks, lps = [], []
-        targets = [sched.replay_target(b) for b in sampled]
         if sampled:
-            toks, lps = self.runner.sample(
-                logits, [b.row for b in sampled], self._sampling_batch(sampled, targets), self._mask_stack
-            )
+            batch = SamplingBatch.of_rows(settings)
+            toks, lps = self.runner.sample(logits, [b.row for b in sampled], batch, self._mask_stack)
         sched.postprocess(work, sampled, toks, lps, targets)
 
-    def _sampling_batch(self, branches: list[Branch], targets: list[int | None]) -> SamplingBatch:
-        block_fits, mask_of, rows = self.scheduler.block_fits, self._mask, []
-        for b, target in zip(branches, targets):
-            if target is not None:  # it replays its target (-1 past the end: a token that finishes it)
-                rows.append((0.0, 0, 1.0, 1.0, 0, max(target, 0), -1))  # and chooses nothing
-                continue
-            req, run = b.req, b.run
-            p = req.params
-            mask = mask_of(b.state.allowed(p.max_plans, block_fits(b)), req.stops) if p.enforce_structure else -1
-            if run.noise < 0:
-                run.noise = noise_base(req.seed, run.key)
-            penalty = p.repetition_penalty if b.state.phase == "step" else 1.0
-            rows.append((p.temperature, p.top_k, p.top_p, penalty, noise_key(run.noise, len(run.tokens)), -1, mask))
-        return SamplingBatch.of_rows(rows)
+    def _sampling_row(self, b: Branch, target: int | None) -> tuple:
+        """The branch's `SamplingBatch` row; `target` is its `replay_target`."""
+        if target is not None:  # it replays its target (-1 past the end: a token that finishes it)
+            return (0.0, 0, 1.0, 1.0, 0, max(target, 0), -1)  # and chooses nothing
+        req, run = b.req, b.run
+        p = req.params
+        mask = -1
+        if p.enforce_structure:
+            mask = self._mask(b.state.allowed(p.max_plans, self.scheduler.block_fits(b)), req.stops)
+        if run.noise < 0:
+            run.noise = noise_base(req.seed, run.key)
+        penalty = p.repetition_penalty if b.state.phase == "step" else 1.0
+        return (p.temperature, p.top_k, p.top_p, penalty, noise_key(run.noise, len(run.tokens)), -1, mask)
 
     def _mask(self, allowed: Allowed, stops: tuple[int, ...]) -> int:
         """Index of the structure mask (True = disallowed) for this state and these stop ids,

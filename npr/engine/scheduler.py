@@ -53,6 +53,7 @@ class Scheduler:
         self.running: list[Request] = []
         self.finished: dict[int, Request] = {}
         self.paused = False  # admission waits after a preemption until a request finishes
+        self._copies: list[Branch] = []  # forks and joins whose rows are still to copy (`to_copy`)
 
     # ---- admission and scheduling -------------------------------------------------------------
 
@@ -148,8 +149,10 @@ class Scheduler:
                 return []
 
     def to_copy(self) -> list[Branch]:
-        """Branches whose rows still need their sources copied in (after this step's writes)."""
-        return [b for r in self.running for b in r.branches if b.sources]
+        """Branches whose rows still need their sources copied in (after this step's writes): the
+        forks and joins made since the last forward, less those whose request has since ended."""
+        copies, self._copies = [b for b in self._copies if b.sources and not b.dropped], []
+        return copies
 
     def _preempt(self, keep: Request | None) -> bool:
         """Send the newest running request (other than `keep`) back to the queue; False if none."""
@@ -301,6 +304,7 @@ class Scheduler:
             row = self.table.alloc()
             child = Branch(req, run, block.prefix + [run], TagState("step"), b.path, block, i, row=row)
             child.length, child.sources = block.prefix_len, [(b.row, 0, block.prefix_len, 0, -1)]
+            self._copies.append(child)
             self.pool.acquire([r.seg for r in child.context])
             for j, t in enumerate(toks):
                 self._write(child, t, forced=True, position=start + j)
@@ -336,6 +340,7 @@ class Scheduler:
         for row, step in zip(block.rows, block.steps):
             joined.sources.append((row, p, p + len(step.tokens), pages, -1))
             at += len(step.tokens)
+        self._copies.append(joined)
         joined.length, joined.frees, block.rows = at, block.rows, []
         self.pool.acquire([r.seg for r in joined.context])
         self._unhold(block)
