@@ -19,8 +19,8 @@ from types import SimpleNamespace
 
 import torch
 
-from npr.bench import random_model, runs_of, word_tokenizer, workload
-from npr.engine import LLM, SamplingParams
+from npr.bench import random_model, replay_settings, word_tokenizer, workload
+from npr.engine import LLM
 
 
 def main() -> None:
@@ -41,8 +41,7 @@ def main() -> None:
         )
         cells = []
         for mode in ("sequential", "parallel"):
-            sp = SamplingParams(mode=mode, max_tokens=10**6, enforce_structure=False, repetition_limit=10**6)
-            replay = [[c] if mode == "sequential" else runs_of(p, c, llm.tags) for p, c in work]
+            sp, replay = replay_settings(mode, work, llm.tags)
             best = float("inf")
             for _ in range(args.repeats):
                 t0 = time.perf_counter()

@@ -192,6 +192,15 @@ def runs_of(prompt: list[int], completion: list[int], tag_ids: dict) -> list[lis
     return runs
 
 
+def replay_settings(mode: str, work: list, tags: dict):
+    """(SamplingParams, replay targets) that make the engine write `work`'s completions exactly, in
+    `mode`: no budget, mask or repetition stop cuts a trajectory short."""
+    from npr.engine import SamplingParams
+
+    sp = SamplingParams(mode=mode, max_tokens=10**6, enforce_structure=False, repetition_limit=10**6)
+    return sp, [runs_of(p, c, tags) if mode == "parallel" else [c] for p, c in work]
+
+
 def bench_engine(
     model,
     tok,
@@ -223,8 +232,7 @@ def bench_engine(
     dev = llm.device
 
     def run(mode):
-        sp = SamplingParams(mode=mode, max_tokens=10**6, enforce_structure=False, repetition_limit=10**6)
-        replay = [runs_of(p, c, tags) if mode == "parallel" else [c] for p, c in work]
+        sp, replay = replay_settings(mode, work, tags)
         _sync(dev)
         t0 = time.perf_counter()
         outs = llm.generate([p for p, _ in work], sp, replay=replay)

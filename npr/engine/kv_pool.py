@@ -114,19 +114,11 @@ class KVPool:
     def reserve_all(self, work: list[tuple[Segment, int]]) -> bool:
         """`reserve` n tokens in each segment, all or nothing: False, with nothing reserved, when the
         free pages are too few. Each need is computed once (the engine's per-step path)."""
-        ps, needs, total = self.page_size, [], 0
-        for seg, n in work:  # `pages_needed`, inline: this runs for every live branch every step
-            over = n + seg.length - len(seg.pages) * ps
-            need = -(-over // ps) if over > 0 else 0
-            needs.append(need)
-            total += need
-        if total > len(self.free):
+        needs = [self.pages_needed(seg, n) for seg, n in work]
+        if sum(needs) > len(self.free):
             return False
         for (seg, n), need in zip(work, needs):
-            if need:
-                self._grow(seg, n, need)
-            else:
-                seg.length += n
+            self._grow(seg, n, need)
         return True
 
     def _grow(self, seg: Segment, n: int, need: int) -> None:

@@ -53,7 +53,6 @@ class Scheduler:
         self.running: list[Request] = []
         self.finished: dict[int, Request] = {}
         self.paused = False  # admission waits after a preemption until a request finishes
-        self._copies: list[Branch] = []  # forks and joins whose rows are still to copy (`to_copy`)
 
     # ---- admission and scheduling -------------------------------------------------------------
 
@@ -106,13 +105,11 @@ class Scheduler:
         tokens for the step computes all but each branch's last, so none samples before the others.
         """
         while True:
-            flushed, decode, chunks = [], [], []  # a request's rows; chunks: (rows, their tokens)
-            decoding = 0  # rows of the decoding requests (one token each)
+            flushed, decode, chunks = [], [], []  # decode, chunks: (a request's rows, their tokens)
             for r in self.running:
                 rows, total = [], 0
                 for b in r.branches:
-                    run = b.run
-                    n = len(run.tokens) - run.computed
+                    n = len(b.run.tokens) - b.run.computed
                     if n:
                         if b.done:
                             flushed.append((b, n))
@@ -120,20 +117,9 @@ class Scheduler:
                             rows.append((b, n))
                             total += n
                 if rows:
-                    if total == len(rows):
-                        decode.append(rows)
-                        decoding += total
-                    else:
-                        chunks.append((rows, total))
+                    (decode if total == len(rows) else chunks).append((rows, total))
             budget, work = self.max_batch_tokens - len(flushed), flushed
-            later = sorted(chunks, key=lambda c: min(n for _, n in c[0]))  # shortest first
-            if decoding <= budget:  # every decoding request fits whole (the common case)
-                for rows in decode:
-                    work += rows
-                budget -= decoding
-            else:
-                later = [(rows, len(rows)) for rows in decode] + later
-            for rows, total in later:
+            for rows, total in decode + sorted(chunks, key=lambda c: min(n for _, n in c[0])):  # shortest first
                 if total > budget:  # it does not fit whole
                     if len(rows) == 1:  # a lone branch (a prompt) takes part of its chunk
                         rows = [(rows[0][0], budget)] if budget > 0 else []
@@ -149,10 +135,8 @@ class Scheduler:
                 return []
 
     def to_copy(self) -> list[Branch]:
-        """Branches whose rows still need their sources copied in (after this step's writes): the
-        forks and joins made since the last forward, less those whose request has since ended."""
-        copies, self._copies = [b for b in self._copies if b.sources and not b.dropped], []
-        return copies
+        """Branches whose rows still need their sources copied in (after this step's writes)."""
+        return [b for r in self.running for b in r.branches if b.sources]
 
     def _preempt(self, keep: Request | None) -> bool:
         """Send the newest running request (other than `keep`) back to the queue; False if none."""
@@ -182,17 +166,14 @@ class Scheduler:
         targets: list[int | None],
     ):
         """Apply the sampled tokens; `targets` holds each sampled branch's `replay_target`."""
-        done = []
         for b, n in work:
             b.run.computed += n
             b.length += n
-            if b.done:
-                done.append(b)
         for b, tok, lp, target in zip(sampled, toks, lps, targets):
             if not b.dropped and b.req.finish_reason is None:
                 self._accept(b, tok, lp, target == -1)
-        for b in done:  # flushed this step (a branch marked done by this step's tokens has one pending)
-            if not b.pending and not b.dropped and b.req.finish_reason is None:
+        for b, _ in work:
+            if b.done and not b.pending and not b.dropped and b.req.finish_reason is None:
                 self._retire(b)
         for req in [r for r in self.running if r.finish_reason is not None]:
             self.running.remove(req)
@@ -224,24 +205,14 @@ class Scheduler:
         return self.eos if p.stop_token_ids is None else tuple(p.stop_token_ids)
 
     def _accept(self, b: Branch, tok: int, logprob: float, replay_ended: bool) -> None:
-        req, run = b.req, b.run
-        p = req.params
+        req, p, run = b.req, b.req.params, b.run
         if replay_ended:
             return self.finish(req, "stop")
         if req.total >= p.max_tokens:
             return self.finish(req, "length")
-        path = b.path
-        if path >= p.path_budget:
+        if b.path >= p.path_budget:
             return self.finish(req, "path_length")
-        # `_write`, inline (this runs for every sampled token)
-        run.tokens.append(tok)
-        run.positions.append(run.positions[-1] + 1)
-        run.logprobs.append(logprob)
-        run.forced.append(False)
-        req.total += 1
-        b.path = path = path + 1
-        if path > req.max_path:
-            req.max_path = path
+        self._write(b, tok, logprob)
         tag = self.tag_of.get(tok)
         if tag is None:
             if tok in req.stops:
@@ -266,9 +237,11 @@ class Scheduler:
     def _write(b: Branch, tok: int, logprob: float = 0.0, forced: bool = False, position: int | None = None) -> None:
         """Append a completion token to the branch's run and charge it to both budgets."""
         b.run.add(tok, b.run.positions[-1] + 1 if position is None else position, logprob, forced)
-        b.req.total += 1
+        req = b.req
+        req.total += 1
         b.path += 1
-        b.req.max_path = max(b.req.max_path, b.path)
+        if b.path > req.max_path:  # a comparison, not max(): this runs for every token
+            req.max_path = b.path
 
     def _text(self, text: str) -> list[int]:
         """Token ids of forced text (cached: the same few labels recur in every block)."""
@@ -304,7 +277,6 @@ class Scheduler:
             row = self.table.alloc()
             child = Branch(req, run, block.prefix + [run], TagState("step"), b.path, block, i, row=row)
             child.length, child.sources = block.prefix_len, [(b.row, 0, block.prefix_len, 0, -1)]
-            self._copies.append(child)
             self.pool.acquire([r.seg for r in child.context])
             for j, t in enumerate(toks):
                 self._write(child, t, forced=True, position=start + j)
@@ -340,7 +312,6 @@ class Scheduler:
         for row, step in zip(block.rows, block.steps):
             joined.sources.append((row, p, p + len(step.tokens), pages, -1))
             at += len(step.tokens)
-        self._copies.append(joined)
         joined.length, joined.frees, block.rows = at, block.rows, []
         self.pool.acquire([r.seg for r in joined.context])
         self._unhold(block)
