@@ -218,8 +218,7 @@ class LLM:
         last, sampled, targets, settings, at = [], [], [], [], 0
         for b, n in work:
             at += n
-            run = b.run
-            if not b.done and n == len(run.tokens) - run.computed:  # n == b.pending
+            if not b.done and n == b.pending:
                 target = None if b.req.replay is None else sched.replay_target(b)
                 last.append(at - 1)
                 sampled.append(b)
