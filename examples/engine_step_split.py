@@ -24,6 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, nargs="+", default=[16, 64], help="rows decoded together")
     ap.add_argument("--repeats", type=int, default=6, help="interleaved runs, the fastest kept")
+    ap.add_argument("--prompt-tokens", type=int, default=32, help="tokens per prompt (the prefill counts in both)")
     ap.add_argument("--sample", action="store_true", help="sample (T = 1, top-p 0.7) in both, not replay / argmax")
     args = ap.parse_args()
     torch.set_num_threads(2)
@@ -41,13 +42,13 @@ def main() -> None:
     print("| rows | engine: model ms / step | engine: rest | generate: model | generate: rest |")
     print("|---|---|---|---|---|")
     for n in args.requests:
-        cells = [f"{x * 1e3:.2f}" for x in split(model, tok, n, args.repeats, inside, args.sample)]
+        cells = [f"{x * 1e3:.2f}" for x in split(model, tok, n, args.repeats, inside, args.sample, args.prompt_tokens)]
         print(f"| {n} | " + " | ".join(cells) + " |", flush=True)
 
 
-def split(model, tok, n: int, repeats: int, inside: list[float], sample: bool = False) -> list[float]:
+def split(model, tok, n: int, repeats: int, inside: list[float], sample: bool = False, prompt_tokens: int = 32):
     """Seconds per step of n rows: [engine model, engine rest, generate model, generate rest]."""
-    work = workload(tok, n, plans=4, step_tokens=32, blocks=1, prompt_tokens=32)
+    work = workload(tok, n, plans=4, step_tokens=32, blocks=1, prompt_tokens=prompt_tokens)
     steps = max(len(c) for _, c in work)  # tokens per request: one forward each in both
     llm = LLM(model, tok, max_num_seqs=max(256, n))
     if sample:  # every request runs to `steps` tokens: no stop ids, no repetition stop

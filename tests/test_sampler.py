@@ -29,6 +29,20 @@ def test_samples_follow_the_softmax_and_logprobs_are_untempered():
     assert flat.max() < freq.max()  # a higher temperature flattens the choice
 
 
+def test_logprobs_are_the_trainers_formula_bit_for_bit():
+    """The engine's log-prob of a token is the RL trainer's (`modeling._head_chunk`: log-softmax of
+    the fp32 logits, then gather) to the last bit, so `logprob_gap` measures the two forwards only."""
+    from npr.modeling import _head_chunk
+
+    torch.manual_seed(3)
+    hidden, weight = torch.randn(64, 32), torch.randn(997, 32)
+    logits = hidden @ weight.T
+    for b in (batch(64), batch(64, forced=5), batch(64, top_p=0.7), batch(64, temperature=0.0)):
+        toks, lps = sample(logits, b)
+        trainer = _head_chunk(hidden, torch.tensor(toks), weight, None)[:, 0]
+        assert torch.equal(torch.tensor(lps, dtype=torch.float32), trainer)
+
+
 def test_top_k_top_p_greedy_forced_and_masks():
     logits = torch.tensor([[3.0, 2.0, 1.0, 0.0, -1.0]]).expand(3000, -1)
     assert set(sample(logits, batch(3000, top_k=2))[0]) == {0, 1}

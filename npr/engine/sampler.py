@@ -121,23 +121,24 @@ def sample(
         rows = free if len(free) < len(batch.forced) else None
         tok = forced.clone()
         tok[_at(rows, dev)], unsure = _choose(logits, batch, rows, seen, masks)
-    lse = torch.logsumexp(logits, -1)
+    logp = torch.log_softmax(logits, -1)  # the trainer's formula (modeling._head_chunk), one fused pass
     flags = []  # rows whose top-p mass ran past their candidates (rare), known after the transfer
     if unsure is not None:
         flags.append(torch.zeros_like(tok).index_copy_(0, _at(free, dev), unsure.long()))
-    out = _transfer(logits, tok, lse, flags)  # the step's one device -> host sync
+    out = _transfer(logp, tok, flags)  # the step's one device -> host sync
     again = [r for r, u in enumerate(out[2]) if u] if flags else []
     if again:  # chosen again over the whole vocabulary
         tok[_at(again, dev)], _ = _choose(logits, batch, again, seen, masks, exact=True)
-        out = _transfer(logits, tok, lse)
+        out = _transfer(logp, tok)
     return out[0], out[1]
 
 
-def _transfer(logits, tok, lse, extra=()) -> list[list]:
-    """[ids, untempered log-probs, *extra] as host lists, in one copy: one int64 tensor, the
-    log-probs as the bits of float64s (so the ids need no conversion from floats)."""
-    logp = logits.gather(1, tok[:, None])[:, 0] - lse
-    host = torch.stack([tok, logp.double().view(torch.int64), *extra]).cpu()
+def _transfer(logp, tok, extra=()) -> list[list]:
+    """[ids, their log-probs in `logp` (the raw logits' log-softmax), *extra] as host lists, in one
+    copy: one int64 tensor, the log-probs as the bits of float64s (so the ids need no conversion
+    from floats)."""
+    chosen = logp.gather(1, tok[:, None])[:, 0]
+    host = torch.stack([tok, chosen.double().view(torch.int64), *extra]).cpu()
     return [host[0].tolist(), host[1].view(torch.float64).tolist(), *(h.tolist() for h in host[2:])]
 
 
