@@ -145,12 +145,15 @@ def _transfer(logp, tok, extra=()) -> list[list]:
 def int64_blocks(device, *blocks: list[list[int]]) -> list[torch.Tensor]:
     """Blocks of equally long host lists of ints (or bools) as [len(block), n] int64 views of one
     tensor on `device`: one copy for all (a step's metadata has a few blocks, and each copy costs
-    a call), built through an array, several times cheaper than `torch.tensor` of the lists."""
-    flat, shapes = array("q"), []
+    a call), built through an array, several times cheaper than `torch.tensor` of the lists (and
+    from one joined list: `array.extend` of each list took 1.8x as long, 34 against 19 us for
+    the nine lists of a 64-row decode step)."""
+    joined, shapes = [], []
     for block in blocks:
         for row in block:
-            flat.extend(row)
+            joined += row
         shapes.append((len(block), len(block[0]) if block else 0))
+    flat = array("q", joined)
     whole = torch.frombuffer(flat, dtype=torch.int64) if flat else torch.zeros(0, dtype=torch.int64)
     # on a CPU the tensor is the array's memory (and keeps it alive); a copy to a GPU from pageable
     # memory is staged before the call returns, so the array may go after it

@@ -77,9 +77,9 @@ class Scheduler:
             self.paused = False
             req.started = req.started or time.perf_counter()
             req.stops = self.stop_ids(req.params)
-            run = Run(0, (-1, -1), offset=len(req.prompt))
-            for i, t in enumerate(req.prompt):
-                run.add(t, i, 0.0, True)
+            n = len(req.prompt)  # the prompt as forced tokens at positions 0..n-1, recorded in bulk
+            run = Run(0, (-1, -1), tokens=list(req.prompt), positions=list(range(n)), logprobs=[0.0] * n,
+                      forced=[True] * n, offset=n)  # fmt: skip
             req.runs.append(run)
             self.pool.acquire([run.seg])
             req.branches.append(Branch(req, run, [run], TagState(), path=0, row=self.table.alloc()))
