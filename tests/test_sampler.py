@@ -36,7 +36,7 @@ def test_logprobs_are_the_trainers_formula_bit_for_bit():
 
     torch.manual_seed(3)
     hidden, weight = torch.randn(64, 32), torch.randn(997, 32)
-    logits = hidden @ weight.T
+    logits = torch.nn.functional.linear(hidden, weight)  # the head, as `_head_chunk` computes it
     for b in (batch(64), batch(64, forced=5), batch(64, top_p=0.7), batch(64, temperature=0.0)):
         toks, lps = sample(logits, b)
         trainer = _head_chunk(hidden, torch.tensor(toks), weight, None)[:, 0]
