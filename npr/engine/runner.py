@@ -53,7 +53,7 @@ class ModelRunner:
         unseen = table.vocab  # the `seen` column of a token the penalty does not count (a prompt's)
         sizes, group_rows, lengths, ops = [], [], [], []
         siblings: dict[Block, list[int]] = {}  # decoding steps of one block (shared-prefix attention)
-        flushed = sum(b.done for b, _ in work)
+        flushed = next((g for g, (b, _) in enumerate(work) if not b.done), len(work))  # they come first
         for g, (b, n) in enumerate(work):
             if g == flushed:  # after the flushed branches' pages: lay out the forks' and joins' rows
                 ops = self._layout(copies)
@@ -93,7 +93,8 @@ class ModelRunner:
         meta, groups, p = int64_blocks(
             dev, [ids, pos, slots, rows, cols, seen], [group_rows, lengths, sizes], [prow, pcol, page]
         )
-        most_pages = max(table.npages[r] for r in group_rows + [b.row for b in copies])
+        # only rows that start a page this step or are copied into can outgrow the table's width
+        most_pages = max([table.npages[r] for r in prow] + [table.npages[b.row] for b in copies], default=0)
         table.reserve(max(lengths + [b.length for b in copies]), most_pages)
         table.write(meta[3], meta[4], meta[2])
         if page:
