@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from npr.bench import hf_timer, random_model, word_tokenizer, workload
+from npr.bench import hf_timer, random_model, replay_settings, word_tokenizer, workload
 from npr.engine import LLM, SamplingParams
 
 
@@ -54,12 +54,13 @@ def split(model, tok, n: int, repeats: int, inside: list[float], sample: bool = 
     if sample:  # every request runs to `steps` tokens: no stop ids, no repetition stop
         sp = SamplingParams(mode="sequential", temperature=1.0, top_p=0.7, max_tokens=steps, stop_token_ids=[],
                             repetition_limit=10**6, seed=0)  # fmt: skip
+        replay = None
     else:
-        sp = SamplingParams(mode="sequential", max_tokens=10**6, enforce_structure=False, repetition_limit=10**6)
+        sp, replay = replay_settings("sequential", work, llm.tags)
     hf = hf_timer(model, [p for p, _ in work], sample=sample)
 
     def engine():
-        llm.generate([p for p, _ in work], sp, replay=None if sample else [[c] for _, c in work])
+        llm.generate([p for p, _ in work], sp, replay=replay)
 
     best = {"engine": (float("inf"), 0.0), "hf": (float("inf"), 0.0)}
     for _ in range(repeats):

@@ -109,7 +109,7 @@ class Scheduler:
             for r in self.running:
                 rows, total = [], 0
                 for b in r.branches:
-                    n = len(b.run.tokens) - b.run.computed
+                    n = b.pending
                     if n:
                         if b.done:
                             flushed.append((b, n))
