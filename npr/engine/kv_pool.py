@@ -121,6 +121,20 @@ class KVPool:
             self._grow(seg, n, need)
         return True
 
+    def reserve_each(self, segs: list[Segment]) -> bool:
+        """`reserve_all` of one token in each segment (a decode step): only the segments whose last
+        page is full take a page."""
+        ps = self.page_size
+        full = [seg for seg in segs if len(seg.pages) * ps == seg.length]
+        if len(full) > len(self.free):
+            return False
+        for seg in full:
+            seg.pages.append(self.free.pop())
+            self.live.add(id(seg))
+        for seg in segs:
+            seg.length += 1
+        return True
+
     def _grow(self, seg: Segment, n: int, need: int) -> None:
         """Give `seg` `need` free pages (there are that many) and count `n` more tokens in it."""
         if need:  # most calls (a decode token with room on its last page) allocate nothing

@@ -53,6 +53,10 @@ class Scheduler:
         self.running: list[Request] = []
         self.finished: dict[int, Request] = {}
         self.paused = False  # admission waits after a preemption until a request finishes
+        # the last step's work while it is pure decoding (one token per branch, every branch) and
+        # no event has changed which branches run: the next step's work is the same list
+        self._steady: list[tuple[Branch, int]] | None = None
+        self._copies = False  # whether the last scheduled work may have rows to copy in
 
     # ---- admission and scheduling -------------------------------------------------------------
 
@@ -74,7 +78,7 @@ class Scheduler:
             if self.running and need + self.watermark > spare:
                 break
             self.waiting.popleft()
-            self.paused = False
+            self.paused, self._steady = False, None
             req.started = req.started or time.perf_counter()
             req.stops = self.stop_ids(req.params)
             n = len(req.prompt)  # the prompt as forced tokens at positions 0..n-1, recorded in bulk
@@ -104,6 +108,12 @@ class Scheduler:
         decoding request that does not fit waits one step whole; a request with too many forced
         tokens for the step computes all but each branch's last, so none samples before the others.
         """
+        if self._steady is not None:  # the same branches as last step, one token each
+            work = self._steady
+            if self.pool.reserve_each([b.run.seg for b, _ in work]):
+                self._copies = False
+                return work
+            self._steady = None  # the pool is short: the general path below preempts
         while True:
             flushed, decode, chunks = [], [], []  # decode, chunks: (a request's rows, their tokens)
             for r in self.running:
@@ -118,6 +128,8 @@ class Scheduler:
                             total += n
                 if rows:
                     (decode if total == len(rows) else chunks).append((rows, total))
+            # pure decoding: the next step's work is this one's until an event changes the branches
+            steady = not flushed and not chunks
             budget, work = self.max_batch_tokens - len(flushed), flushed
             for rows, total in decode + sorted(chunks, key=lambda c: min(n for _, n in c[0])):  # shortest first
                 if total > budget:  # it does not fit whole
@@ -130,12 +142,17 @@ class Scheduler:
                 work += rows
                 budget -= total
             if self.pool.reserve_all([(b.run.seg, n) for b, n in work]):
+                # (every decoding request in: none waited for room)
+                self._steady = work if steady and len(work) == sum(len(rows) for rows, _ in decode) else None
+                self._copies = True
                 return work
             if not self._preempt(keep=None):
                 return []
 
     def to_copy(self) -> list[Branch]:
         """Branches whose rows still need their sources copied in (after this step's writes)."""
+        if not self._copies:  # steady decoding: only a fork or a join sets sources
+            return []
         return [b for r in self.running for b in r.branches if b.sources]
 
     def _preempt(self, keep: Request | None) -> bool:
@@ -145,6 +162,7 @@ class Scheduler:
             return False
         victim = victims[-1]
         self.running.remove(victim)
+        self._steady = None
         if not self.running and keep is None:
             self.finish(victim, "aborted", "the KV pool cannot hold this request alone; give the engine more pages")
             self.finished[victim.id] = victim
@@ -250,6 +268,7 @@ class Scheduler:
         return self._texts[text]
 
     def _fork(self, b: Branch) -> None:
+        self._steady = None
         req, p = b.req, b.req.params
         k = b.state.plans
         forced = [[self.tags[STEP], *self._text(p.fork_text.replace("{i}", str(i + 1)))] for i in range(k)]
@@ -289,6 +308,7 @@ class Scheduler:
         block.held = True
 
     def _end_step(self, b: Branch) -> None:
+        self._steady = None
         req, block = b.req, b.block
         b.done = True
         block.ended += 1
@@ -327,6 +347,7 @@ class Scheduler:
     # ---- lifecycle ----------------------------------------------------------------------------
 
     def _retire(self, b: Branch) -> None:
+        self._steady = None
         self.pool.release([r.seg for r in b.context])
         if b.block is None:  # step rows belong to their block until the join has copied them
             self.table.release(b.row)
@@ -366,12 +387,14 @@ class Scheduler:
                 return None
             self.running.remove(req)
             self.paused = False
+        self._steady = None
         self.finish(req, "aborted", "cancelled")
         return req
 
     def finish(self, req: Request, reason: str, error: str | None = None) -> None:
         if req.finish_reason is not None:
             return
+        self._steady = None
         self._drop(req)
         req.finish_reason, req.error = reason, error
         req.ended = time.perf_counter()
