@@ -270,9 +270,8 @@ class LLM:
         """Fail early, with a clear message, for models that bypass AttentionInterface."""
         from npr.engine import attention
 
-        run = Run(0, (-1, -1))
         eos = self.tokenizer.eos_token_id
-        run.add(eos if eos is not None else 0, 0, 0.0, True)
+        run = Run(0, (-1, -1), tokens=[eos if eos is not None else 0], positions=[0], logprobs=[0.0], forced=[True])
         probe = Branch(None, run, [run], TagState(), 0, row=self.table.alloc())
         self.pool.acquire([run.seg])
         self.pool.reserve(run.seg, 1)

@@ -28,12 +28,6 @@ class Run:
     target: list[int] | None = None  # a replayed request's tokens for this run (set on first use)
     noise: int = -1  # the run's part of its noise keys (sampler.noise_base; set on first use)
 
-    def add(self, token: int, position: int, logprob: float, forced: bool) -> None:
-        self.tokens.append(token)
-        self.positions.append(position)
-        self.logprobs.append(logprob)
-        self.forced.append(forced)
-
 
 @dataclass(eq=False)
 class Block:

@@ -190,8 +190,10 @@ class Scheduler:
         for b, tok, lp, target in zip(sampled, toks, lps, targets):
             if not b.dropped and b.req.finish_reason is None:
                 self._accept(b, tok, lp, target == -1)
-        for b, _ in work:
-            if b.done and not b.pending and not b.dropped and b.req.finish_reason is None:
+        for b, _ in work:  # the flushed branches come first; the first with a token pending ends them
+            if b.pending:
+                break
+            if b.done and not b.dropped and b.req.finish_reason is None:
                 self._retire(b)
         for req in [r for r in self.running if r.finish_reason is not None]:
             self.running.remove(req)
@@ -254,7 +256,11 @@ class Scheduler:
     @staticmethod
     def _write(b: Branch, tok: int, logprob: float = 0.0, forced: bool = False, position: int | None = None) -> None:
         """Append a completion token to the branch's run and charge it to both budgets."""
-        b.run.add(tok, b.run.positions[-1] + 1 if position is None else position, logprob, forced)
+        run = b.run  # this runs for every token: no call more than needed
+        run.tokens.append(tok)
+        run.positions.append(run.positions[-1] + 1 if position is None else position)
+        run.logprobs.append(logprob)
+        run.forced.append(forced)
         req = b.req
         req.total += 1
         b.path += 1
