@@ -593,3 +593,41 @@ def test_no_hidden_device_syncs_per_step(tok, biased, kernel, monkeypatch):
     few = _hidden_syncs(LLM(biased, tok, num_pages=512, page_size=16, attention=kernel), 2, tok)
     many = _hidden_syncs(LLM(biased, tok, num_pages=512, page_size=16, attention=kernel), 12, tok)
     assert few == 0 and many == 0, (few, many)
+
+
+@pytest.mark.parametrize("pages", [40, 512])
+def test_steady_decode_steps_schedule_what_the_general_path_would(tok, biased, pages, monkeypatch):
+    """A pure decode step reuses the last step's work (Scheduler._steady) until an event changes
+    the branches: the same tokens, reasons and log-probs as rebuilding the work every step, with
+    forks, joins, arrivals, an abort and (in the small pool) preemptions."""
+    from npr.bench import staggered
+    from npr.engine.scheduler import Scheduler
+
+    prompts = PROMPTS * 2
+    params = [SamplingParams(max_tokens=90, seed=s, temperature=0.8, max_plans=3) for s in range(8)]
+    arrive, general = [0, 0, 3, 9, 9, 20, 31, 40], Scheduler.schedule
+    hits = []
+
+    def counted(self):
+        hits.append(self._steady is not None)
+        return general(self)
+
+    monkeypatch.setattr(Scheduler, "schedule", counted)
+    cached = staggered(LLM(biased, tok, num_pages=pages, page_size=4), prompts, params, arrive, victim=2, kill=25)
+
+    def rebuilt(self):
+        self._steady = None
+        return general(self)
+
+    monkeypatch.setattr(Scheduler, "schedule", rebuilt)
+    llm = LLM(biased, tok, num_pages=pages, page_size=4)
+    fresh = staggered(llm, prompts, params, arrive, victim=2, kill=25)
+    assert sum(hits) > len(hits) // 4 and not all(hits)  # both paths ran
+    assert any(o and o.stats["parallel_blocks"] for o in fresh)
+    if pages == 40:
+        assert any(o and o.stats["preemptions"] for o in fresh)
+    for a, b in zip(cached, fresh):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert (a.token_ids, a.finish_reason, a.logprobs) == (b.token_ids, b.finish_reason, b.logprobs)
+    assert llm.pool.free_pages == llm.pool.num_pages and not llm.pool.live

@@ -40,6 +40,7 @@ class ModelRunner:
             self.fill = torch.zeros(pool.num_pages + 1, dtype=torch.int64, device=self.device)
             self.new_group = torch.full((slots,), -1, dtype=torch.int64, device=self.device)  # group writing a slot
             self.new_pos = torch.zeros(slots, dtype=torch.int64, device=self.device)  # its index in the chunk
+        self._arange = torch.arange(256, device=self.device)
         attention.register()
 
     def forward(self, work: list[tuple[Branch, int]], copies: list[Branch], last: list[int]) -> torch.Tensor:
@@ -168,12 +169,20 @@ class ModelRunner:
             rows, lens = groups[0][idx], groups[1][idx]
             context = self.table.slots[:, :width].index_select(0, rows)
             mask, causal = None, n > 1 and uniform and width == n  # a whole prompt in one chunk: plain causal
-            if (n > 1 or not uniform) and not causal:
-                limit = (lens - n)[:, None] + torch.arange(n, device=self.device)[None, :]  # query j sees [0, limit]
-                hidden = torch.arange(width, device=self.device)[None, None, :] > limit[:, :, None]
+            if n == 1 and not uniform:  # decoding rows: each sees its first `lens` slots (two ops, not six)
+                mask = _additive(self._columns(width) >= lens[:, None], self.dtype)[:, None, None]
+            elif n > 1 and not causal:
+                limit = (lens - n)[:, None] + self._columns(n)[None, :]  # query j sees [0, limit]
+                hidden = self._columns(width)[None, None, :] > limit[:, :, None]
                 mask = _additive(hidden, self.dtype)[:, None]
             buckets.append(attention.Bucket(queries, context, mask, causal=causal, every=isinstance(idx, slice)))
         return attention.Batch(slot_mapping, buckets)
+
+    def _columns(self, n: int) -> torch.Tensor:
+        """arange(n) on the device, sliced from one kept tensor (grown by doubling)."""
+        if len(self._arange) < n:
+            self._arange = torch.arange(max(n, 2 * len(self._arange)), device=self.device)
+        return self._arange[:n]
 
     def _shared_bucket(self, blocks: list, first: list[int], lengths: list[int], group_rows: list[int]):
         """k sibling steps decoding one token each, as one group of k queries over a context of
@@ -347,4 +356,5 @@ def _share(prefix: int, members: list[int], lengths: list[int]) -> bool:
 
 def _additive(hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """0 where visible, -inf where `hidden`: SDPA would convert a boolean mask in every call."""
-    return torch.zeros(hidden.shape, dtype=dtype, device=hidden.device).masked_fill_(hidden, -torch.inf)
+    mask = torch.where(hidden, -torch.inf, 0.0)  # fp32 (one op; faster than zeros, then masked_fill_)
+    return mask if dtype == torch.float32 else mask.to(dtype)
