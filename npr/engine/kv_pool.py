@@ -129,8 +129,7 @@ class KVPool:
         if len(full) > len(self.free):
             return False
         for seg in full:
-            seg.pages.append(self.free.pop())
-            self.live.add(id(seg))
+            self._grow(seg, 0, 1)
         for seg in segs:
             seg.length += 1
         return True

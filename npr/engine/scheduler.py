@@ -56,7 +56,6 @@ class Scheduler:
         # the last step's work while it is pure decoding (one token per branch, every branch) and
         # no event has changed which branches run: the next step's work is the same list
         self._steady: list[tuple[Branch, int]] | None = None
-        self._copies = False  # whether the last scheduled work may have rows to copy in
 
     # ---- admission and scheduling -------------------------------------------------------------
 
@@ -111,7 +110,6 @@ class Scheduler:
         if self._steady is not None:  # the same branches as last step, one token each
             work = self._steady
             if self.pool.reserve_each([b.run.seg for b, _ in work]):
-                self._copies = False
                 return work
             self._steady = None  # the pool is short: the general path below preempts
         while True:
@@ -144,14 +142,13 @@ class Scheduler:
             if self.pool.reserve_all([(b.run.seg, n) for b, n in work]):
                 # (every decoding request in: none waited for room)
                 self._steady = work if steady and len(work) == sum(len(rows) for rows, _ in decode) else None
-                self._copies = True
                 return work
             if not self._preempt(keep=None):
                 return []
 
     def to_copy(self) -> list[Branch]:
         """Branches whose rows still need their sources copied in (after this step's writes)."""
-        if not self._copies:  # steady decoding: only a fork or a join sets sources
+        if self._steady is not None:  # a fork's or join's step flushes its parent or steps: never steady
             return []
         return [b for r in self.running for b in r.branches if b.sources]
 
