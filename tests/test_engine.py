@@ -370,7 +370,7 @@ def test_long_prompts_prefill_in_chunks(tok, biased):
     llm = LLM(biased, tok, num_pages=512, page_size=4, max_batch_tokens=16, max_num_seqs=16)
     sizes = []
     forward = llm.runner.forward
-    llm.runner.forward = lambda work, *a: sizes.append(sum(n for _, n in work)) or forward(work, *a)
+    llm.runner.forward = lambda work, *a, **k: sizes.append(sum(n for _, n in work)) or forward(work, *a, **k)
     chunked = llm.generate([prompt, PROMPTS[0]], sp)
     assert len(tok.encode(prompt)) > 40 and max(sizes) <= 16
     for a, b in zip(whole, chunked):
@@ -631,3 +631,52 @@ def test_steady_decode_steps_schedule_what_the_general_path_would(tok, biased, p
         if a is not None:
             assert (a.token_ids, a.finish_reason, a.logprobs) == (b.token_ids, b.finish_reason, b.logprobs)
     assert llm.pool.free_pages == llm.pool.num_pages and not llm.pool.live
+
+
+@pytest.mark.parametrize("case", ["mixed", "long"])
+def test_staged_decode_contexts_attend_as_gathered_ones(tok, biased, case, monkeypatch):
+    """A run of pure decode steps keeps its contexts in a contiguous copy (attention.Staged) and
+    appends each step's keys and values to it instead of gathering out of the pool: the same
+    tokens and log-probs as gathering every step. "mixed": both modes, uneven lengths (the
+    masked path), forks, joins, arrivals and an abort; "long": runs that outgrow their copy."""
+    from npr.bench import staggered
+    from npr.engine import kv_pool
+    from npr.engine.runner import ModelRunner
+
+    prompts = PROMPTS * 2  # four prompt lengths: the rows' lengths differ
+    if case == "mixed":
+        modes = ["parallel", "sequential"] * 4
+        params = [
+            SamplingParams(mode=m, max_tokens=120, seed=s, temperature=0.8, max_plans=3) for s, m in enumerate(modes)
+        ]
+        arrive, victim, kill = [0, 0, 3, 9, 9, 20, 31, 40], 2, 25
+    else:
+        params = [
+            greedy(mode="sequential", max_tokens=70, temperature=0.8, seed=s, stop_token_ids=[]) for s in range(8)
+        ]
+        arrive, victim, kill = [0] * 8, -1, -1
+    staged, seen = ModelRunner._staged, []
+
+    def counted(self, rows, lens, width, stage):
+        out = staged(self, rows, lens, width, stage)
+        seen.append((stage, out is not None and out.fill is not None, out is not None and out.at is not None))
+        return out
+
+    def run():
+        llm = LLM(biased, tok, num_pages=512, page_size=4)
+        return staggered(llm, prompts, params, arrive, victim=victim, kill=kill)
+
+    monkeypatch.setattr(ModelRunner, "_staged", counted)
+    kept = run()
+    starts, appends = sum(f for _, f, _ in seen), sum(a for _, _, a in seen)
+    outgrown = sum(f for s, f, _ in seen if s == 2)  # a run went on past its copy's width
+    assert starts and appends > starts and (outgrown or case == "mixed"), (starts, outgrown, appends)
+    seen.clear()
+    monkeypatch.setattr(kv_pool, "STAGE_SHARE", 0.0)  # no room for a copy: every step gathers
+    gathered = run()
+    assert seen and not any(f or a for _, f, a in seen)
+    assert case == "long" or any(o and o.stats["parallel_blocks"] for o in kept)
+    for a, b in zip(kept, gathered):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert (a.token_ids, a.finish_reason, a.logprobs) == (b.token_ids, b.finish_reason, b.logprobs)

@@ -8,7 +8,9 @@ bucket). Positions come in as `position_ids`, so RoPE stays in the model. Two ke
 
 - "sdpa" (CPUs, and the reference): gather each group's context out of the pool by its
   slot row, one batched SDPA per bucket. Simple and exact, but it copies the live KV once
-  per layer per step.
+  per layer per step; so a run of pure decode steps over the same branches keeps their
+  contexts in a contiguous copy (`Staged`) and appends each step's new keys and values to
+  it, which copies only the new tokens.
 - "flex" (GPUs): FlexAttention reads the pool in place. The pool is the key/value sequence
   (batch 1, shared by every group); a `BlockMask` per bucket lists, for each group, the
   pages its context owns (one KV block = one page), and a mask_mod hides the unwritten
@@ -34,6 +36,20 @@ NAME = "npr_paged"
 
 
 @dataclass
+class Staged:
+    """A decode bucket's contexts as a contiguous copy, kept across a run of pure decode steps
+    over the same branches: the step that starts it gathers `fill` (each group's slot row,
+    padded to the buffers' width) in every layer; each later step only writes its new token's
+    keys and values at `at` (each group's flat index: row x width + its new column)."""
+
+    k: torch.Tensor  # [layers, G, cols, kv heads, D], cols > every group's context length
+    v: torch.Tensor
+    width: int  # columns the step attends to (the longest context)
+    fill: torch.Tensor | None = None  # [G * cols] pool slots: a gathering step
+    at: torch.Tensor | None = None  # [G] flat index of each group's new token: an appending step
+
+
+@dataclass
 class Bucket:
     """Groups with the same number of new tokens n, attended in one batched call."""
 
@@ -42,6 +58,7 @@ class Bucket:
     mask: torch.Tensor | None = None  # sdpa: [G, 1, n, C] additive (0 / -inf) in the query dtype, or None
     causal: bool = False  # sdpa: no mask needed but causality (a whole prompt in one chunk)
     block_mask: object = None  # flex: BlockMask over the pool's pages
+    staged: Staged | None = None  # sdpa: the context from a staged copy instead of a gather
     every: bool = False  # the only bucket, holding all T new tokens in order (queries = arange)
 
 
@@ -85,12 +102,14 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
         raise RuntimeError("npr_paged attention used outside the NPR engine")
     STATE.calls += 1
     layer = module.layer_idx
-    pool.k[layer].index_copy_(0, batch.slot_mapping, key[0].transpose(0, 1).to(pool.k.dtype))
-    pool.v[layer].index_copy_(0, batch.slot_mapping, value[0].transpose(0, 1).to(pool.v.dtype))
+    k_pool, v_pool = pool.k[layer], pool.v[layer]
+    k_new, v_new = key[0].transpose(0, 1).to(k_pool.dtype), value[0].transpose(0, 1).to(v_pool.dtype)  # [T, Hkv, D]
+    k_pool.index_copy_(0, batch.slot_mapping, k_new)
+    v_pool.index_copy_(0, batch.slot_mapping, v_new)
     q_all = query[0].transpose(0, 1)  # [T, H, D]
     if batch.buckets and batch.buckets[0].block_mask is not None:
-        return flex_buckets(q_all, pool.k[layer], pool.v[layer], batch.buckets, scaling, pool.page_size)[None], None
-    return sdpa_buckets(q_all, pool, layer, batch.buckets, scaling)[None], None
+        return flex_buckets(q_all, k_pool, v_pool, batch.buckets, scaling, pool.page_size)[None], None
+    return sdpa_buckets(q_all, pool, layer, batch.buckets, scaling, (k_new, v_new))[None], None
 
 
 def flex_kernel():
@@ -133,8 +152,9 @@ def flex_buckets(q_all: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     return out
 
 
-def sdpa_buckets(q_all: torch.Tensor, pool: KVPool, layer: int, buckets: list[Bucket], scaling):
-    """The reference path: gather each bucket's context out of the pool, one SDPA per bucket.
+def sdpa_buckets(q_all: torch.Tensor, pool: KVPool, layer: int, buckets: list[Bucket], scaling, new=None):
+    """The reference path: gather each bucket's context out of the pool, one SDPA per bucket
+    (a staged bucket reads its copy instead; `new` holds the step's new keys and values).
 
     Grouped-query heads go to SDPA as they are (`enable_gqa`), so keys and values are never
     repeated per query head and one [G, 1, n, C] mask, built once per step, serves every head
@@ -146,18 +166,35 @@ def sdpa_buckets(q_all: torch.Tensor, pool: KVPool, layer: int, buckets: list[Bu
     kv_heads = k_pool.shape[1]
     for bk in buckets:
         g, n = bk.queries.shape
-        width = bk.context.shape[1]
-        flat = bk.context.reshape(-1)
-        kbuf, vbuf = pool.gather_buffers(len(flat))
-        k, v = torch.index_select(k_pool, 0, flat, out=kbuf), torch.index_select(v_pool, 0, flat, out=vbuf)
-        k = k.view(g, width, kv_heads, dim).transpose(1, 2).to(q_all.dtype)
-        v = v.view(g, width, kv_heads, dim).transpose(1, 2).to(q_all.dtype)
+        if bk.staged is not None:
+            k, v = _staged(bk.staged, layer, k_pool, v_pool, new)
+        else:
+            width = bk.context.shape[1]
+            flat = bk.context.reshape(-1)
+            kbuf, vbuf = pool.gather_buffers(len(flat))
+            k = torch.index_select(k_pool, 0, flat, out=kbuf).view(g, width, kv_heads, dim)
+            v = torch.index_select(v_pool, 0, flat, out=vbuf).view(g, width, kv_heads, dim)
+        k, v = k.transpose(1, 2).to(q_all.dtype), v.transpose(1, 2).to(q_all.dtype)
         q = _bucket_queries(q_all, bk)
         o = F.scaled_dot_product_attention(
             q, k, v, attn_mask=bk.mask, is_causal=bk.causal, scale=scaling, enable_gqa=heads != kv_heads
         )
         out = _place(out, q_all, bk, o)
     return out
+
+
+def _staged(st: Staged, layer: int, k_pool, v_pool, new) -> tuple[torch.Tensor, torch.Tensor]:
+    """This layer's keys and values [G, width, Hkv, D] from a staged copy: gathered into it on the
+    step that starts it, else its new tokens written at their columns (the same values the pool
+    holds, so the attention is exactly the gathering path's)."""
+    k, v = st.k[layer], st.v[layer]  # [G, cols, Hkv, D], contiguous
+    if st.fill is not None:
+        torch.index_select(k_pool, 0, st.fill, out=k.view(-1, *k.shape[2:]))
+        torch.index_select(v_pool, 0, st.fill, out=v.view(-1, *v.shape[2:]))
+    else:
+        k.view(-1, *k.shape[2:]).index_copy_(0, st.at, new[0])
+        v.view(-1, *v.shape[2:]).index_copy_(0, st.at, new[1])
+    return k[:, : st.width], v[:, : st.width]
 
 
 def register() -> None:

@@ -224,7 +224,7 @@ class LLM:
                 sampled.append(b)
                 targets.append(target)
                 settings.append(self._sampling_row(b, target))
-        logits = self.runner.forward(work, sched.to_copy(), last)
+        logits = self.runner.forward(work, sched.to_copy(), last, steady=work is sched._steady)
         toks, lps = [], []
         if sampled:
             batch = SamplingBatch.of_rows(settings)

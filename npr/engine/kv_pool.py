@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+STAGE_SHARE = 0.25  # the most memory, as a share of the pool, that staged decode contexts may take
+
 
 class PoolFull(RuntimeError):
     """Not enough free pages; the scheduler waits or preempts."""
@@ -48,6 +50,7 @@ class KVPool:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._gathered = (self.k.new_empty(0), self.v.new_empty(0))  # see gather_buffers
+        self._staged = (self.k.new_empty(0), self.v.new_empty(0))  # see staging_buffers
         self.free: list[int] = list(range(num_pages - 1, -1, -1))
         self.live: set[int] = set()  # ids of segments holding pages, for leak checks
 
@@ -63,7 +66,7 @@ class KVPool:
             return
         self._shape = self.k.shape
         self.k = self.v = self.k.new_empty(0)
-        self._gathered = (self.k, self.v)
+        self._gathered = self._staged = (self.k, self.v)
 
     def wake(self) -> None:
         if self.asleep:
@@ -84,6 +87,25 @@ class KVPool:
             k, v = self.k.new_empty(size, *row), self.v.new_empty(size, *row)
             self._gathered = (k, v)
         return k[:n], v[:n]
+
+    def staging_buffers(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Buffers [layers, rows, cols, kv heads, head dim] for keys and values: a contiguous copy of
+        the contexts of a run of pure decode steps (see `attention.Staged`), kept and grown by
+        doubling like `gather_buffers`; None when they would take more than `STAGE_SHARE` of the
+        pool's own memory (then each step gathers)."""
+        if self.asleep:
+            return None
+        layers, _, heads, dim = self.k.shape
+        n = layers * rows * cols * heads * dim
+        if n > STAGE_SHARE * self.k.numel():
+            return None
+        k, v = self._staged
+        if len(k) < n:
+            size = min(max(n, 2 * len(k)), int(STAGE_SHARE * self.k.numel()))
+            k, v = self.k.new_empty(size), self.v.new_empty(size)
+            self._staged = (k, v)
+        shape = (layers, rows, cols, heads, dim)
+        return k[:n].view(shape), v[:n].view(shape)
 
     @staticmethod
     def pages_for_budget(gb: float, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype) -> int:

@@ -41,13 +41,21 @@ class ModelRunner:
             self.new_group = torch.full((slots,), -1, dtype=torch.int64, device=self.device)  # group writing a slot
             self.new_pos = torch.zeros(slots, dtype=torch.int64, device=self.device)  # its index in the chunk
         self._arange = torch.arange(256, device=self.device)
+        # the staged copy of a run of pure decode steps (sdpa): the work list it was made for (the
+        # scheduler hands the same list back while the run lasts), its buffers, each row's base
+        self._stage_work: list | None = None
+        self._stage: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._stage_base = self._arange
         attention.register()
 
-    def forward(self, work: list[tuple[Branch, int]], copies: list[Branch], last: list[int]) -> torch.Tensor:
+    def forward(
+        self, work: list[tuple[Branch, int]], copies: list[Branch], last: list[int], steady: bool = False
+    ) -> torch.Tensor:
         """Compute the scheduled tokens; return the logits [len(last), V] at packed positions `last`.
 
         `work` lists the flushed branches (forks' parents, ended steps) first: the rows forked
-        or joined from them (`copies`) are laid out after their last page is counted.
+        or joined from them (`copies`) are laid out after their last page is counted. `steady`:
+        a pure decode step whose work the scheduler keeps for the next step (`Scheduler._steady`).
         """
         dev, ps, table = self.device, self.pool.page_size, self.table
         ids, pos, slots, rows, cols, seen, prow, pcol, page = [], [], [], [], [], [], [], [], []
@@ -113,7 +121,10 @@ class ModelRunner:
             attention.STATE.batch = self._flex_buckets(meta[2], sizes, group_rows, shared)
         else:
             shared = [(blk.prefix_len, m) for blk, m in siblings.items() if _share(blk.prefix_len, m, lengths)]
-            attention.STATE.batch = self._buckets(meta[2], groups, sizes, lengths, shared, group_rows)
+            stage = 0 if shared or not steady else 2 if work is self._stage_work else 1  # 1: start, 2: go on
+            batch = self._buckets(meta[2], groups, sizes, lengths, shared, group_rows, stage)
+            self._stage_work = work if batch.buckets[0].staged is not None else None
+            attention.STATE.batch = batch
         cfg = self.model.config
         prev = _set_attention(cfg, attention.NAME)
         try:
@@ -156,10 +167,12 @@ class ModelRunner:
             yield n, members, idx, starts[idx][:, None] + torch.arange(n, device=self.device)[None, :]
 
     def _buckets(
-        self, slot_mapping, groups, sizes: list[int], lengths: list[int], shared: list, group_rows: list[int]
-    ) -> attention.Batch:
+        self, slot_mapping, groups, sizes: list[int], lengths: list[int], shared: list, group_rows: list[int],
+        stage: int = 0,
+    ) -> attention.Batch:  # fmt: skip
         """One bucket per distinct chunk length n; contexts are slices of the table rows. The
-        decoding steps of a block in `shared` ((prefix length, groups)) attend as one group."""
+        decoding steps of a block in `shared` ((prefix length, groups)) attend as one group.
+        `stage`: 1 starts a staged copy of a pure decode step's contexts, 2 appends to it."""
         by_k, first, keep = _siblings(shared, sizes)
         buckets = [self._shared_bucket(blks, first, lengths, group_rows) for blks in by_k]
         for n, members, idx, queries in self._by_size(sizes, groups[2], keep):
@@ -167,7 +180,8 @@ class ModelRunner:
             width = max(lens_n)
             uniform = min(lens_n) == width
             rows, lens = groups[0][idx], groups[1][idx]
-            context = self.table.slots[:, :width].index_select(0, rows)
+            staged = self._staged(rows, lens, width, stage) if stage else None
+            context = None if staged else self.table.slots[:, :width].index_select(0, rows)
             mask, causal = None, n > 1 and uniform and width == n  # a whole prompt in one chunk: plain causal
             if n == 1 and not uniform:  # decoding rows: each sees its first `lens` slots (two ops, not six)
                 mask = _additive(self._columns(width) >= lens[:, None], self.dtype)[:, None, None]
@@ -175,8 +189,26 @@ class ModelRunner:
                 limit = (lens - n)[:, None] + self._columns(n)[None, :]  # query j sees [0, limit]
                 hidden = self._columns(width)[None, None, :] > limit[:, :, None]
                 mask = _additive(hidden, self.dtype)[:, None]
-            buckets.append(attention.Bucket(queries, context, mask, causal=causal, every=isinstance(idx, slice)))
+            every = isinstance(idx, slice)
+            buckets.append(attention.Bucket(queries, context, mask, causal=causal, every=every, staged=staged))
         return attention.Batch(slot_mapping, buckets)
+
+    def _staged(self, rows, lens, width: int, stage: int) -> attention.Staged | None:
+        """The staged copy of a pure decode step's contexts (one bucket of every branch, one token
+        each): its new tokens' columns when it goes on (`stage` 2) and has room, else a fresh one,
+        gathered with room for half as many tokens again; None when the pool's share for it is
+        too small (the bucket gathers)."""
+        g = len(rows)
+        if stage == 2 and self._stage is not None and width <= self._stage[0].shape[2]:
+            return attention.Staged(*self._stage, width, at=self._stage_base + lens - 1)
+        cols = width + width // 2 + 16
+        self._stage = self.pool.staging_buffers(g, cols)
+        if self._stage is None:
+            return None
+        self.table.reserve(cols, 0)  # columns past a row's length hold stale slots: written before they are read
+        fill = self.table.slots[:, :cols].index_select(0, rows).view(-1)
+        self._stage_base = self._columns(g) * cols
+        return attention.Staged(*self._stage, width, fill=fill)
 
     def _columns(self, n: int) -> torch.Tensor:
         """arange(n) on the device, sliced from one kept tensor (grown by doubling)."""
