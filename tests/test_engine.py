@@ -635,10 +635,11 @@ def test_steady_decode_steps_schedule_what_the_general_path_would(tok, biased, p
 
 @pytest.mark.parametrize("case", ["mixed", "long"])
 def test_staged_decode_contexts_attend_as_gathered_ones(tok, biased, case, monkeypatch):
-    """A run of pure decode steps keeps its contexts in a contiguous copy (attention.Staged) and
-    appends each step's keys and values to it instead of gathering out of the pool: the same
+    """A run of pure decode steps keeps its contexts in contiguous copies (attention.Staged) and
+    appends each step's keys and values to them instead of gathering out of the pool: the same
     tokens and log-probs as gathering every step. "mixed": both modes, uneven lengths (the
-    masked path), forks, joins, arrivals and an abort; "long": runs that outgrow their copy."""
+    masked path), sibling steps attending as one group, forks, joins, arrivals and an abort;
+    "long": runs that outgrow their copy."""
     from npr.bench import staggered
     from npr.engine import kv_pool
     from npr.engine.runner import ModelRunner
@@ -655,26 +656,30 @@ def test_staged_decode_contexts_attend_as_gathered_ones(tok, biased, case, monke
             greedy(mode="sequential", max_tokens=70, temperature=0.8, seed=s, stop_token_ids=[]) for s in range(8)
         ]
         arrive, victim, kill = [0] * 8, -1, -1
-    staged, seen = ModelRunner._staged, []
+    buckets, seen = ModelRunner._buckets, []
 
-    def counted(self, rows, lens, width, stage):
-        out = staged(self, rows, lens, width, stage)
-        seen.append((stage, out is not None and out.fill is not None, out is not None and out.at is not None))
-        return out
+    def counted(self, *args):
+        batch = buckets(self, *args)
+        for bk in batch.buckets:  # (stage, a fresh copy, appended to, siblings as one group)
+            st = bk.staged
+            seen.append((args[-1], st is not None and st.fill is not None, st is not None and st.at is not None,
+                         st is not None and bk.queries.shape[1] > 1))  # fmt: skip
+        return batch
 
     def run():
         llm = LLM(biased, tok, num_pages=512, page_size=4)
         return staggered(llm, prompts, params, arrive, victim=victim, kill=kill)
 
-    monkeypatch.setattr(ModelRunner, "_staged", counted)
+    monkeypatch.setattr(ModelRunner, "_buckets", counted)
     kept = run()
-    starts, appends = sum(f for _, f, _ in seen), sum(a for _, _, a in seen)
-    outgrown = sum(f for s, f, _ in seen if s == 2)  # a run went on past its copy's width
-    assert starts and appends > starts and (outgrown or case == "mixed"), (starts, outgrown, appends)
+    starts, appends = sum(s[1] for s in seen), sum(s[2] for s in seen)
+    outgrown = sum(s[1] for s in seen if s[0] == 2)  # a run went on past its copy's width
+    siblings = sum(s[2] and s[3] for s in seen)
+    assert starts and appends > starts and (outgrown if case == "long" else siblings), (starts, outgrown, appends)
     seen.clear()
     monkeypatch.setattr(kv_pool, "STAGE_SHARE", 0.0)  # no room for a copy: every step gathers
     gathered = run()
-    assert seen and not any(f or a for _, f, a in seen)
+    assert seen and not any(s[1] or s[2] for s in seen)
     assert case == "long" or any(o and o.stats["parallel_blocks"] for o in kept)
     for a, b in zip(kept, gathered):
         assert (a is None) == (b is None)

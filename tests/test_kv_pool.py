@@ -174,17 +174,20 @@ def test_reserve_all_is_reserve_of_each_or_nothing(work, page_size):
 
 
 def test_staging_buffers_stay_within_their_share_of_the_pool():
-    """Staged decode contexts take at most STAGE_SHARE of the pool's memory (None past it), are
-    kept from one call to the next while they fit, and go with the pool's memory when it sleeps."""
+    """Staged decode contexts take at most STAGE_SHARE of the pool's memory, all buckets' copies
+    together (None past it), are kept from one call to the next while they fit, and go with the
+    pool's memory when it sleeps."""
     from npr.engine.kv_pool import STAGE_SHARE
 
     pool = KVPool(2, 2, 4, num_pages=16, page_size=4)  # 64 slots; a quarter holds 16 per layer
     most = int(STAGE_SHARE * pool.capacity)
-    k, v = pool.staging_buffers(2, most // 2)
-    assert k.shape == v.shape == (2, 2, most // 2, 2, 4) and k.data_ptr() != v.data_ptr()
-    assert pool.staging_buffers(3, 4)[0].data_ptr() == k.data_ptr()  # smaller: the same memory
-    assert pool.staging_buffers(1, most + 1) is None
+    k, v = pool.staging_buffers(0, 2, most // 4)
+    assert k.shape == v.shape == (2, 2, most // 4, 2, 4) and k.data_ptr() != v.data_ptr()
+    assert pool.staging_buffers(0, 3, 2)[0].data_ptr() == k.data_ptr()  # smaller: the same memory
+    assert pool.staging_buffers(1, 1, most // 2 + 1) is None  # with bucket 0's copy: past the share
+    assert pool.staging_buffers(1, 1, most // 2)[0].shape == (2, 1, most // 2, 2, 4)
+    assert pool.staging_buffers(2, 1, most + 1) is None
     pool.sleep()
-    assert pool.staging_buffers(1, 1) is None
+    assert pool.staging_buffers(0, 1, 1) is None
     pool.wake()
-    assert pool.staging_buffers(1, 1)[0].shape == (2, 1, 1, 2, 4)
+    assert pool.staging_buffers(0, 1, 1)[0].shape == (2, 1, 1, 2, 4)

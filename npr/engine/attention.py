@@ -38,15 +38,15 @@ NAME = "npr_paged"
 @dataclass
 class Staged:
     """A decode bucket's contexts as a contiguous copy, kept across a run of pure decode steps
-    over the same branches: the step that starts it gathers `fill` (each group's slot row,
-    padded to the buffers' width) in every layer; each later step only writes its new token's
-    keys and values at `at` (each group's flat index: row x width + its new column)."""
+    over the same branches: the step that starts it gathers `fill` (each group's slots, padded
+    to the buffers' width) in every layer; each later step only writes its queries' new keys and
+    values at `at` (their flat indices: group x width + the new token's column)."""
 
     k: torch.Tensor  # [layers, G, cols, kv heads, D], cols > every group's context length
     v: torch.Tensor
     width: int  # columns the step attends to (the longest context)
     fill: torch.Tensor | None = None  # [G * cols] pool slots: a gathering step
-    at: torch.Tensor | None = None  # [G] flat index of each group's new token: an appending step
+    at: torch.Tensor | None = None  # flat index of each query's new token, in query order: an appending step
 
 
 @dataclass
@@ -167,7 +167,7 @@ def sdpa_buckets(q_all: torch.Tensor, pool: KVPool, layer: int, buckets: list[Bu
     for bk in buckets:
         g, n = bk.queries.shape
         if bk.staged is not None:
-            k, v = _staged(bk.staged, layer, k_pool, v_pool, new)
+            k, v = _staged(bk, layer, k_pool, v_pool, new)
         else:
             width = bk.context.shape[1]
             flat = bk.context.reshape(-1)
@@ -183,17 +183,19 @@ def sdpa_buckets(q_all: torch.Tensor, pool: KVPool, layer: int, buckets: list[Bu
     return out
 
 
-def _staged(st: Staged, layer: int, k_pool, v_pool, new) -> tuple[torch.Tensor, torch.Tensor]:
-    """This layer's keys and values [G, width, Hkv, D] from a staged copy: gathered into it on the
-    step that starts it, else its new tokens written at their columns (the same values the pool
-    holds, so the attention is exactly the gathering path's)."""
+def _staged(bk: Bucket, layer: int, k_pool, v_pool, new) -> tuple[torch.Tensor, torch.Tensor]:
+    """This layer's keys and values [G, width, Hkv, D] from a bucket's staged copy: gathered into
+    it on the step that starts it, else its queries' new keys and values written at their columns
+    (the values the pool holds, so the attention is exactly the gathering path's)."""
+    st = bk.staged
     k, v = st.k[layer], st.v[layer]  # [G, cols, Hkv, D], contiguous
     if st.fill is not None:
         torch.index_select(k_pool, 0, st.fill, out=k.view(-1, *k.shape[2:]))
         torch.index_select(v_pool, 0, st.fill, out=v.view(-1, *v.shape[2:]))
     else:
-        k.view(-1, *k.shape[2:]).index_copy_(0, st.at, new[0])
-        v.view(-1, *v.shape[2:]).index_copy_(0, st.at, new[1])
+        mine = slice(None) if bk.every else bk.queries.flatten()
+        k.view(-1, *k.shape[2:]).index_copy_(0, st.at, new[0][mine])
+        v.view(-1, *v.shape[2:]).index_copy_(0, st.at, new[1][mine])
     return k[:, : st.width], v[:, : st.width]
 
 

@@ -50,7 +50,7 @@ class KVPool:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self._gathered = (self.k.new_empty(0), self.v.new_empty(0))  # see gather_buffers
-        self._staged = (self.k.new_empty(0), self.v.new_empty(0))  # see staging_buffers
+        self._staged: list[tuple[torch.Tensor, torch.Tensor]] = []  # see staging_buffers
         self.free: list[int] = list(range(num_pages - 1, -1, -1))
         self.live: set[int] = set()  # ids of segments holding pages, for leak checks
 
@@ -66,7 +66,7 @@ class KVPool:
             return
         self._shape = self.k.shape
         self.k = self.v = self.k.new_empty(0)
-        self._gathered = self._staged = (self.k, self.v)
+        self._gathered, self._staged = (self.k, self.v), []
 
     def wake(self) -> None:
         if self.asleep:
@@ -88,22 +88,24 @@ class KVPool:
             self._gathered = (k, v)
         return k[:n], v[:n]
 
-    def staging_buffers(self, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Buffers [layers, rows, cols, kv heads, head dim] for keys and values: a contiguous copy of
-        the contexts of a run of pure decode steps (see `attention.Staged`), kept and grown by
-        doubling like `gather_buffers`; None when they would take more than `STAGE_SHARE` of the
-        pool's own memory (then each step gathers)."""
+    def staging_buffers(self, i: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Buffers [layers, rows, cols, kv heads, head dim] for keys and values: the contiguous copy
+        of bucket `i` of a run of pure decode steps (see `attention.Staged`), kept and grown like
+        `gather_buffers`, one pair per bucket; None when all the buckets' copies would take more
+        than `STAGE_SHARE` of the pool's own memory (then that bucket gathers)."""
         if self.asleep:
             return None
         layers, _, heads, dim = self.k.shape
-        n = layers * rows * cols * heads * dim
-        if n > STAGE_SHARE * self.k.numel():
-            return None
-        k, v = self._staged
+        n, most = layers * rows * cols * heads * dim, int(STAGE_SHARE * self.k.numel())
+        staged = self._staged
+        staged += [(self.k.new_empty(0), self.v.new_empty(0))] * (i + 1 - len(staged))
+        k, v = staged[i]
         if len(k) < n:
-            size = min(max(n, 2 * len(k)), int(STAGE_SHARE * self.k.numel()))
-            k, v = self.k.new_empty(size), self.v.new_empty(size)
-            self._staged = (k, v)
+            others = sum(len(b[0]) for j, b in enumerate(staged) if j != i)
+            if others + n > most:
+                return None
+            size = min(max(n, 2 * len(k)), most - others)
+            k, v = staged[i] = (self.k.new_empty(size), self.v.new_empty(size))
         shape = (layers, rows, cols, heads, dim)
         return k[:n].view(shape), v[:n].view(shape)
 

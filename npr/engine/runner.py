@@ -41,11 +41,11 @@ class ModelRunner:
             self.new_group = torch.full((slots,), -1, dtype=torch.int64, device=self.device)  # group writing a slot
             self.new_pos = torch.zeros(slots, dtype=torch.int64, device=self.device)  # its index in the chunk
         self._arange = torch.arange(256, device=self.device)
-        # the staged copy of a run of pure decode steps (sdpa): the work list it was made for (the
-        # scheduler hands the same list back while the run lasts), its buffers, each row's base
-        self._stage_work: list | None = None
-        self._stage: tuple[torch.Tensor, torch.Tensor] | None = None
-        self._stage_base = self._arange
+        # the staged copies of a run of pure decode steps (sdpa): the work list and sibling groups
+        # they were made for (the scheduler hands the same list back while the run lasts), and per
+        # bucket (keys, values, the flat index of each query's first column, own columns or None)
+        self._stage_for: tuple | None = None
+        self._stage: list[tuple | None] = []
         attention.register()
 
     def forward(
@@ -121,9 +121,10 @@ class ModelRunner:
             attention.STATE.batch = self._flex_buckets(meta[2], sizes, group_rows, shared)
         else:
             shared = [(blk.prefix_len, m) for blk, m in siblings.items() if _share(blk.prefix_len, m, lengths)]
-            stage = 0 if shared or not steady else 2 if work is self._stage_work else 1  # 1: start, 2: go on
+            go_on = self._stage_for is not None and self._stage_for[0] is work and self._stage_for[1] == shared
+            stage = 0 if not steady else 2 if go_on else 1  # 1: start staged copies, 2: append to them
             batch = self._buckets(meta[2], groups, sizes, lengths, shared, group_rows, stage)
-            self._stage_work = work if batch.buckets[0].staged is not None else None
+            self._stage_for = (work, shared) if stage else None
             attention.STATE.batch = batch
         cfg = self.model.config
         prev = _set_attention(cfg, attention.NAME)
@@ -174,13 +175,15 @@ class ModelRunner:
         decoding steps of a block in `shared` ((prefix length, groups)) attend as one group.
         `stage`: 1 starts a staged copy of a pure decode step's contexts, 2 appends to it."""
         by_k, first, keep = _siblings(shared, sizes)
-        buckets = [self._shared_bucket(blks, first, lengths, group_rows) for blks in by_k]
+        if stage:
+            self._stage += [None] * (len(by_k) + 1 - len(self._stage))
+        buckets = [self._shared_bucket(blks, first, lengths, group_rows, stage, i) for i, blks in enumerate(by_k)]
         for n, members, idx, queries in self._by_size(sizes, groups[2], keep):
             lens_n = lengths if isinstance(idx, slice) else [lengths[g] for g in members]
             width = max(lens_n)
             uniform = min(lens_n) == width
             rows, lens = groups[0][idx], groups[1][idx]
-            staged = self._staged(rows, lens, width, stage) if stage else None
+            staged = self._staged(len(by_k), rows, lens, width, stage) if stage else None
             context = None if staged else self.table.slots[:, :width].index_select(0, rows)
             mask, causal = None, n > 1 and uniform and width == n  # a whole prompt in one chunk: plain causal
             if n == 1 and not uniform:  # decoding rows: each sees its first `lens` slots (two ops, not six)
@@ -193,22 +196,21 @@ class ModelRunner:
             buckets.append(attention.Bucket(queries, context, mask, causal=causal, every=every, staged=staged))
         return attention.Batch(slot_mapping, buckets)
 
-    def _staged(self, rows, lens, width: int, stage: int) -> attention.Staged | None:
-        """The staged copy of a pure decode step's contexts (one bucket of every branch, one token
-        each): its new tokens' columns when it goes on (`stage` 2) and has room, else a fresh one,
-        gathered with room for half as many tokens again; None when the pool's share for it is
-        too small (the bucket gathers)."""
-        g = len(rows)
-        if stage == 2 and self._stage is not None and width <= self._stage[0].shape[2]:
-            return attention.Staged(*self._stage, width, at=self._stage_base + lens - 1)
+    def _staged(self, i: int, rows, lens, width: int, stage: int) -> attention.Staged | None:
+        """Bucket `i`'s staged copy in a pure decode step (one token per group): its new tokens'
+        columns when it goes on (`stage` 2) and has room, else a fresh one, gathered with room for
+        half as many tokens again; None when the pool's share for copies is spent (it gathers)."""
+        kept = self._stage[i]
+        if stage == 2 and kept is not None and width <= kept[0].shape[2]:
+            return attention.Staged(kept[0], kept[1], width, at=kept[2] + lens - 1)
         cols = width + width // 2 + 16
-        self._stage = self.pool.staging_buffers(g, cols)
-        if self._stage is None:
+        self._stage[i] = bufs = self.pool.staging_buffers(i, len(rows), cols)
+        if bufs is None:
             return None
         self.table.reserve(cols, 0)  # columns past a row's length hold stale slots: written before they are read
         fill = self.table.slots[:, :cols].index_select(0, rows).view(-1)
-        self._stage_base = self._columns(g) * cols
-        return attention.Staged(*self._stage, width, fill=fill)
+        self._stage[i] = (*bufs, self._columns(len(rows)) * cols, None)
+        return attention.Staged(*bufs, width, fill=fill)
 
     def _columns(self, n: int) -> torch.Tensor:
         """arange(n) on the device, sliced from one kept tensor (grown by doubling)."""
@@ -216,26 +218,49 @@ class ModelRunner:
             self._arange = torch.arange(max(n, 2 * len(self._arange)), device=self.device)
         return self._arange[:n]
 
-    def _shared_bucket(self, blocks: list, first: list[int], lengths: list[int], group_rows: list[int]):
+    def _shared_bucket(self, blocks: list, first: list[int], lengths: list[int], group_rows: list[int], stage: int = 0,
+                       i: int = 0):  # fmt: skip
         """k sibling steps decoding one token each, as one group of k queries over a context of
-        their shared prefix (gathered once, not k times) followed by every sibling's own tokens;
-        the mask lets query i see the prefix and sibling i's tokens only."""
+        their shared prefix (gathered once, not k times) followed by the siblings' own tokens,
+        token j of every sibling side by side (so each step's new tokens are adjacent columns);
+        the mask lets query i see the prefix and sibling i's tokens only. `stage`, `i`: as
+        `_staged`."""
         dev, k = self.device, len(blocks[0][1])
         info = [[*(group_rows[g] for g in m), *(lengths[g] for g in m), *(first[g] for g in m), p] for p, m in blocks]
         most_prefix = max(p for p, _ in blocks)
         most_own = max(lengths[g] - p for p, m in blocks for g in m)
         t = torch.tensor(info, dtype=torch.int64).to(dev, non_blocking=True)
         rows, lens, queries, prefix = t[:, :k], t[:, k : 2 * k], t[:, 2 * k : 3 * k], t[:, 3 * k]
-        span = torch.arange(most_own, device=dev)
-        cols = (prefix[:, None, None] + span).clamp(max=self.table.slots.shape[1] - 1)
-        context = torch.cat(
-            [self.table.slots[rows[:, 0], :most_prefix], self.table.slots[rows[:, :, None], cols].flatten(1)], 1
-        )
-        own = span < (lens - prefix[:, None])[:, :, None]  # [B, k, S]: sibling j's written tokens
+        own_len = lens - prefix[:, None]  # [B, k]
+        own = self._columns(most_own) < own_len[:, :, None]  # [B, k, S]: sibling j's written tokens
         mine = torch.eye(k, dtype=torch.bool, device=dev)[None, :, :, None] & own[:, None]  # query i, sibling j
-        sees_prefix = (torch.arange(most_prefix, device=dev) < prefix[:, None])[:, None, :].expand(-1, k, -1)
-        visible = torch.cat([sees_prefix, mine.flatten(2)], 2)
-        return attention.Bucket(queries, context, _additive(~visible, self.dtype)[:, None])
+        sees_prefix = (self._columns(most_prefix) < prefix[:, None])[:, None, :].expand(-1, k, -1)
+        visible = torch.cat([sees_prefix, mine.transpose(2, 3).flatten(2)], 2)
+        mask = _additive(~visible, self.dtype)[:, None]
+        width = most_prefix + k * most_own
+        kept = self._stage[i] if stage else None
+        if stage == 2 and kept is not None and most_own <= kept[3]:
+            staged = attention.Staged(kept[0], kept[1], width, at=(kept[2] + (own_len - 1) * k).flatten())
+            return attention.Bucket(queries, mask=mask, staged=staged)
+        if stage:  # a fresh copy, with room for half as many own tokens again
+            room = most_own + most_own // 2 + 8
+            cols = most_prefix + k * room
+            bufs = self.pool.staging_buffers(i, len(blocks), cols)
+            self._stage[i] = None if bufs is None else (*bufs, self._columns(len(blocks))[:, None] * cols + most_prefix
+                                                        + self._columns(k)[None, :], room)  # fmt: skip
+            if bufs is not None:
+                self.table.reserve(most_prefix + room, 0)
+                fill = self._shared_context(rows, prefix, most_prefix, room).view(-1)
+                return attention.Bucket(queries, mask=mask, staged=attention.Staged(*bufs, width, fill=fill))
+        context = self._shared_context(rows, prefix, most_prefix, most_own)
+        return attention.Bucket(queries, context, mask)
+
+    def _shared_context(self, rows, prefix, most_prefix: int, own: int) -> torch.Tensor:
+        """[B, most_prefix + k * own] slots: each block's prefix (from its first sibling's row), then
+        token j of every sibling for j < own (columns past a row's width are clamped: hidden)."""
+        cols = (prefix[:, None] + self._columns(own)).clamp(max=self.table.slots.shape[1] - 1)  # [B, own]
+        mine = self.table.slots[rows[:, None, :], cols[:, :, None]]  # [B, own, k]
+        return torch.cat([self.table.slots[rows[:, 0], :most_prefix], mine.flatten(1)], 1)
 
     def _flex_buckets(self, slot_mapping, sizes: list[int], group_rows: list[int], shared: list) -> attention.Batch:
         """Block masks over the pool's pages: a group sees the written slots of its context's pages.
