@@ -129,9 +129,11 @@ def test_sleeping_engine_frees_its_pool_and_wakes_to_the_same_answers(tok, biase
     before = llm.generate(PROMPTS, sp)
     size = llm.pool.k.numel()
     assert min(len(b) for b in llm.pool._gathered) > 0  # the sdpa path kept its gather buffers
+    assert any(llm.runner._stage)  # and staged copies of its decode steps
     llm.sleep()
     assert llm.pool.k.numel() == llm.pool.v.numel() == 0 and llm.table.slots.shape[1] <= 256
     assert max(len(b) for b in llm.pool._gathered) == 0
+    assert not llm.pool._staged and not any(llm.runner._stage)  # no staged copy outlives the pool's memory
     after = llm.generate(PROMPTS, sp)  # wakes by itself
     assert llm.pool.k.numel() == size and llm.pool.free_pages == 512
     assert [o.token_ids for o in before] == [o.token_ids for o in after]

@@ -165,6 +165,7 @@ class LLM:
         if self.has_work():
             raise RuntimeError("the engine cannot sleep with requests in flight")
         self.pool.sleep()
+        self.runner.drop_staged()
         self.table.shrink()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()

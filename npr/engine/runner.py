@@ -196,12 +196,16 @@ class ModelRunner:
             buckets.append(attention.Bucket(queries, context, mask, causal=causal, every=every, staged=staged))
         return attention.Batch(slot_mapping, buckets)
 
+    def drop_staged(self) -> None:
+        """Let go of the staged copies (the pool's memory is going: `LLM.sleep`)."""
+        self._stage, self._stage_for = [], None
+
     def _staged(self, i: int, rows, lens, width: int, stage: int) -> attention.Staged | None:
         """Bucket `i`'s staged copy in a pure decode step (one token per group): its new tokens'
         columns when it goes on (`stage` 2) and has room, else a fresh one, gathered with room for
         half as many tokens again; None when the pool's share for copies is spent (it gathers)."""
         kept = self._stage[i]
-        if stage == 2 and kept is not None and width <= kept[0].shape[2]:
+        if stage == 2 and kept is not None and kept[3] is None and width <= kept[0].shape[2]:
             return attention.Staged(kept[0], kept[1], width, at=kept[2] + lens - 1)
         cols = width + width // 2 + 16
         self._stage[i] = bufs = self.pool.staging_buffers(i, len(rows), cols)
@@ -239,7 +243,7 @@ class ModelRunner:
         mask = _additive(~visible, self.dtype)[:, None]
         width = most_prefix + k * most_own
         kept = self._stage[i] if stage else None
-        if stage == 2 and kept is not None and most_own <= kept[3]:
+        if stage == 2 and kept is not None and kept[3] is not None and most_own <= kept[3]:
             staged = attention.Staged(kept[0], kept[1], width, at=(kept[2] + (own_len - 1) * k).flatten())
             return attention.Bucket(queries, mask=mask, staged=staged)
         if stage:  # a fresh copy, with room for half as many own tokens again
