@@ -538,8 +538,9 @@ def test_compiled_flex_kernel_stays_within_a_few_graphs(tok, biased, monkeypatch
 
 
 def test_sibling_steps_share_their_prefix_gather(tok, biased, monkeypatch):
-    """Decoding steps of one block attend as one group over their prefix gathered once (sdpa
-    path): the same tokens and log-probs as attending branch by branch."""
+    """Steps of one block decoding (or computing a fork's forced openings) attend as one group
+    over their prefix gathered once (sdpa path): the same tokens and log-probs as attending
+    branch by branch."""
     from npr.engine import runner
 
     prompts = [" ".join(["Let us try small cases first"] * 4)] * 3 + PROMPTS
@@ -551,6 +552,8 @@ def test_sibling_steps_share_their_prefix_gather(tok, biased, monkeypatch):
     )
     grouped = LLM(biased, tok, num_pages=256, page_size=4).generate(prompts, sp)
     assert calls and sum(o.stats["parallel_blocks"] for o in grouped) >= 2
+    tokens_each = {first[blocks[0][1][0] + 1] - first[blocks[0][1][0]] for blocks, first, *_ in calls}
+    assert 1 in tokens_each and max(tokens_each) > 1  # decode steps and forks' openings both grouped
     monkeypatch.setattr(runner, "_share", lambda *a: False)
     alone = LLM(biased, tok, num_pages=256, page_size=4).generate(prompts, sp)
     for a, b in zip(grouped, alone):

@@ -61,7 +61,7 @@ class ModelRunner:
         ids, pos, slots, rows, cols, seen, prow, pcol, page = [], [], [], [], [], [], [], [], []
         unseen = table.vocab  # the `seen` column of a token the penalty does not count (a prompt's)
         sizes, group_rows, lengths, ops = [], [], [], []
-        siblings: dict[Block, list[int]] = {}  # decoding steps of one block (shared-prefix attention)
+        siblings: dict[tuple[Block, int], list[int]] = {}  # a block's steps computing n tokens each (shared prefix)
         flushed = next((g for g, (b, _) in enumerate(work) if not b.done), len(work))  # they come first
         for g, (b, n) in enumerate(work):
             if g == flushed:  # after the flushed branches' pages: lay out the forks' and joins' rows
@@ -70,7 +70,7 @@ class ModelRunner:
             c = run.computed
             if n == 1:  # a decode step: the common case, without the chunk's list building
                 if b.block is not None:
-                    siblings.setdefault(b.block, []).append(g)
+                    siblings.setdefault((b.block, 1), []).append(g)
                 tok = run.tokens[c]
                 ids.append(tok)
                 pos.append(run.positions[c])
@@ -88,6 +88,8 @@ class ModelRunner:
                 cols += range(length, length + n)
                 seen += [t if c + i >= run.offset else unseen for i, t in enumerate(run.tokens[c : c + n])]
                 starts = range(-(-c // ps) * ps, c + n, ps)
+                if b.block is not None:  # a fork's steps computing their forced opening together
+                    siblings.setdefault((b.block, n), []).append(g)
             for i in starts:  # pages this chunk starts
                 prow.append(row)
                 pcol.append(table.npages[row])
@@ -117,10 +119,10 @@ class ModelRunner:
         table.mark_seen(meta[3], meta[5])
         attention.STATE.pool = self.pool
         if self.kernel == "flex":  # sharing only ever reads less here: every block of siblings shares
-            shared = [(blk.prefix_len, m) for blk, m in siblings.items() if len(m) > 1]
+            shared = [(blk.prefix_len, m) for (blk, n), m in siblings.items() if n == 1 and len(m) > 1]
             attention.STATE.batch = self._flex_buckets(meta[2], sizes, group_rows, shared)
         else:
-            shared = [(blk.prefix_len, m) for blk, m in siblings.items() if _share(blk.prefix_len, m, lengths)]
+            shared = [(blk.prefix_len, m) for (blk, _), m in siblings.items() if _share(blk.prefix_len, m, lengths)]
             go_on = self._stage_for is not None and self._stage_for[0] is work and self._stage_for[1] == shared
             stage = 0 if not steady else 2 if go_on else 1  # 1: start staged copies, 2: append to them
             batch = self._buckets(meta[2], groups, sizes, lengths, shared, group_rows, stage)
@@ -224,22 +226,25 @@ class ModelRunner:
 
     def _shared_bucket(self, blocks: list, first: list[int], lengths: list[int], group_rows: list[int], stage: int = 0,
                        i: int = 0):  # fmt: skip
-        """k sibling steps decoding one token each, as one group of k queries over a context of
-        their shared prefix (gathered once, not k times) followed by the siblings' own tokens,
-        token j of every sibling side by side (so each step's new tokens are adjacent columns);
-        the mask lets query i see the prefix and sibling i's tokens only. `stage`, `i`: as
-        `_staged`."""
-        dev, k = self.device, len(blocks[0][1])
+        """k sibling steps computing n tokens each (decoding one, or a fork's forced openings), as
+        one group of k n queries over a context of their shared prefix (gathered once, not k
+        times) followed by the siblings' own tokens, token j of every sibling side by side (so each
+        decode step's new tokens are adjacent columns); the mask lets sibling i's queries see the
+        prefix and sibling i's tokens up to their own. `stage`, `i`: as `_staged`."""
+        dev, k, n = self.device, len(blocks[0][1]), first[blocks[0][1][0] + 1] - first[blocks[0][1][0]]
         info = [[*(group_rows[g] for g in m), *(lengths[g] for g in m), *(first[g] for g in m), p] for p, m in blocks]
         most_prefix = max(p for p, _ in blocks)
         most_own = max(lengths[g] - p for p, m in blocks for g in m)
         t = torch.tensor(info, dtype=torch.int64).to(dev, non_blocking=True)
         rows, lens, queries, prefix = t[:, :k], t[:, k : 2 * k], t[:, 2 * k : 3 * k], t[:, 3 * k]
         own_len = lens - prefix[:, None]  # [B, k]
-        own = self._columns(most_own) < own_len[:, :, None]  # [B, k, S]: sibling j's written tokens
-        mine = torch.eye(k, dtype=torch.bool, device=dev)[None, :, :, None] & own[:, None]  # query i, sibling j
-        sees_prefix = (self._columns(most_prefix) < prefix[:, None])[:, None, :].expand(-1, k, -1)
-        visible = torch.cat([sees_prefix, mine.transpose(2, 3).flatten(2)], 2)
+        if n > 1:  # each sibling's chunk: n queries, each seeing its own tokens up to itself
+            queries = (queries[:, :, None] + self._columns(n)).flatten(1)
+        sees = own_len[:, :, None] - n + self._columns(n)  # [B, k, n]: the last own token query (i, q) sees
+        own = self._columns(most_own) <= sees[..., None]  # [B, k, n, S]
+        mine = torch.eye(k, dtype=torch.bool, device=dev)[None, :, None, :, None] & own[:, :, :, None]
+        sees_prefix = (self._columns(most_prefix) < prefix[:, None])[:, None, :].expand(-1, k * n, -1)
+        visible = torch.cat([sees_prefix, mine.transpose(3, 4).flatten(3).flatten(1, 2)], 2)  # [B, k n, width]
         mask = _additive(~visible, self.dtype)[:, None]
         width = most_prefix + k * most_own
         kept = self._stage[i] if stage else None
@@ -362,13 +367,13 @@ def _set_attention(cfg, name: str | None) -> str | None:
 
 def _siblings(shared: list[tuple[int, list[int]]], sizes: list[int]) -> tuple[list[list], list[int], list[int] | None]:
     """The blocks of sibling steps that attend as one group ((prefix length, groups)), by sibling
-    count; the packed index of each group's first token; the groups left to attend on their own
+    count and tokens each; the packed index of each group's first token; the groups left to attend on their own
     (None: all of them)."""
     if not shared:
         return [], [], None
-    by_k: dict[int, list] = {}
+    by_k: dict[tuple[int, int], list] = {}
     for blk in shared:
-        by_k.setdefault(len(blk[1]), []).append(blk)
+        by_k.setdefault((len(blk[1]), sizes[blk[1][0]]), []).append(blk)
     grouped = {g for _, m in shared for g in m}
     return list(by_k.values()), list(accumulate(sizes, initial=0)), [g for g in range(len(sizes)) if g not in grouped]
 
