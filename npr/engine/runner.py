@@ -9,6 +9,7 @@ rebuilt on the host.
 from __future__ import annotations
 
 from itertools import accumulate
+from typing import NamedTuple
 
 import torch
 
@@ -42,10 +43,10 @@ class ModelRunner:
             self.new_pos = torch.zeros(slots, dtype=torch.int64, device=self.device)  # its index in the chunk
         self._arange = torch.arange(256, device=self.device)
         # the staged copies of a run of pure decode steps (sdpa): the work list and sibling groups
-        # they were made for (the scheduler hands the same list back while the run lasts), and per
-        # bucket (keys, values, the flat index of each query's first column, own columns or None)
+        # they were made for (the scheduler hands the same list back while the run lasts), and one
+        # `_Copy` per bucket (a bucket's kind follows from its index: sibling groups come first)
         self._stage_for: tuple | None = None
-        self._stage: list[tuple | None] = []
+        self._stage: list[_Copy | None] = []
         attention.register()
 
     def forward(
@@ -207,16 +208,22 @@ class ModelRunner:
         columns when it goes on (`stage` 2) and has room, else a fresh one, gathered with room for
         half as many tokens again; None when the pool's share for copies is spent (it gathers)."""
         kept = self._stage[i]
-        if stage == 2 and kept is not None and kept[3] is None and width <= kept[0].shape[2]:
-            return attention.Staged(kept[0], kept[1], width, at=kept[2] + lens - 1)
+        if stage == 2 and kept is not None and width <= kept.room:
+            return attention.Staged(kept.k, kept.v, width, at=kept.base + lens - 1)
         cols = width + width // 2 + 16
-        self._stage[i] = bufs = self.pool.staging_buffers(i, len(rows), cols)
-        if bufs is None:
+        copy = self._keep_copy(i, len(rows), cols, self._columns(len(rows)) * cols, cols)
+        if copy is None:
             return None
         self.table.reserve(cols, 0)  # columns past a row's length hold stale slots: written before they are read
         fill = self.table.slots[:, :cols].index_select(0, rows).view(-1)
-        self._stage[i] = (*bufs, self._columns(len(rows)) * cols, None)
-        return attention.Staged(*bufs, width, fill=fill)
+        return attention.Staged(copy.k, copy.v, width, fill=fill)
+
+    def _keep_copy(self, i: int, groups: int, cols: int, base: torch.Tensor, room: int) -> _Copy | None:
+        """Buffers for bucket `i`'s fresh copy ([layers, groups, cols, ...]), kept with its append
+        base and room as `self._stage[i]`; None (kept too) when the pool's share is spent."""
+        bufs = self.pool.staging_buffers(i, groups, cols)
+        self._stage[i] = None if bufs is None else _Copy(*bufs, base, room)
+        return self._stage[i]
 
     def _columns(self, n: int) -> torch.Tensor:
         """arange(n) on the device, sliced from one kept tensor (grown by doubling)."""
@@ -248,19 +255,18 @@ class ModelRunner:
         mask = _additive(~visible, self.dtype)[:, None]
         width = most_prefix + k * most_own
         kept = self._stage[i] if stage else None
-        if stage == 2 and kept is not None and kept[3] is not None and most_own <= kept[3]:
-            staged = attention.Staged(kept[0], kept[1], width, at=(kept[2] + (own_len - 1) * k).flatten())
+        if stage == 2 and kept is not None and most_own <= kept.room:
+            staged = attention.Staged(kept.k, kept.v, width, at=(kept.base + (own_len - 1) * k).flatten())
             return attention.Bucket(queries, mask=mask, staged=staged)
         if stage:  # a fresh copy, with room for half as many own tokens again
             room = most_own + most_own // 2 + 8
             cols = most_prefix + k * room
-            bufs = self.pool.staging_buffers(i, len(blocks), cols)
-            self._stage[i] = None if bufs is None else (*bufs, self._columns(len(blocks))[:, None] * cols + most_prefix
-                                                        + self._columns(k)[None, :], room)  # fmt: skip
-            if bufs is not None:
+            base = self._columns(len(blocks))[:, None] * cols + most_prefix + self._columns(k)[None, :]
+            copy = self._keep_copy(i, len(blocks), cols, base, room)
+            if copy is not None:
                 self.table.reserve(most_prefix + room, 0)
                 fill = self._shared_context(rows, prefix, most_prefix, room).view(-1)
-                return attention.Bucket(queries, mask=mask, staged=attention.Staged(*bufs, width, fill=fill))
+                return attention.Bucket(queries, mask=mask, staged=attention.Staged(copy.k, copy.v, width, fill=fill))
         context = self._shared_context(rows, prefix, most_prefix, most_own)
         return attention.Bucket(queries, context, mask)
 
@@ -350,6 +356,17 @@ class ModelRunner:
         if self.table.seen is not None and any(p != 1.0 and f < 0 for p, f in zip(batch.penalty, batch.forced)):
             seen = self.table.seen_rows(rows)
         return sample(logits, batch, seen, masks)
+
+
+class _Copy(NamedTuple):
+    """A bucket's staged copy between steps: its buffers, the flat index of each query's column 0
+    of its own tokens (a row's first column, or a sibling's first own column), and the most
+    context columns (plain buckets) or own tokens per sibling (sibling groups) it has room for."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    base: torch.Tensor
+    room: int
 
 
 def _set_attention(cfg, name: str | None) -> str | None:
