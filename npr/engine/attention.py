@@ -48,6 +48,14 @@ class Staged:
     fill: torch.Tensor | None = None  # [G * cols] pool slots: a gathering step
     at: torch.Tensor | None = None  # flat index of each query's new token, in query order: an appending step
 
+    def __post_init__(self):
+        # the views every layer takes, made once a step for all layers (a handful of view ops a
+        # layer is a few percent of a small model's decode step on a CPU): the copies as flat
+        # rows to write, and their first `width` columns as [layers, G, kv heads, width, D] to read
+        layers, _, _, heads, dim = self.k.shape
+        self.flat = (self.k.view(layers, -1, heads, dim), self.v.view(layers, -1, heads, dim))
+        self.read = (self.k[:, :, : self.width].transpose(2, 3), self.v[:, :, : self.width].transpose(2, 3))
+
 
 @dataclass
 class Bucket:
@@ -103,13 +111,18 @@ def paged_attention(module, query, key, value, attention_mask, scaling=None, dro
     STATE.calls += 1
     layer = module.layer_idx
     k_pool, v_pool = pool.k[layer], pool.v[layer]
-    k_new, v_new = key[0].transpose(0, 1).to(k_pool.dtype), value[0].transpose(0, 1).to(v_pool.dtype)  # [T, Hkv, D]
+    k_new, v_new = _as(key[0].transpose(0, 1), k_pool.dtype), _as(value[0].transpose(0, 1), v_pool.dtype)  # [T, Hkv, D]
     k_pool.index_copy_(0, batch.slot_mapping, k_new)
     v_pool.index_copy_(0, batch.slot_mapping, v_new)
     q_all = query[0].transpose(0, 1)  # [T, H, D]
     if batch.buckets and batch.buckets[0].block_mask is not None:
         return flex_buckets(q_all, k_pool, v_pool, batch.buckets, scaling, pool.page_size)[None], None
-    return sdpa_buckets(q_all, pool, layer, batch.buckets, scaling, (k_new, v_new))[None], None
+    return sdpa_buckets(q_all, pool, layer, (k_pool, v_pool), (k_new, v_new), batch.buckets, scaling)[None], None
+
+
+def _as(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x.to(dtype)` without the call when it has that dtype (a call costs a CPU step ~1 us a layer)."""
+    return x if x.dtype == dtype else x.to(dtype)
 
 
 def flex_kernel():
@@ -152,9 +165,11 @@ def flex_buckets(q_all: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor
     return out
 
 
-def sdpa_buckets(q_all: torch.Tensor, pool: KVPool, layer: int, buckets: list[Bucket], scaling, new=None):
-    """The reference path: gather each bucket's context out of the pool, one SDPA per bucket
-    (a staged bucket reads its copy instead; `new` holds the step's new keys and values).
+def sdpa_buckets(q_all: torch.Tensor, pool: KVPool, layer: int, kv: tuple, new: tuple, buckets: list[Bucket],
+                 scaling):  # fmt: skip
+    """The reference path: gather each bucket's context out of the pool (`kv`: the layer's keys
+    and values in it), one SDPA per bucket (a staged bucket reads its copy instead; `new` holds
+    the step's new keys and values).
 
     Grouped-query heads go to SDPA as they are (`enable_gqa`), so keys and values are never
     repeated per query head and one [G, 1, n, C] mask, built once per step, serves every head
@@ -162,41 +177,44 @@ def sdpa_buckets(q_all: torch.Tensor, pool: KVPool, layer: int, buckets: list[Bu
     """
     out = None
     heads, dim = q_all.shape[1:]
-    k_pool, v_pool = pool.k[layer], pool.v[layer]
+    k_pool, v_pool = kv
     kv_heads = k_pool.shape[1]
     for bk in buckets:
         g, n = bk.queries.shape
         if bk.staged is not None:
-            k, v = _staged(bk, layer, k_pool, v_pool, new)
+            k, v = _staged(bk, layer, kv, new)
         else:
             width = bk.context.shape[1]
             flat = bk.context.reshape(-1)
             kbuf, vbuf = pool.gather_buffers(len(flat))
-            k = torch.index_select(k_pool, 0, flat, out=kbuf).view(g, width, kv_heads, dim)
-            v = torch.index_select(v_pool, 0, flat, out=vbuf).view(g, width, kv_heads, dim)
-        k, v = k.transpose(1, 2).to(q_all.dtype), v.transpose(1, 2).to(q_all.dtype)
-        q = _bucket_queries(q_all, bk)
+            k = torch.index_select(k_pool, 0, flat, out=kbuf).view(g, width, kv_heads, dim).transpose(1, 2)
+            v = torch.index_select(v_pool, 0, flat, out=vbuf).view(g, width, kv_heads, dim).transpose(1, 2)
+        q, k, v = _bucket_queries(q_all, bk), _as(k, q_all.dtype), _as(v, q_all.dtype)
+        gqa = heads != kv_heads
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bk.mask, is_causal=bk.causal, scale=scaling, enable_gqa=heads != kv_heads
+            q, k, v, attn_mask=bk.mask, is_causal=bk.causal, scale=scaling, enable_gqa=gqa
         )
         out = _place(out, q_all, bk, o)
     return out
 
 
-def _staged(bk: Bucket, layer: int, k_pool, v_pool, new) -> tuple[torch.Tensor, torch.Tensor]:
-    """This layer's keys and values [G, width, Hkv, D] from a bucket's staged copy: gathered into
+def _staged(bk: Bucket, layer: int, kv: tuple, new: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """This layer's keys and values [G, Hkv, width, D] from a bucket's staged copy: gathered into
     it on the step that starts it, else its queries' new keys and values written at their columns
     (the values the pool holds, so the attention is exactly the gathering path's)."""
     st = bk.staged
-    k, v = st.k[layer], st.v[layer]  # [G, cols, Hkv, D], contiguous
+    k, v = st.flat[0][layer], st.flat[1][layer]  # [G * cols, Hkv, D]
     if st.fill is not None:
-        torch.index_select(k_pool, 0, st.fill, out=k.view(-1, *k.shape[2:]))
-        torch.index_select(v_pool, 0, st.fill, out=v.view(-1, *v.shape[2:]))
+        torch.index_select(kv[0], 0, st.fill, out=k)
+        torch.index_select(kv[1], 0, st.fill, out=v)
+    elif bk.every:
+        k.index_copy_(0, st.at, new[0])
+        v.index_copy_(0, st.at, new[1])
     else:
-        mine = slice(None) if bk.every else bk.queries.flatten()
-        k.view(-1, *k.shape[2:]).index_copy_(0, st.at, new[0][mine])
-        v.view(-1, *v.shape[2:]).index_copy_(0, st.at, new[1][mine])
-    return k[:, : st.width], v[:, : st.width]
+        mine = bk.queries.flatten()
+        k.index_copy_(0, st.at, new[0][mine])
+        v.index_copy_(0, st.at, new[1][mine])
+    return st.read[0][layer], st.read[1][layer]
 
 
 def register() -> None:
