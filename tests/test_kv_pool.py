@@ -148,11 +148,18 @@ def test_any_schedule_gives_the_large_pool_tokens(
     assert len(small.table.free) == small.table.rows
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.lists(st.tuples(st.integers(0, 9), st.integers(1, 9)), min_size=1, max_size=6), st.integers(1, 4))
-def test_reserve_all_is_reserve_of_each_or_nothing(work, page_size):
-    """The engine's per-step reservation: the same pages as one `reserve` per segment in order when
-    they all fit; when they do not, False and no segment or free page touched."""
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 9), st.integers(1, 9)), min_size=1, max_size=6),
+    st.integers(1, 4),
+    st.booleans(),
+)
+def test_reserve_all_is_reserve_of_each_or_nothing(work, page_size, decode):
+    """The engine's per-step reservation (`reserve_all`, or `reserve_each` of one token per segment,
+    a decode step's): the same pages as one `reserve` per segment in order when they all fit; when
+    they do not, False and no segment or free page touched."""
+    if decode:
+        work = [(filled, 1) for filled, _ in work]
     pools = [KVPool(1, 1, 2, num_pages=8, page_size=page_size) for _ in range(2)]
     segs = [[Segment() for _ in work] for _ in pools]
     for pool, ss in zip(pools, segs):
@@ -162,7 +169,10 @@ def test_reserve_all_is_reserve_of_each_or_nothing(work, page_size):
                 pool.reserve(s, filled)
     before = [(list(s.pages), s.length) for s in segs[0]], list(pools[0].free)
     need = sum(pools[1].pages_needed(s, n) for s, (_, n) in zip(segs[1], work))
-    fits = pools[0].reserve_all([(s, n) for s, (_, n) in zip(segs[0], work)])
+    if decode:
+        fits = pools[0].reserve_each(segs[0])
+    else:
+        fits = pools[0].reserve_all([(s, n) for s, (_, n) in zip(segs[0], work)])
     assert fits == (need <= len(pools[1].free))
     if not fits:
         assert ([(s.pages, s.length) for s in segs[0]], pools[0].free) == before

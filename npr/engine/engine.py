@@ -125,6 +125,7 @@ class LLM:
         self._masks: dict[tuple, int] = {}  # (allowed, stops) -> row of `_mask_rows`
         self._mask_rows: list[torch.Tensor] = []
         self._mask_stack: torch.Tensor | None = None
+        self._rows: tuple = (None,)  # (steady work, its packed positions that sample, its branches)
         self._next_id = 0
         self._check_backend()
 
@@ -214,22 +215,23 @@ class LLM:
         work = sched.schedule()
         if not work:
             return
-        # one pass over the rows: which sample (once all their pending tokens are computed), at
-        # which packed position, and with which settings
-        last, sampled, targets, settings, at = [], [], [], [], 0
-        for b, n in work:
-            at += n
-            if not b.done and n == b.pending:
-                target = None if b.req.replay is None else sched.replay_target(b)
-                last.append(at - 1)
-                sampled.append(b)
-                targets.append(target)
-                settings.append(self._sampling_row(b, target))
-        logits = self.runner.forward(work, sched.to_copy(), last, steady=work is sched._steady)
+        steady = work is sched._steady
+        if steady and self._rows[0] is work:  # last step's rows again: each samples its one new token
+            last, sampled = self._rows[1:]
+        else:  # which rows sample (once all their pending tokens are computed), at which packed position
+            last, sampled, at = [], [], 0
+            for b, n in work:
+                at += n
+                if not b.done and n == b.pending:
+                    last.append(at - 1)
+                    sampled.append(b)
+            self._rows = (work, last, sampled) if steady else (None,)
+        targets = [None if b.req.replay is None else sched.replay_target(b) for b in sampled]
+        settings = [self._sampling_row(b, target) for b, target in zip(sampled, targets)]
+        logits = self.runner.forward(work, sched.to_copy(), last, steady=steady)
         toks, lps = [], []
         if sampled:
-            batch = SamplingBatch.of_rows(settings)
-            toks, lps = self.runner.sample(logits, [b.row for b in sampled], batch, self._mask_stack)
+            toks, lps = self.runner.sample(logits, sampled, SamplingBatch.of_rows(settings), self._mask_stack)
         sched.postprocess(work, sampled, toks, lps, targets)
 
     def _sampling_row(self, b: Branch, target: int | None) -> tuple:

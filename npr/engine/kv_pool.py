@@ -148,13 +148,13 @@ class KVPool:
     def reserve_each(self, segs: list[Segment]) -> bool:
         """`reserve_all` of one token in each segment (a decode step): only the segments whose last
         page is full take a page."""
-        ps = self.page_size
-        full = [seg for seg in segs if len(seg.pages) * ps == seg.length]
-        if len(full) > len(self.free):
+        ps, free = self.page_size, self.free
+        # (when every segment could take a page there is no need to count those that will)
+        if len(segs) > len(free) and sum(len(seg.pages) * ps == seg.length for seg in segs) > len(free):
             return False
-        for seg in full:
-            self._grow(seg, 0, 1)
         for seg in segs:
+            if len(seg.pages) * ps == seg.length:
+                self._grow(seg, 0, 1)
             seg.length += 1
         return True
 

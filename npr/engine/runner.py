@@ -350,11 +350,11 @@ class ModelRunner:
         return pages, listed, sees.scatter_(1, torch.where(listed, pages, sink), True)
 
     def sample(
-        self, logits: torch.Tensor, rows: list[int], batch: SamplingBatch, masks
+        self, logits: torch.Tensor, sampled: list[Branch], batch: SamplingBatch, masks
     ) -> tuple[list[int], list[float]]:
         seen = None
         if self.table.seen is not None and any(p != 1.0 and f < 0 for p, f in zip(batch.penalty, batch.forced)):
-            seen = self.table.seen_rows(rows)
+            seen = self.table.seen_rows([b.row for b in sampled])
         return sample(logits, batch, seen, masks)
 
 
