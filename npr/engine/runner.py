@@ -14,10 +14,10 @@ from typing import NamedTuple
 import torch
 
 from npr.engine import attention
-from npr.engine.context import ContextTable
+from npr.engine.context import ContextTable, int64_rows
 from npr.engine.kv_pool import KVPool
 from npr.engine.request import Block, Branch
-from npr.engine.sampler import SamplingBatch, int64_blocks, sample
+from npr.engine.sampler import SamplingBatch, sample
 
 KERNELS = ("auto", "sdpa", "flex")
 Q_BLOCK = 128  # FlexAttention's query block: one per decode bucket row, a few per prompt chunk
@@ -61,7 +61,7 @@ class ModelRunner:
         dev, ps, table = self.device, self.pool.page_size, self.table
         ids, pos, slots, rows, cols, seen, prow, pcol, page = [], [], [], [], [], [], [], [], []
         unseen = table.vocab  # the `seen` column of a token the penalty does not count (a prompt's)
-        sizes, group_rows, lengths, ops = [], [], [], []
+        sizes, group_rows, lengths, ops = [], [], [], ([], [])
         siblings: dict[tuple[Block, int], list[int]] = {}  # a block's steps computing n tokens each (shared prefix)
         flushed = next((g for g, (b, _) in enumerate(work) if not b.done), len(work))  # they come first
         for g, (b, n) in enumerate(work):
@@ -102,38 +102,38 @@ class ModelRunner:
         if flushed == len(work):
             ops = self._layout(copies)
         # everything the device needs of this step, in one host -> device copy
-        meta, groups, p = int64_blocks(
-            dev, [ids, pos, slots, rows, cols, seen], [group_rows, lengths, sizes], [prow, pcol, page]
-        )
+        pages = [prow, pcol, page] if page else []
+        meta = int64_rows(dev, ids, pos, slots, rows, cols, seen, group_rows, lengths, sizes, *pages)
+        ids_t, pos_t, slot_t, row_t, col_t, seen_t = meta[:6]
+        groups = meta[6:9]  # each group's table row, context length after the step, and new tokens
         # only rows that start a page this step or are copied into can outgrow the table's width
         most_pages = max([table.npages[r] for r in prow] + [table.npages[b.row] for b in copies], default=0)
         table.reserve(max(lengths + [b.length for b in copies]), most_pages)
-        table.write(meta[3], meta[4], meta[2])
+        table.write(row_t, col_t, slot_t)
         if page:
-            table.write_pages(p[0], p[1], p[2])
-        for dst, src, slot_span, page_span in ops:
-            table.copy(dst, src, slot_span, page_span)
+            table.write_pages(*meta[9:])
+        table.copy(*ops)
         for b in copies:
             for row in b.frees:
                 table.release(row)
             b.sources, b.frees = [], []
-        table.mark_seen(meta[3], meta[5])
+        table.mark_seen(row_t, seen_t)
         attention.STATE.pool = self.pool
         if self.kernel == "flex":  # sharing only ever reads less here: every block of siblings shares
             shared = [(blk.prefix_len, m) for (blk, n), m in siblings.items() if n == 1 and len(m) > 1]
-            attention.STATE.batch = self._flex_buckets(meta[2], sizes, group_rows, shared)
+            attention.STATE.batch = self._flex_buckets(slot_t, sizes, group_rows, shared)
         else:
             shared = [(blk.prefix_len, m) for (blk, _), m in siblings.items() if _share(blk.prefix_len, m, lengths)]
             go_on = self._stage_for is not None and self._stage_for[0] is work and self._stage_for[1] == shared
             stage = 0 if not steady else 2 if go_on else 1  # 1: start staged copies, 2: append to them
-            batch = self._buckets(meta[2], groups, sizes, lengths, shared, group_rows, stage)
+            batch = self._buckets(slot_t, groups, sizes, lengths, shared, group_rows, stage)
             self._stage_for = (work, shared) if stage else None
             attention.STATE.batch = batch
         cfg = self.model.config
         prev = _set_attention(cfg, attention.NAME)
         try:
             with torch.inference_mode():
-                out = self.body(input_ids=meta[0][None], position_ids=meta[1][None], use_cache=False)
+                out = self.body(input_ids=ids_t[None], position_ids=pos_t[None], use_cache=False)
                 at = slice(None) if len(last) == len(ids) else torch.tensor(last, dtype=torch.int64, device=dev)
                 hidden = out.last_hidden_state[0, at]
                 return self.head(hidden).float()
@@ -141,20 +141,22 @@ class ModelRunner:
             attention.STATE.batch = None
             _set_attention(cfg, prev)
             if self.kernel == "flex":
-                self.new_group[meta[2]] = -1
+                self.new_group[slot_t] = -1
 
-    def _layout(self, copies: list[Branch]) -> list[tuple]:
-        """Host side of the forks' and joins' row copies: where each piece goes, in tokens and pages."""
-        ops = []
+    def _layout(self, copies: list[Branch]) -> tuple[list, list]:
+        """Host side of the forks' and joins' row copies: the pieces each row takes, as (dst row, at,
+        src row, start, end), in tokens and in pages (`ContextTable.copy`)."""
+        pieces, page_pieces = [], []
         for b in copies:
             at = pat = 0
             for row, start, end, p0, p1 in b.sources:
                 p1 = self.table.npages[row] if p1 < 0 else p1
-                ops.append((b.row, row, (at, start, end), (pat, p0, p1)))
+                pieces.append((b.row, at, row, start, end))
+                page_pieces.append((b.row, pat, row, p0, p1))
                 at += end - start
                 pat += p1 - p0
             self.table.npages[b.row] = pat
-        return ops
+        return pieces, page_pieces
 
     def _by_size(self, sizes: list[int], size_t: torch.Tensor, keep: list[int] | None = None):
         """Buckets: (n, member groups, their index, [G, n] packed index of their queries).
@@ -182,10 +184,11 @@ class ModelRunner:
             self._stage += [None] * (len(by_k) + 1 - len(self._stage))
         buckets = [self._shared_bucket(blks, first, lengths, group_rows, stage, i) for i, blks in enumerate(by_k)]
         for n, members, idx, queries in self._by_size(sizes, groups[2], keep):
-            lens_n = lengths if isinstance(idx, slice) else [lengths[g] for g in members]
+            every = isinstance(idx, slice)  # the only bucket: all the step's groups, in order
+            lens_n = lengths if every else [lengths[g] for g in members]
             width = max(lens_n)
             uniform = min(lens_n) == width
-            rows, lens = groups[0][idx], groups[1][idx]
+            rows, lens = (groups[0], groups[1]) if every else (groups[0][idx], groups[1][idx])
             staged = self._staged(len(by_k), rows, lens, width, stage) if stage else None
             context = None if staged else self.table.slots[:, :width].index_select(0, rows)
             mask, causal = None, n > 1 and uniform and width == n  # a whole prompt in one chunk: plain causal
@@ -195,7 +198,6 @@ class ModelRunner:
                 limit = (lens - n)[:, None] + self._columns(n)[None, :]  # query j sees [0, limit]
                 hidden = self._columns(width)[None, None, :] > limit[:, :, None]
                 mask = _additive(hidden, self.dtype)[:, None]
-            every = isinstance(idx, slice)
             buckets.append(attention.Bucket(queries, context, mask, causal=causal, every=every, staged=staged))
         return attention.Batch(slot_mapping, buckets)
 

@@ -8,11 +8,12 @@ decodes the same tokens whatever it is batched with, and again after a preemptio
 
 from __future__ import annotations
 
-from array import array
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from npr.engine.context import int64_rows
 
 _MASK = float("-inf")
 _M32 = 0xFFFFFFFF
@@ -115,7 +116,7 @@ def sample(
     dev = logits.device
     logits = logits.float()
     free = [r for r, f in enumerate(batch.forced) if f < 0]  # rows that choose (the rest replay a target)
-    forced = int64_blocks(dev, [batch.forced])[0][0]
+    forced = int64_rows(dev, batch.forced)[0]
     tok, unsure = forced, None
     if free:  # a step that only replays (benchmarks, tests) pays for no choice at all
         rows = free if len(free) < len(batch.forced) else None
@@ -140,29 +141,6 @@ def _transfer(logp, tok, extra=()) -> list[list]:
     chosen = logp.gather(1, tok[:, None])[:, 0]
     host = torch.stack([tok, chosen.double().view(torch.int64), *extra]).cpu()
     return [host[0].tolist(), host[1].view(torch.float64).tolist(), *(h.tolist() for h in host[2:])]
-
-
-def int64_blocks(device, *blocks: list[list[int]]) -> list[torch.Tensor]:
-    """Blocks of equally long host lists of ints (or bools) as [len(block), n] int64 views of one
-    tensor on `device`: one copy for all (a step's metadata has a few blocks, and each copy costs
-    a call), built through an array, several times cheaper than `torch.tensor` of the lists (and
-    from one joined list: `array.extend` of each list took 1.8x as long, 34 against 19 us for
-    the nine lists of a 64-row decode step)."""
-    joined, shapes = [], []
-    for block in blocks:
-        for row in block:
-            joined += row
-        shapes.append((len(block), len(block[0]) if block else 0))
-    flat = array("q", joined)
-    whole = torch.frombuffer(flat, dtype=torch.int64) if flat else torch.zeros(0, dtype=torch.int64)
-    # on a CPU the tensor is the array's memory (and keeps it alive); a copy to a GPU from pageable
-    # memory is staged before the call returns, so the array may go after it
-    whole = whole.to(device, non_blocking=True)
-    out, at = [], 0
-    for rows, n in shapes:
-        out.append(whole[at : at + rows * n].view(rows, n))
-        at += rows * n
-    return out
 
 
 def _at(rows: list[int] | None, dev) -> torch.Tensor | slice:
