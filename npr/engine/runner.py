@@ -8,8 +8,8 @@ rebuilt on the host.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from itertools import accumulate
-from typing import NamedTuple
 
 import torch
 
@@ -189,10 +189,10 @@ class ModelRunner:
             width = max(lens_n)
             uniform = min(lens_n) == width
             rows, lens = (groups[0], groups[1]) if every else (groups[0][idx], groups[1][idx])
-            staged = self._staged(len(by_k), rows, lens, width, stage) if stage else None
+            staged, mask = self._staged(len(by_k), rows, lens, width, uniform, stage) if stage else (None, None)
             context = None if staged else self.table.slots[:, :width].index_select(0, rows)
-            mask, causal = None, n > 1 and uniform and width == n  # a whole prompt in one chunk: plain causal
-            if n == 1 and not uniform:  # decoding rows: each sees its first `lens` slots (two ops, not six)
+            causal = n > 1 and uniform and width == n  # a whole prompt in one chunk: plain causal
+            if n == 1 and not uniform and not staged:  # decoding rows: each sees its first `lens` slots
                 mask = _additive(self._columns(width) >= lens[:, None], self.dtype)[:, None, None]
             elif n > 1 and not causal:
                 limit = (lens - n)[:, None] + self._columns(n)[None, :]  # query j sees [0, limit]
@@ -205,26 +205,34 @@ class ModelRunner:
         """Let go of the staged copies (the pool's memory is going: `LLM.sleep`)."""
         self._stage, self._stage_for = [], None
 
-    def _staged(self, i: int, rows, lens, width: int, stage: int) -> attention.Staged | None:
-        """Bucket `i`'s staged copy in a pure decode step (one token per group): its new tokens'
-        columns when it goes on (`stage` 2) and has room, else a fresh one, gathered with room for
-        half as many tokens again; None when the pool's share for copies is spent (it gathers)."""
+    def _staged(self, i: int, rows, lens, width: int, uniform: bool, stage: int) -> tuple:
+        """Bucket `i`'s staged copy in a pure decode step (one token per group) and its mask: its
+        new tokens' columns when it goes on (`stage` 2) and has room, else a fresh one, gathered
+        with room for half as many tokens again; (None, None) when the pool's share for copies is
+        spent (it gathers). The mask (rows of unequal length) is kept over the copy's columns too:
+        a step that goes on opens its new tokens' columns, one op instead of a new mask."""
         kept = self._stage[i]
         if stage == 2 and kept is not None and width <= kept.room:
-            return attention.Staged(kept.k, kept.v, width, at=kept.base + lens - 1)
+            at = kept.base + lens - 1  # (row g's column 0 is g x cols, in the copy and its mask alike)
+            if kept.mask is not None:
+                kept.mask.view(-1).index_fill_(0, at, 0.0)
+            return attention.Staged(kept.k, kept.v, width, at=at), _within(kept.mask, width)
         cols = width + width // 2 + 16
-        copy = self._keep_copy(i, len(rows), cols, self._columns(len(rows)) * cols, cols)
+        copy = self._keep_copy(i, len(rows), cols, cols)
         if copy is None:
-            return None
+            return None, None
+        copy.base = self._columns(len(rows)) * cols
+        if not uniform:  # [G, 1, 1, cols]: each row sees its first `lens` columns
+            copy.mask = _additive(self._columns(cols) >= lens[:, None], self.dtype)[:, None, None]
         self.table.reserve(cols, 0)  # columns past a row's length hold stale slots: written before they are read
         fill = self.table.slots[:, :cols].index_select(0, rows).view(-1)
-        return attention.Staged(copy.k, copy.v, width, fill=fill)
+        return attention.Staged(copy.k, copy.v, width, fill=fill), _within(copy.mask, width)
 
-    def _keep_copy(self, i: int, groups: int, cols: int, base: torch.Tensor, room: int) -> _Copy | None:
-        """Buffers for bucket `i`'s fresh copy ([layers, groups, cols, ...]), kept with its append
-        base and room as `self._stage[i]`; None (kept too) when the pool's share is spent."""
+    def _keep_copy(self, i: int, groups: int, cols: int, room: int) -> _Copy | None:
+        """Buffers for bucket `i`'s fresh copy ([layers, groups, cols, ...]), kept with its room as
+        `self._stage[i]`; None (kept too) when the pool's share is spent."""
         bufs = self.pool.staging_buffers(i, groups, cols)
-        self._stage[i] = None if bufs is None else _Copy(*bufs, base, room)
+        self._stage[i] = None if bufs is None else _Copy(*bufs, room)
         return self._stage[i]
 
     def _columns(self, n: int) -> torch.Tensor:
@@ -241,36 +249,49 @@ class ModelRunner:
         decode step's new tokens are adjacent columns); the mask lets sibling i's queries see the
         prefix and sibling i's tokens up to their own. `stage`, `i`: as `_staged`."""
         dev, k, n = self.device, len(blocks[0][1]), first[blocks[0][1][0] + 1] - first[blocks[0][1][0]]
-        info = [[*(group_rows[g] for g in m), *(lengths[g] for g in m), *(first[g] for g in m), p] for p, m in blocks]
         most_prefix = max(p for p, _ in blocks)
         most_own = max(lengths[g] - p for p, m in blocks for g in m)
+        width = most_prefix + k * most_own
+        kept = self._stage[i] if stage else None
+        if stage == 2 and kept is not None and most_own <= kept.room:  # each sibling wrote one more own token:
+            kept.at += k  # its column moves on by k (token j of every sibling side by side)
+            kept.mask_at += k
+            kept.mask.view(-1).index_fill_(0, kept.mask_at, 0.0)
+            staged = attention.Staged(kept.k, kept.v, width, at=kept.at)
+            return attention.Bucket(kept.queries, mask=_within(kept.mask, width), staged=staged)
+        info = [[*(group_rows[g] for g in m), *(lengths[g] for g in m), *(first[g] for g in m), p] for p, m in blocks]
         t = torch.tensor(info, dtype=torch.int64).to(dev, non_blocking=True)
         rows, lens, queries, prefix = t[:, :k], t[:, k : 2 * k], t[:, 2 * k : 3 * k], t[:, 3 * k]
         own_len = lens - prefix[:, None]  # [B, k]
         if n > 1:  # each sibling's chunk: n queries, each seeing its own tokens up to itself
             queries = (queries[:, :, None] + self._columns(n)).flatten(1)
-        sees = own_len[:, :, None] - n + self._columns(n)  # [B, k, n]: the last own token query (i, q) sees
-        own = self._columns(most_own) <= sees[..., None]  # [B, k, n, S]
-        mine = torch.eye(k, dtype=torch.bool, device=dev)[None, :, None, :, None] & own[:, :, :, None]
-        sees_prefix = (self._columns(most_prefix) < prefix[:, None])[:, None, :].expand(-1, k * n, -1)
-        visible = torch.cat([sees_prefix, mine.transpose(3, 4).flatten(3).flatten(1, 2)], 2)  # [B, k n, width]
-        mask = _additive(~visible, self.dtype)[:, None]
-        width = most_prefix + k * most_own
-        kept = self._stage[i] if stage else None
-        if stage == 2 and kept is not None and most_own <= kept.room:
-            staged = attention.Staged(kept.k, kept.v, width, at=(kept.base + (own_len - 1) * k).flatten())
-            return attention.Bucket(queries, mask=mask, staged=staged)
         if stage:  # a fresh copy, with room for half as many own tokens again
             room = most_own + most_own // 2 + 8
             cols = most_prefix + k * room
-            base = self._columns(len(blocks))[:, None] * cols + most_prefix + self._columns(k)[None, :]
-            copy = self._keep_copy(i, len(blocks), cols, base, room)
+            copy = self._keep_copy(i, len(blocks), cols, room)
             if copy is not None:
+                # the column of each sibling's newest token past the prefix; flat in the copy, in the mask
+                newest = most_prefix + (own_len - 1) * k + self._columns(k)  # [B, k]
+                copy.at = (self._columns(len(blocks))[:, None] * cols + newest).flatten()
+                copy.mask_at = (self._columns(len(blocks) * k).view(-1, k) * cols + newest).flatten()
+                copy.mask, copy.queries = self._sibling_mask(prefix, own_len, n, most_prefix, room), queries
                 self.table.reserve(most_prefix + room, 0)
                 fill = self._shared_context(rows, prefix, most_prefix, room).view(-1)
-                return attention.Bucket(queries, mask=mask, staged=attention.Staged(copy.k, copy.v, width, fill=fill))
-        context = self._shared_context(rows, prefix, most_prefix, most_own)
-        return attention.Bucket(queries, context, mask)
+                staged = attention.Staged(copy.k, copy.v, width, fill=fill)
+                return attention.Bucket(queries, mask=_within(copy.mask, width), staged=staged)
+        mask = self._sibling_mask(prefix, own_len, n, most_prefix, most_own)
+        return attention.Bucket(queries, self._shared_context(rows, prefix, most_prefix, most_own), mask)
+
+    def _sibling_mask(self, prefix, own_len, n: int, most_prefix: int, own: int) -> torch.Tensor:
+        """[B, 1, k n, most_prefix + k own] additive mask of sibling groups (`_shared_bucket`): query q
+        of sibling i sees its block's prefix and sibling i's own tokens up to its own."""
+        k = own_len.shape[1]
+        sees = own_len[:, :, None] - n + self._columns(n)  # [B, k, n]: the last own token query (i, q) sees
+        mine = self._columns(own) <= sees[..., None]  # [B, k, n, own]
+        mine = torch.eye(k, dtype=torch.bool, device=self.device)[None, :, None, :, None] & mine[:, :, :, None]
+        sees_prefix = (self._columns(most_prefix) < prefix[:, None])[:, None, :].expand(-1, k * n, -1)
+        visible = torch.cat([sees_prefix, mine.transpose(3, 4).flatten(3).flatten(1, 2)], 2)  # [B, k n, width]
+        return _additive(~visible, self.dtype)[:, None]
 
     def _shared_context(self, rows, prefix, most_prefix: int, own: int) -> torch.Tensor:
         """[B, most_prefix + k * own] slots: each block's prefix (from its first sibling's row), then
@@ -360,15 +381,27 @@ class ModelRunner:
         return sample(logits, batch, seen, masks)
 
 
-class _Copy(NamedTuple):
-    """A bucket's staged copy between steps: its buffers, the flat index of each query's column 0
-    of its own tokens (a row's first column, or a sibling's first own column), and the most
-    context columns (plain buckets) or own tokens per sibling (sibling groups) it has room for."""
+@dataclass(eq=False)
+class _Copy:
+    """A bucket's staged copy between steps: its buffers, the most context columns (plain buckets)
+    or own tokens per sibling (sibling groups) it has room for, and its mask over all its columns
+    (None: rows of equal length need none). Plain buckets: the flat index of each row's column 0
+    (`base`). Sibling groups: the flat index of each sibling's newest token in the copy (`at`) and
+    in the mask (`mask_at`), and the group's queries, the same while the run lasts."""
 
     k: torch.Tensor
     v: torch.Tensor
-    base: torch.Tensor
     room: int
+    mask: torch.Tensor | None = None
+    base: torch.Tensor | None = None
+    at: torch.Tensor | None = None
+    mask_at: torch.Tensor | None = None
+    queries: torch.Tensor | None = None
+
+
+def _within(mask: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """A kept mask's first `width` columns (a view)."""
+    return None if mask is None else mask[..., :width]
 
 
 def _set_attention(cfg, name: str | None) -> str | None:
