@@ -25,7 +25,7 @@ bucket). Positions come in as `position_ids`, so RoPE stays in the model. Two ke
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -47,11 +47,13 @@ class Staged:
     width: int  # columns the step attends to (the longest context)
     fill: torch.Tensor | None = None  # [G * cols] pool slots: a gathering step
     at: torch.Tensor | None = None  # flat index of each query's new token, in query order: an appending step
+    # the views every layer takes, made once a step for all layers (a handful of view ops a layer
+    # is a few percent of a small model's decode step on a CPU): the copies as flat rows to write
+    # ([layers, G * cols, kv heads, D]), and their first `width` columns to read ([layers, G, kv heads, width, D])
+    flat: tuple = field(init=False, repr=False)
+    read: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
-        # the views every layer takes, made once a step for all layers (a handful of view ops a
-        # layer is a few percent of a small model's decode step on a CPU): the copies as flat
-        # rows to write, and their first `width` columns as [layers, G, kv heads, width, D] to read
         layers, _, _, heads, dim = self.k.shape
         self.flat = (self.k.view(layers, -1, heads, dim), self.v.view(layers, -1, heads, dim))
         self.read = (self.k[:, :, : self.width].transpose(2, 3), self.v[:, :, : self.width].transpose(2, 3))
