@@ -215,7 +215,7 @@ class LLM:
         work = sched.schedule()
         if not work:
             return
-        steady = work is sched._steady
+        steady = sched.is_steady(work)
         if steady and self._rows[0] is work:  # last step's rows again: each samples its one new token
             last, sampled = self._rows[1:]
         else:  # which rows sample (once all their pending tokens are computed), at which packed position

@@ -56,7 +56,7 @@ class ModelRunner:
 
         `work` lists the flushed branches (forks' parents, ended steps) first: the rows forked
         or joined from them (`copies`) are laid out after their last page is counted. `steady`:
-        a pure decode step whose work the scheduler keeps for the next step (`Scheduler._steady`).
+        a pure decode step whose work the scheduler keeps for the next step (`Scheduler.is_steady`).
         """
         dev, ps, table = self.device, self.pool.page_size, self.table
         ids, pos, slots, rows, cols, seen, prow, pcol, page = [], [], [], [], [], [], [], [], []

@@ -146,6 +146,11 @@ class Scheduler:
             if not self._preempt(keep=None):
                 return []
 
+    def is_steady(self, work: list[tuple[Branch, int]]) -> bool:
+        """Whether `work` is a pure decode step's that the next step gets again, unless an event
+        (a fork, a join, a finish, an arrival, a preemption) changes the branches in between."""
+        return work is self._steady
+
     def to_copy(self) -> list[Branch]:
         """Branches whose rows still need their sources copied in (after this step's writes)."""
         if self._steady is not None:  # a fork's or join's step flushes its parent or steps: never steady
