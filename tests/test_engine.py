@@ -690,3 +690,35 @@ def test_staged_decode_contexts_attend_as_gathered_ones(tok, biased, case, monke
         assert (a is None) == (b is None)
         if a is not None:
             assert (a.token_ids, a.finish_reason, a.logprobs) == (b.token_ids, b.finish_reason, b.logprobs)
+
+
+def test_each_sampling_setting_reaches_its_field_of_the_batch(tok, biased, monkeypatch):
+    """The engine builds a step's sampling rows as plain tuples (cheaper than a field at a time):
+    each request's temperature, top-k, top-p, penalty (inside steps only), noise key, replay target
+    and structure mask land in their own `SamplingBatch` field, for sampled and replayed rows."""
+    from npr.engine import engine as engine_module
+    from npr.engine.sampler import SamplingBatch
+
+    batches, of_rows = [], SamplingBatch.of_rows
+
+    def kept(rows):
+        batches.append(of_rows(rows))
+        return batches[-1]
+
+    monkeypatch.setattr(engine_module.SamplingBatch, "of_rows", staticmethod(kept))
+    llm = LLM(biased, tok, num_pages=256, page_size=4)
+    sampled = [
+        SamplingParams(temperature=0.7, top_k=5, top_p=0.9, repetition_penalty=1.3, seed=s, max_tokens=120)
+        for s in range(3)
+    ]
+    replayed = SamplingParams(temperature=0.5, top_k=7, top_p=0.8, mode="sequential", max_tokens=60)
+    target = tok.encode(" the plan is", add_special_tokens=False)
+    outs = llm.generate(PROMPTS[:4], [*sampled, replayed], replay=[None, None, None, [target]])
+    assert any(o.blocks for o in outs[:3])
+    rows = [r for b in batches for r in zip(b.temperature, b.top_k, b.top_p, b.penalty, b.keys, b.forced, b.masks)]
+    mine = [r for r in rows if r[0] == 0.7]
+    assert mine and all(r[1:3] == (5, 0.9) and r[5] == -1 and r[6] >= 0 for r in mine)
+    assert {r[3] for r in mine} == {1.0, 1.3}  # the penalty inside steps only: the request wrote a block
+    assert len({r[4] for r in mine}) == len(mine)  # a noise key per token
+    forced = [r[5] for r in rows if r[0] == 0.0]
+    assert forced == target + [0]  # then a token past the target, which finishes it
