@@ -40,7 +40,7 @@ class Staged:
     """A decode bucket's contexts as a contiguous copy, kept across a run of pure decode steps
     over the same branches: the step that starts it gathers `fill` (each group's slots, padded
     to the buffers' width) in every layer; each later step only writes its queries' new keys and
-    values at `at` (their flat indices: group x width + the new token's column)."""
+    values at `at` (their flat indices: group x the buffers' columns + the new token's column)."""
 
     k: torch.Tensor  # [layers, G, cols, kv heads, D], cols > every group's context length
     v: torch.Tensor

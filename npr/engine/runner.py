@@ -192,8 +192,8 @@ class ModelRunner:
             staged, mask = self._staged(len(by_k), rows, lens, width, uniform, stage) if stage else (None, None)
             context = None if staged else self.table.slots[:, :width].index_select(0, rows)
             causal = n > 1 and uniform and width == n  # a whole prompt in one chunk: plain causal
-            if n == 1 and not uniform and not staged:  # decoding rows: each sees its first `lens` slots
-                mask = _additive(self._columns(width) >= lens[:, None], self.dtype)[:, None, None]
+            if n == 1 and not uniform and not staged:
+                mask = self._decode_mask(lens, width)
             elif n > 1 and not causal:
                 limit = (lens - n)[:, None] + self._columns(n)[None, :]  # query j sees [0, limit]
                 hidden = self._columns(width)[None, None, :] > limit[:, :, None]
@@ -222,11 +222,16 @@ class ModelRunner:
         if copy is None:
             return None, None
         copy.base = self._columns(len(rows)) * cols
-        if not uniform:  # [G, 1, 1, cols]: each row sees its first `lens` columns
-            copy.mask = _additive(self._columns(cols) >= lens[:, None], self.dtype)[:, None, None]
+        if not uniform:
+            copy.mask = self._decode_mask(lens, cols)
         self.table.reserve(cols, 0)  # columns past a row's length hold stale slots: written before they are read
         fill = self.table.slots[:, :cols].index_select(0, rows).view(-1)
         return attention.Staged(copy.k, copy.v, width, fill=fill), _within(copy.mask, width)
+
+    def _decode_mask(self, lens, cols: int) -> torch.Tensor:
+        """[G, 1, 1, cols] additive mask of decoding rows: row g sees its first `lens[g]` columns (two
+        ops, not six)."""
+        return _additive(self._columns(cols) >= lens[:, None], self.dtype)[:, None, None]
 
     def _keep_copy(self, i: int, groups: int, cols: int, room: int) -> _Copy | None:
         """Buffers for bucket `i`'s fresh copy ([layers, groups, cols, ...]), kept with its room as
