@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from npr.engine.sampler import SamplingBatch, gumbel, gumbel_argmax, noise_seed, sample
+from npr.engine.sampler import SamplingBatch, gumbel, gumbel_argmax, gumbel_of, noise_hash, noise_seed, sample
 
 
 def batch(rows: int, **kw) -> SamplingBatch:
@@ -71,6 +71,23 @@ def test_noise_is_a_function_of_the_key_alone():
     assert len({tuple(r.tolist()) for r in g}) == len(keys)  # distinct keys, distinct noise
     big = gumbel(torch.arange(4000), 16)
     assert abs(big.mean().item() - 0.5772) < 0.02 and abs(big.std().item() - 1.2825) < 0.02  # Gumbel(0, 1)
+
+
+def test_noise_is_finite_at_the_top_hash_so_masked_and_cut_ids_are_never_chosen():
+    """The one hash value in 2**24 whose u rounds to 1 in fp32 must not give +inf noise: a masked
+    or top-p-cut id scored -inf + inf = NaN there, and argmax chose it."""
+    key, worst = noise_seed(7, (0, 0), 52373), 483  # found by search: this key's hash of id 483 is the top value
+    keys, ids = torch.tensor([key]), torch.tensor([[worst]])
+    assert (noise_hash(keys, ids) >> 8).item() == 2**24 - 1  # the witness really is the top value
+    assert torch.isfinite(gumbel_of(keys, ids)).all() and torch.isfinite(gumbel(keys, 512)).all()
+    vocab = 512
+    b = SamplingBatch([1.0] * 2, [0] * 2, [1.0, 0.7], [1.0] * 2, [key] * 2, [-1] * 2, [0, -1])
+    masks = torch.zeros(1, vocab, dtype=torch.bool)
+    masks[0, worst] = True  # row 0: only the witness id is masked, every other id is allowed
+    logits = torch.zeros(2, vocab)
+    logits[1, :8] = 10.0  # row 1: top-p 0.7 keeps ids 0-7 and cuts the witness
+    toks, lps = sample(logits, b, masks=masks)
+    assert toks[0] != worst and toks[1] < 8 and all(lp > -30 for lp in lps)
 
 
 def test_gumbel_argmax_over_vocabulary_slices_equals_the_whole_sum():

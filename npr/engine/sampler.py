@@ -17,6 +17,7 @@ from npr.engine.context import int64_rows
 
 _MASK = float("-inf")
 _M32 = 0xFFFFFFFF
+_BELOW_ONE = 1.0 - 2.0**-24  # the largest fp32 below 1
 
 
 NOISE_KEYS = 2**62
@@ -55,11 +56,21 @@ def gumbel(keys: torch.Tensor, vocab: int, start: int = 0) -> torch.Tensor:
     return gumbel_of(keys, torch.arange(start, vocab, device=keys.device, dtype=torch.int64)[None, :])
 
 
-def gumbel_of(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The Gumbel noise of the ids [R or 1, n] in each row: the same values `gumbel` gives them."""
+def noise_hash(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The 32-bit hash [R or n] behind the noise of the ids [R or 1, n] in each row of `keys`."""
     lo, hi = (keys & _M32)[:, None], _mix(keys >> 32)[:, None]
-    h = _mix(_mix(ids ^ hi) ^ lo)
-    u = (h >> 8).to(torch.float32).add_(0.5).mul_(1.0 / 2**24)  # in (0, 1), 24 bits, exact in fp32
+    return _mix(_mix(ids ^ hi) ^ lo)
+
+
+def gumbel_of(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The Gumbel noise of the ids [R or 1, n] in each row: the same values `gumbel` gives them.
+
+    u = (top 24 bits + 0.5) / 2**24 in fp32, where x + 0.5 rounds to an even integer from 2**23
+    on; so the top value would round to u = 1, whose noise is +inf, and an id that is masked
+    (-inf) or cut by top-p would then score -inf + inf = NaN, which argmax picks (one (key, id)
+    in 2**24: a few tokens in every evaluation of the tiny model). Capping u just below 1 keeps
+    the noise finite and changes no other value."""
+    u = (noise_hash(keys, ids) >> 8).to(torch.float32).add_(0.5).mul_(1.0 / 2**24).clamp_(max=_BELOW_ONE)
     return u.log_().neg_().log_().neg_()
 
 
