@@ -105,6 +105,26 @@ def test_gumbel_argmax_over_vocabulary_slices_equals_the_whole_sum():
     assert len(set(got.tolist())) > 150  # spread over the vocabulary, not one slice's winner
 
 
+def test_gumbel_argmax_of_few_allowed_ids_equals_the_whole_sum():
+    """With few ids allowed per row (top-p, the structure mask) a CPU draws noise for those only:
+    the same ids as argmax over the whole row, the first id on a tie, 0 for a row of -inf."""
+    from npr.engine.sampler import _kept_argmax
+
+    torch.manual_seed(4)
+    rows, vocab = 300, 700
+    keys = torch.tensor([noise_seed(5, (1, r % 3), r) for r in range(rows)])
+    warm = torch.randn(rows, vocab) * 3
+    allowed = torch.rand(rows, vocab) < torch.linspace(0.002, 0.3, rows)[:, None]  # 0 to ~210 ids a row
+    allowed[::7, 0], allowed[3] = True, False  # row 3 allows nothing
+    warm = warm.masked_fill(~allowed, float("-inf"))
+    assert 4 * allowed.sum() <= warm.numel() and (allowed.sum(-1) == 0).any()  # the few-ids path, empty rows too
+    expect = (warm + gumbel(keys, vocab)).argmax(-1)
+    assert torch.equal(gumbel_argmax(warm, keys), expect)
+    row, col = torch.tensor([0, 0, 0, 2, 2]), torch.tensor([3, 5, 9, 1, 4])
+    score = torch.tensor([1.0, 2.0, 2.0, -1.0, -1.0])  # ties: ids 5 and 9, then 1 and 4
+    assert _kept_argmax(score, row, col, 3, 10).tolist() == [5, 0, 1]
+
+
 def test_large_vocabulary_top_k_top_p_choose_among_candidates_like_the_full_sort():
     """At a large vocabulary top-k / top-p rows choose among their best ids; the ids equal the
     full sort's, and rows whose kept mass runs past the candidates are chosen again exactly."""
