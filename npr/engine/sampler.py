@@ -57,7 +57,7 @@ def gumbel(keys: torch.Tensor, vocab: int, start: int = 0) -> torch.Tensor:
 
 
 def noise_hash(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """The 32-bit hash [R or n] behind the noise of the ids [R or 1, n] in each row of `keys`."""
+    """The 32-bit hashes [R, n] behind the noise of the ids [R or 1, n] in each row of `keys`."""
     lo, hi = (keys & _M32)[:, None], _mix(keys >> 32)[:, None]
     return _mix(_mix(ids ^ hi) ^ lo)
 
@@ -75,8 +75,9 @@ def gumbel_of(keys: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
 
 
 def gumbel_argmax(warm: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-    """argmax(warm + gumbel(keys)) per row, over slices of the vocabulary: the same ids as the
-    whole [R, V] sum (the first id on a tie), without its int64 temporaries. At a 152k
+    """argmax(warm + gumbel(keys)) per row: the same ids as the whole [R, V] sum (the first id on
+    a tie), without its int64 temporaries: on a CPU over the allowed (finite) ids alone when they
+    are few (`_kept_argmax`), else over slices of the vocabulary. At a 152k
     vocabulary and 64 rows each of the hash's ~30 passes would write 78 MB, and on 2 CPU cores
     the noise took 0.57 s a step; slices that stay in cache are several times faster (and on a
     GPU a few large slices keep the launches few)."""
