@@ -73,10 +73,9 @@ def train_from_stage2(plan, root: Path, demo: Path, out: Path, seed: int) -> dic
         run = out / f"{row}-seed{seed}"
         over = [f"model.path={start}", f"run.out={run}", f"run.seed={seed}", *extra]
         cfg = load_config(root / plan.stage3.config, list(plan.stage3.overrides) + over)
-        pointer = run / "checkpoints" / "latest.json"
-        if checkpoint.latest(run) is None or json.loads(pointer.read_text())["step"] < cfg.run.steps:
-            found = checkpoint.latest(run) is not None
-            train_rl(cfg, resume=found, overwrite=not found)
+        found = checkpoint.latest(run)
+        if found is None or checkpoint.step_of(found) < cfg.run.steps:
+            train_rl(cfg, resume=found is not None, overwrite=found is None)
         runs[row] = run
     return runs
 

@@ -273,7 +273,10 @@ def reopen_appended(path: Path, keep=None) -> list[dict]:
 def atomic_write(path: Path, text: str) -> None:
     """Replace `path` with `text` at once: a crash leaves the old file or the new one, never half."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # else a power cut can leave the new name on an empty file
     tmp.replace(path)
 
 

@@ -299,6 +299,12 @@ def test_stop_strings_ids_and_repetition(tok):
     stop_id = free.token_ids[6]
     by_id = llm.generate([PROMPTS[2]], greedy(mode="sequential", stop_token_ids=[stop_id]))[0]
     assert by_id.finish_reason == "stop" and by_id.token_ids == free.token_ids[: free.token_ids.index(stop_id) + 1]
+    # the generation config's EOS ids stop an answer too (Qwen3 chat models list two; ids past the
+    # vocabulary, as a config built in code may name, are left out)
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop_id, 10**6]
+    listed = LLM(model, tok, num_pages=128, page_size=4)
+    assert listed.scheduler.eos == (tok.eos_token_id, stop_id)
+    assert listed.generate([PROMPTS[2]], greedy(mode="sequential"))[0].token_ids == by_id.token_ids
     word = tok.decode(free.token_ids[5:7])
     by_text = llm.generate([PROMPTS[2]], greedy(mode="sequential", stop=[word]))[0]
     assert by_text.finish_reason == "stop" and word in by_text.text and len(by_text.token_ids) <= 7
@@ -307,7 +313,25 @@ def test_stop_strings_ids_and_repetition(tok):
     with torch.no_grad():
         loop.get_output_embeddings().bias[tok.encode(" the", add_special_tokens=False)[0]] = 50.0
     out = LLM(loop, tok, num_pages=128).generate([PROMPTS[0]], SamplingParams(max_tokens=200, seed=0))[0]
-    assert out.finish_reason == "repetition" and len(out.token_ids) < 40
+    assert out.finish_reason == "repetition" and len(out.token_ids) < 80  # a loop of one token: 64
+
+
+def test_repetition_needs_a_long_loop_not_a_long_number():
+    """Qwen's tokenizer writes a number a digit a token: 10**8 is eight repeats of "0", not a loop."""
+    from types import SimpleNamespace
+
+    from npr.engine.scheduler import MIN_REPEAT_SPAN, _repeating
+
+    def repeats(tokens, limit=8):
+        return _repeating(SimpleNamespace(tokens=[97, 98, 99] + tokens, offset=3), limit)  # 3 prompt tokens
+
+    assert not repeats([1] + [0] * 8) and not repeats([5, 1, 6] * 8)  # 100000000; eight 1s in a list
+    assert repeats([0] * MIN_REPEAT_SPAN) and not repeats([4] + [0] * (MIN_REPEAT_SPAN - 1))
+    assert repeats([7, 1, 6] * 22) and not repeats([7, 1, 6] * 21)  # 66 tokens; 63
+    sixteen = list(range(10, 26))
+    assert repeats(sixteen * 8) and not repeats([0] + sixteen * 7)  # a long pattern: `limit` repeats
+    assert repeats([3] * 100, limit=100) and not repeats([3] * 99, limit=100)
+    assert not repeats([0] * 70 + [1])
 
 
 def test_forks_count_against_max_num_seqs(tok, biased):

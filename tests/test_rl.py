@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -300,12 +301,19 @@ def test_mini_batches_recompute_old_logprobs_and_let_the_clip_act(tiny_dir, tmp_
         for r in rolls:
             torch.testing.assert_close(r.old, torch.tensor(r.out.logprobs), atol=1e-4, rtol=0)
 
+    from npr.train import rl
+
+    recomputed = []  # part 0 trains against its own forward; only later parts are recomputed
+    monkeypatch.setattr(rl, "recompute_old_logprobs", lambda p, c, rolls, *a: recomputed.append(len(rolls))
+                        or recompute_old_logprobs(p, c, rolls, *a))  # fmt: skip
     clip = {}
     for mini in (1, 2):
         out = tmp_path / f"mini{mini}"
         train_rl(_cfg(tiny_dir, out, 1, **{"algo.loss": "dapo", "algo.mini_batches": mini}), progress=False)
         clip[mini] = json.loads((out / "metrics.jsonl").read_text())["clip_fraction"]
     assert clip[1] == 0.0 and clip[2] > 0.0, clip
+    kept = json.loads((tmp_path / "mini2" / "metrics.jsonl").read_text())["kept_groups"] * 8  # rollout.n
+    assert recomputed == [kept - kept // 2], (recomputed, kept)
 
 
 def test_one_update_per_batch_takes_the_trainers_own_old_policy(tiny_dir, tmp_path, monkeypatch):
@@ -389,3 +397,29 @@ def test_checkpoints_are_pruned_to_the_newest_and_bad_run_settings_refused(tmp_p
         load_config(None, ["run.save_every=0"])
     with pytest.raises(ValueError, match="run.keep_checkpoints"):
         load_config(None, ["run.keep_checkpoints=-1"])
+
+
+def test_latest_checkpoint_needs_no_pointer_and_skips_torn_folders(tmp_path):
+    """A lost or stale latest.json (a crash between a folder's rename and the pointer's update)
+    must not read as "no checkpoint": a fresh start would clear every checkpoint the run has."""
+    from npr.train import checkpoint
+
+    class Saves:  # the model and tokenizer: what `save` asks of them
+        def save_pretrained(self, folder, state_dict=None):
+            (Path(folder) / "model.safetensors").write_text("weights")
+
+    for step in (1, 2, 3):
+        checkpoint.save(tmp_path, step, Saves(), Saves(), {"step": step})
+    root = tmp_path / "checkpoints"
+    assert checkpoint.latest(tmp_path) == root / "step-000003"
+    (root / "latest.json").unlink()
+    assert checkpoint.latest(tmp_path) == root / "step-000003"
+    (root / "latest.json").write_text(json.dumps({"step": 1, "path": "step-000001"}))
+    assert checkpoint.latest(tmp_path) == root / "step-000003"
+    (root / "step-000003" / checkpoint.STATE).unlink()  # torn: not a checkpoint
+    (root / ".tmp-step-000004").mkdir()
+    torch.save({}, root / ".tmp-step-000004" / checkpoint.STATE)  # half-written: not named step-N yet
+    assert checkpoint.latest(tmp_path) == root / "step-000002"
+    checkpoint.save(tmp_path, 2, Saves(), Saves(), {"step": 22})  # a step written again replaces it whole
+    assert checkpoint.load_state(root / "step-000002")["step"] == 22
+    assert not list(root.glob(".old-*")) and checkpoint.latest(tmp_path) == root / "step-000002"

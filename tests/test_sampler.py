@@ -152,6 +152,39 @@ def test_large_vocabulary_top_k_top_p_choose_among_candidates_like_the_full_sort
     torch.testing.assert_close(torch.tensor(lps), torch.log_softmax(logits, -1)[range(rows), toks], atol=1e-5, rtol=0)
 
 
+def test_candidate_choice_keeps_ids_tied_at_the_nucleus_boundary_like_the_full_sort():
+    """bf16 logits tie often (steps of 1/8 from 16 to 32); `topk` orders equal scores arbitrarily,
+    so the nucleus keeps every id tied with its last one, as the full sort does."""
+    from npr.engine import sampler
+
+    rows, vocab = 256, 8192
+    logits = torch.full((rows, vocab), -30.0)
+    logits[:, 100], logits[:, [200, 300]] = 20.0, 19.0  # p = 0.576, 0.212, 0.212: top-p 0.7 needs 200 or 300
+    torch.manual_seed(3)
+    logits[: rows // 2] += (torch.randn(rows // 2, vocab) * 4).bfloat16().float()  # and many chance ties
+    b = SamplingBatch([1.0] * rows, [0] * rows, [0.7] * rows, [1.0] * rows,
+                      [noise_seed(5, (0, 0), r) for r in range(rows)], [-1] * rows, [-1] * rows)  # fmt: skip
+    fast, flagged = sampler._choose(logits, b, None, None, None)
+    exact, _ = sampler._choose(logits, b, None, None, None, exact=True)
+    sure = [r for r in range(rows) if not flagged[r]]
+    assert len(sure) > rows // 2 and torch.equal(fast[sure], exact[sure])
+    assert {200, 300} <= set(fast[rows // 2 :].tolist())  # both tied ids are drawn
+
+
+def test_temperature_must_be_finite_and_tiny_ones_decode_greedily():
+    import pytest
+
+    from npr.engine import SamplingParams
+
+    assert SamplingParams(temperature=1e-40).temperature == 0.0  # 1 / 1e-40 overflows fp32 logits to inf
+    assert SamplingParams(temperature=0.01).temperature == 0.01
+    for bad in (float("inf"), float("nan"), -0.1):
+        with pytest.raises(ValueError, match="temperature must be finite"):
+            SamplingParams(temperature=bad)
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        SamplingParams(repetition_penalty=float("nan"))
+
+
 def _sort_and_scatter(warm, top_k, top_p):
     """Top-k / top-p through the sort's permutation: the reference `_top_k_top_p` keeps to."""
     vocab = warm.shape[-1]

@@ -79,6 +79,16 @@ def load(path: str | Path, dtype=None, device=None, trust_remote_code: bool = Fa
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval(), tok
 
 
+def stop_ids(model, tokenizer) -> tuple[int, ...]:
+    """The ids that end an answer unless a request names its own: the tokenizer's EOS and the
+    generation config's (Qwen3's chat checkpoints list <|im_end|> and <|endoftext|> there, their
+    tokenizer names one; an answer ending in the other would run on to its budget)."""
+    listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = [tokenizer.eos_token_id, *(listed if isinstance(listed, (list, tuple)) else [listed])]
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and 0 <= i < vocab))
+
+
 class LLM:
     """`LLM(model, tokenizer).generate(prompts, SamplingParams(...))` -> list of `Completion`.
 
@@ -119,7 +129,9 @@ class LLM:
         self.pool = KVPool(layers, kv_heads, head_dim, num_pages, page_size, dtype, self.device)
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.table = ContextTable(max_num_seqs + 1, self.device, self.vocab)
-        self.scheduler = Scheduler(self.pool, self.table, tokenizer, max_num_seqs, max_batch_tokens)
+        self.scheduler = Scheduler(
+            self.pool, self.table, tokenizer, max_num_seqs, max_batch_tokens, stop_ids(model, tokenizer)
+        )
         self.runner = ModelRunner(model, self.pool, self.table, attention)
         self.tags = self.scheduler.tags
         self._masks: dict[tuple, int] = {}  # (allowed, stops) -> row of `_mask_rows`

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 # Text the engine forces after `<step>` at a fork ({i}: the step's label) and after `<takeaway>` at
@@ -11,6 +12,9 @@ LAYOUTS = {"canonical": ("{i}:", ""), "paper": ("\n{i}:", "\n")}
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 1.0, 0.7
 FINISH_REASONS = ("stop", "length", "path_length", "invalid_schema", "repetition", "aborted")
 BUDGET_STOPS = ("length", "path_length")  # the answer ran out of its token or latency budget
+# Temperatures below this decode greedily: dividing fp32 logits by a subnormal one overflows to
+# inf (argmax then takes the first positive id, top-p meets inf - inf), by 0 it gives 0/0 = NaN.
+GREEDY_BELOW = 1e-5
 MODES = ("parallel", "sequential")
 
 
@@ -24,7 +28,7 @@ class SamplingParams:
     """
 
     mode: str = "parallel"
-    temperature: float = 1.0
+    temperature: float = 1.0  # below GREEDY_BELOW: 0 (greedy)
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None
@@ -32,26 +36,28 @@ class SamplingParams:
     max_path_tokens: int | None = None
     repetition_penalty: float = 1.02  # applied inside steps only (paper: 1.02)
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] | None = None  # None: the tokenizer's EOS
+    stop_token_ids: list[int] | None = None  # None: the EOS ids of the tokenizer and generation config
     enforce_structure: bool = True  # mask tag tokens that would break the schema
     max_plans: int = 8
-    repetition_limit: int = 8  # finish with "repetition" after this many repeats of a short pattern
+    repetition_limit: int = 8  # finish with "repetition" after this many repeats of a short pattern (>= 64 tokens)
     fork_text: str = LAYOUTS["canonical"][0]  # forced after <step>; must hold {i}
     join_text: str = LAYOUTS["canonical"][1]  # forced after <takeaway>
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if self.temperature < GREEDY_BELOW:
+            self.temperature = 0.0
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0 or self.max_tokens < 1 or self.max_plans < 1:
             raise ValueError("top_k must be >= 0, max_tokens and max_plans >= 1")
         if self.max_path_tokens is not None and self.max_path_tokens < 1:
             raise ValueError("max_path_tokens must be >= 1")
-        if self.repetition_penalty <= 0:
-            raise ValueError("repetition_penalty must be > 0")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise ValueError(f"repetition_penalty must be finite and > 0, got {self.repetition_penalty}")
         if "{i}" not in self.fork_text:
             raise ValueError(f"fork_text must hold the label placeholder {{i}}, got {self.fork_text!r}")
 

@@ -237,7 +237,9 @@ def _candidate_choice(warm, keys, top_k, top_p) -> tuple[torch.Tensor, torch.Ten
     noise over the whole vocabulary (at 152k ids and 64 rows, a top-p 0.7 sampling step took
     0.10 s instead of 0.63 on 2 CPU cores). Exact, up to rounding at the p boundary, for the rows
     it returns `sure`: those where every id past the candidates is dropped anyway (by top-k with
-    no tie of the k-th past them, by top-p as the candidates' mass exceeds p, or masked)."""
+    no tie of the k-th past them, by top-p with no tie of the nucleus's last score past them, or
+    masked). Ids tied with that last score are kept together, as in `_top_k_top_p`: bf16 logits
+    tie often (steps of 0.125 from 16 to 32), and `topk` orders equals arbitrarily."""
     vocab = warm.shape[-1]
     best, ids = warm.topk(CANDIDATES, -1)  # sorted, best first
     k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
@@ -249,10 +251,12 @@ def _candidate_choice(warm, keys, top_k, top_p) -> tuple[torch.Tensor, torch.Ten
     probs = (kept - lse).exp()
     mass = probs.cumsum(-1)
     drop = ((mass - probs) > top_p) | (kept == _MASK)  # mass before this id already reaches top_p
+    needed = (~drop).sum(-1, keepdim=True).clamp(min=1)
+    nucleus = kept.gather(1, needed - 1)  # the score of the last id the nucleus needs
     last = best[:, -1]
     whole = k >= vocab  # no top-k: the denominator above is right only for these or for `limited`
-    sure = (last == _MASK) | (limited & (last < kth[:, 0])) | (whole & (mass[:, -1] > top_p[:, 0]))
-    choice = (kept.masked_fill(drop, _MASK) + gumbel_of(keys, ids)).argmax(-1)
+    sure = (last == _MASK) | (limited & (last < kth[:, 0])) | (whole & (last < nucleus[:, 0]))
+    choice = (kept.masked_fill(kept < nucleus, _MASK) + gumbel_of(keys, ids)).argmax(-1)
     return ids.gather(1, choice[:, None])[:, 0], sure
 
 

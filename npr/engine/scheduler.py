@@ -33,6 +33,7 @@ class Scheduler:
         tokenizer,
         max_num_seqs: int,
         max_batch_tokens: int,
+        eos: tuple[int, ...] = (),  # the default stop ids (engine.stop_ids)
         watermark: float = 0.01,
     ):
         if max_num_seqs < 1 or max_batch_tokens < 1:
@@ -47,7 +48,7 @@ class Scheduler:
         self.watermark = max(1, int(watermark * pool.num_pages))  # free pages kept for running requests
         self.tags = tag_ids(tokenizer)
         self.tag_of = {i: t for t, i in self.tags.items() if t in TAGS}
-        self.eos = (tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ()
+        self.eos = eos
         self._texts: dict[str, list[int]] = {}
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
@@ -408,19 +409,25 @@ class Scheduler:
         req.ended = time.perf_counter()
 
 
+# A loop is also this long before it ends a run: Qwen's tokenizer writes a number a digit a token,
+# so 10**8 or 0.000000001 is eight repeats of "0", and a list of eight 1s eight of " 1,".
+MIN_REPEAT_SPAN = 64
+
+
 def _repeating(run: Run, limit: int) -> bool:
-    """Whether the run ends with a pattern of 1-16 tokens repeated `limit` times (reads only that tail)."""
+    """Whether the run ends with a pattern of 1-16 tokens repeated `limit` times and over at least
+    MIN_REPEAT_SPAN tokens (reads only that tail)."""
     toks = run.tokens
     n, last = len(toks) - run.offset, toks[-1]
-    if n < limit or (limit > 1 and last not in toks[-17:-1]):
+    if n < max(limit, MIN_REPEAT_SPAN) or (limit > 1 and last not in toks[-17:-1]):
         return False  # too short for any repeat, or the last token ends none (see the cheap reject below)
     for period in range(1, 17):
-        span = period * limit
-        if n < span:
-            break
+        repeats = max(limit, -(-MIN_REPEAT_SPAN // period))
+        if n < period * repeats:
+            continue  # spans are not monotone in the period (3 x 22 = 66 tokens, 4 x 16 = 64)
         if limit > 1 and last != toks[-1 - period]:
             continue  # cheap reject: a repeat of this period ends with the token `period` back
-        tail = toks[-span:]
-        if tail == tail[:period] * limit:
+        tail = toks[-period * repeats :]
+        if tail == tail[:period] * repeats:
             return True
     return False

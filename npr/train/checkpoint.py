@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -24,11 +25,29 @@ def save(out: Path, step: int, model, tokenizer, state: dict, state_dict: dict |
     _plain_config(tmp, model, state_dict)
     tokenizer.save_pretrained(tmp)
     torch.save(state, tmp / STATE)
-    shutil.rmtree(final, ignore_errors=True)
+    _sync(tmp)  # on disk before the name says complete: a power cut must not leave a torn step-N
+    old = root / f".old-step-{step:06d}"
+    if final.exists():  # a step written again: renamed aside first, so no moment lacks a complete one
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
     tmp.rename(final)
-    latest = root / "latest.json"
-    atomic_write(latest, json.dumps({"step": step, "path": final.name}))
+    _sync(root)
+    shutil.rmtree(old, ignore_errors=True)
+    atomic_write(root / "latest.json", json.dumps({"step": step, "path": final.name}))
     return final
+
+
+def _sync(folder: Path) -> None:
+    """fsync a folder's files and the folder itself (its entries: a rename is durable only then)."""
+    for f in folder.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def prune(out: Path, keep: int) -> None:
@@ -40,11 +59,13 @@ def prune(out: Path, keep: int) -> None:
 
 
 def latest(out: Path) -> Path | None:
-    pointer = out / "checkpoints" / "latest.json"
-    if not pointer.exists():
-        return None
-    path = out / "checkpoints" / json.loads(pointer.read_text())["path"]
-    return path if (path / STATE).exists() else None
+    """The newest checkpoint: the newest step-N folder with a trainer state. A folder gets that name
+    only once complete (`save`), so this holds when `latest.json` was lost or a crash came between
+    a folder's rename and the pointer's update (trusting the pointer alone, a lost one read as "no
+    checkpoint", and a fresh start would have cleared them all)."""
+    root = out / "checkpoints"
+    done = [p for p in root.glob("step-*") if (p / STATE).is_file()] if root.is_dir() else []
+    return max(done, key=step_of) if done else None
 
 
 def step_of(path: Path) -> int:

@@ -160,8 +160,10 @@ def _length(r: Rollout) -> int:
 
 
 def recompute_old_logprobs(policy: Policy, cfg: Config, rolls: list[Rollout], tag_ids: dict, pad_id: int) -> None:
-    """The old policy's log-probs as the trainer computes them (before any update of this batch), so
-    the first mini-batch's ratio is exactly 1 and later ones measure only the updates."""
+    """The old policy's log-probs of one part's rollouts as the trainer computes them, before any
+    update of this batch, so a later part's ratio measures only the updates. Taken in the micro-batches
+    `train_step` will form from the same list: bf16 matmuls are not batch-invariant on GPUs, so
+    another padding or batch size would put kernel noise into the ratio."""
     model = policy.model
     device = next(model.parameters()).device
     model.eval()
@@ -190,8 +192,8 @@ def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], ad
         ids, mask, engine = ids.to(device), mask.to(device), engine.to(device)
         token_stats = topology_token_stats(model, ids, topo)  # chunked through the head: no [L, V] tensor
         logp, ent = token_stats[..., 0], token_stats[..., 1].detach()
-        # The old policy is the trainer's own: recomputed before the first of several updates, else
-        # this forward itself (one update per batch: the ratio is exactly 1). The engine's log-probs
+        # The old policy is the trainer's own: this forward itself for the first (or only) update of
+        # a batch (the ratio is exactly 1), recomputed before it for later parts. The engine's log-probs
         # differ by kernel noise, in bf16 enough for the clip to act on the only update; their gap
         # is logged as a rollout/trainer mismatch gauge.
         current = logp.detach()
@@ -245,7 +247,7 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True, overwrite
             need = cfg.rollout.prompts_per_step
             while need > 0 and rounds <= (cfg.algo.max_resample if cfg.algo.dynamic_sampling else 0):
                 taken = prompts.take(need)  # the same on every rank; each samples its share
-                share = [(base + i, p) for i, p in enumerate(taken) if i % world == rank]
+                share = [(base + i, p) for i, p in enumerate(taken) if (base + i) % world == rank]  # rounds rotate
                 with policy.full_weights():
                     batch = rollouts(llm, cfg, share, step, rounds, reward_fn)
                 mine |= {(r.group, r.sample): r for r in batch}
@@ -275,9 +277,10 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True, overwrite
                     i: mine[x["group"], x["sample"]] for i, x in enumerate(flat) if (x["group"], x["sample"]) in mine
                 }
                 mini = cfg.algo.mini_batches
-                if mini > 1:
-                    recompute_old_logprobs(policy, cfg, list(local.values()), llm.tags, pad)
                 updates, part_of = [], mini_batch_parts([x["rank"] for x in flat], mini)
+                for j in range(1, mini):  # before any update; part 0 is its own old policy (train_step)
+                    rolls = [local[i] for i in local if part_of[i] == j]
+                    recompute_old_logprobs(policy, cfg, rolls, llm.tags, pad)
                 for j in range(mini):  # the kept rollouts in `mini` parts, one optimiser step each
                     if j not in part_of:
                         continue
