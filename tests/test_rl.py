@@ -297,15 +297,15 @@ def test_mini_batches_recompute_old_logprobs_and_let_the_clip_act(tiny_dir, tmp_
         llm = LLM(policy.model, policy.tokenizer, num_pages=256)
         probs = list(enumerate(load_benchmark(cfg.data.source, 2)))
         rolls = rollouts(llm, cfg, probs, 0, 0, even)
-        recompute_old_logprobs(policy, cfg, rolls, tag_ids(policy.tokenizer), policy.tokenizer.pad_token_id)
+        recompute_old_logprobs(policy, cfg, [rolls], tag_ids(policy.tokenizer), policy.tokenizer.pad_token_id)
         for r in rolls:
             torch.testing.assert_close(r.old, torch.tensor(r.out.logprobs), atol=1e-4, rtol=0)
 
     from npr.train import rl
 
     recomputed = []  # part 0 trains against its own forward; only later parts are recomputed
-    monkeypatch.setattr(rl, "recompute_old_logprobs", lambda p, c, rolls, *a: recomputed.append(len(rolls))
-                        or recompute_old_logprobs(p, c, rolls, *a))  # fmt: skip
+    monkeypatch.setattr(rl, "recompute_old_logprobs", lambda p, c, parts, *a: recomputed.append(
+                        [len(x) for x in parts]) or recompute_old_logprobs(p, c, parts, *a))  # fmt: skip
     clip = {}
     for mini in (1, 2):
         out = tmp_path / f"mini{mini}"
@@ -313,7 +313,7 @@ def test_mini_batches_recompute_old_logprobs_and_let_the_clip_act(tiny_dir, tmp_
         clip[mini] = json.loads((out / "metrics.jsonl").read_text())["clip_fraction"]
     assert clip[1] == 0.0 and clip[2] > 0.0, clip
     kept = json.loads((tmp_path / "mini2" / "metrics.jsonl").read_text())["kept_groups"] * 8  # rollout.n
-    assert recomputed == [kept - kept // 2], (recomputed, kept)
+    assert recomputed == [[kept - kept // 2]], (recomputed, kept)
 
 
 def test_one_update_per_batch_takes_the_trainers_own_old_policy(tiny_dir, tmp_path, monkeypatch):
@@ -419,6 +419,8 @@ def test_latest_checkpoint_needs_no_pointer_and_skips_torn_folders(tmp_path):
     (root / "step-000003" / checkpoint.STATE).unlink()  # torn: not a checkpoint
     (root / ".tmp-step-000004").mkdir()
     torch.save({}, root / ".tmp-step-000004" / checkpoint.STATE)  # half-written: not named step-N yet
+    (root / "step-000009 copy").mkdir()
+    torch.save({}, root / "step-000009 copy" / checkpoint.STATE)  # a user's copy: not a step-N name
     assert checkpoint.latest(tmp_path) == root / "step-000002"
     checkpoint.save(tmp_path, 2, Saves(), Saves(), {"step": 22})  # a step written again replaces it whole
     assert checkpoint.load_state(root / "step-000002")["step"] == 22

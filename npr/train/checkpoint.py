@@ -64,7 +64,8 @@ def latest(out: Path) -> Path | None:
     a folder's rename and the pointer's update (trusting the pointer alone, a lost one read as "no
     checkpoint", and a fresh start would have cleared them all)."""
     root = out / "checkpoints"
-    done = [p for p in root.glob("step-*") if (p / STATE).is_file()] if root.is_dir() else []
+    named = root.glob("step-*") if root.is_dir() else []
+    done = [p for p in named if p.name[5:].isdigit() and (p / STATE).is_file()]
     return max(done, key=step_of) if done else None
 
 

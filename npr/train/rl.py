@@ -159,22 +159,24 @@ def _length(r: Rollout) -> int:
     return len(r.out.prompt_ids) + len(r.out.token_ids)
 
 
-def recompute_old_logprobs(policy: Policy, cfg: Config, rolls: list[Rollout], tag_ids: dict, pad_id: int) -> None:
-    """The old policy's log-probs of one part's rollouts as the trainer computes them, before any
+def recompute_old_logprobs(policy: Policy, cfg: Config, parts: list[list[Rollout]], tag_ids: dict,
+                           pad_id: int) -> None:  # fmt: skip
+    """The old policy's log-probs of each part's rollouts as the trainer computes them, before any
     update of this batch, so a later part's ratio measures only the updates. Taken in the micro-batches
-    `train_step` will form from the same list: bf16 matmuls are not batch-invariant on GPUs, so
+    `train_step` will form from the same part: bf16 matmuls are not batch-invariant on GPUs, so
     another padding or batch size would put kernel noise into the ratio."""
     model = policy.model
     device = next(model.parameters()).device
     model.eval()
-    with policy.full_weights(), torch.no_grad():  # gathered: ranks may run different counts
-        for part in micro_batches([_length(r) for r in rolls], cfg.optim):
-            chunk = [rolls[i] for i in part]
-            ids, topo = _sequence_batch(chunk, pad_id, tag_ids)[:2]
-            logp = topology_token_stats(model, ids.to(device), topo)[..., 0].float().cpu()
-            for b, r in enumerate(chunk):
-                n = len(r.out.prompt_ids)
-                r.old = logp[b, n - 1 : n - 1 + len(r.out.token_ids)]
+    with policy.full_weights(), torch.no_grad():  # gathered once: ranks may run different counts
+        for rolls in parts:
+            for part in micro_batches([_length(r) for r in rolls], cfg.optim):
+                chunk = [rolls[i] for i in part]
+                ids, topo = _sequence_batch(chunk, pad_id, tag_ids)[:2]
+                logp = topology_token_stats(model, ids.to(device), topo)[..., 0].float().cpu()
+                for b, r in enumerate(chunk):
+                    n = len(r.out.prompt_ids)
+                    r.old = logp[b, n - 1 : n - 1 + len(r.out.token_ids)]
 
 
 def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], advantages, tag_ids: dict,
@@ -278,9 +280,9 @@ def train_rl(cfg: Config, resume: bool = False, progress: bool = True, overwrite
                 }
                 mini = cfg.algo.mini_batches
                 updates, part_of = [], mini_batch_parts([x["rank"] for x in flat], mini)
-                for j in range(1, mini):  # before any update; part 0 is its own old policy (train_step)
-                    rolls = [local[i] for i in local if part_of[i] == j]
-                    recompute_old_logprobs(policy, cfg, rolls, llm.tags, pad)
+                if mini > 1:  # before any update; part 0 is its own old policy (train_step)
+                    later = [[local[i] for i in local if part_of[i] == j] for j in range(1, mini)]
+                    recompute_old_logprobs(policy, cfg, later, llm.tags, pad)
                 for j in range(mini):  # the kept rollouts in `mini` parts, one optimiser step each
                     if j not in part_of:
                         continue
