@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -411,6 +412,13 @@ def test_latest_checkpoint_needs_no_pointer_and_skips_torn_folders(tmp_path):
     for step in (1, 2, 3):
         checkpoint.save(tmp_path, step, Saves(), Saves(), {"step": step})
     root = tmp_path / "checkpoints"
+    (root / "step-000009 copy").mkdir()
+    torch.save({}, root / "step-000009 copy" / checkpoint.STATE)  # a user's copy: not a step-N name
+    checkpoint.save(tmp_path, 4, Saves(), Saves(), {"step": 4})
+    checkpoint.prune(tmp_path, 3)  # the copy neither counts among the newest nor is deleted
+    assert sorted(p.name for p in root.glob("step-*")) == ["step-000002", "step-000003", "step-000004",
+                                                           "step-000009 copy"]  # fmt: skip
+    shutil.rmtree(root / "step-000004")
     assert checkpoint.latest(tmp_path) == root / "step-000003"
     (root / "latest.json").unlink()
     assert checkpoint.latest(tmp_path) == root / "step-000003"
@@ -419,8 +427,6 @@ def test_latest_checkpoint_needs_no_pointer_and_skips_torn_folders(tmp_path):
     (root / "step-000003" / checkpoint.STATE).unlink()  # torn: not a checkpoint
     (root / ".tmp-step-000004").mkdir()
     torch.save({}, root / ".tmp-step-000004" / checkpoint.STATE)  # half-written: not named step-N yet
-    (root / "step-000009 copy").mkdir()
-    torch.save({}, root / "step-000009 copy" / checkpoint.STATE)  # a user's copy: not a step-N name
     assert checkpoint.latest(tmp_path) == root / "step-000002"
     checkpoint.save(tmp_path, 2, Saves(), Saves(), {"step": 22})  # a step written again replaces it whole
     assert checkpoint.load_state(root / "step-000002")["step"] == 22

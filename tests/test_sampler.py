@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from npr.engine.sampler import SamplingBatch, gumbel, gumbel_argmax, gumbel_of, noise_hash, noise_seed, sample
@@ -172,8 +173,6 @@ def test_candidate_choice_keeps_ids_tied_at_the_nucleus_boundary_like_the_full_s
 
 
 def test_temperature_must_be_finite_and_tiny_ones_decode_greedily():
-    import pytest
-
     from npr.engine import SamplingParams
 
     assert SamplingParams(temperature=1e-40).temperature == 0.0  # 1 / 1e-40 overflows fp32 logits to inf

@@ -79,13 +79,12 @@ def load(path: str | Path, dtype=None, device=None, trust_remote_code: bool = Fa
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval(), tok
 
 
-def stop_ids(model, tokenizer) -> tuple[int, ...]:
+def stop_ids(model, tokenizer, vocab: int) -> tuple[int, ...]:
     """The ids that end an answer unless a request names its own: the tokenizer's EOS and the
     generation config's (Qwen3's chat checkpoints list <|im_end|> and <|endoftext|> there, their
     tokenizer names one; an answer ending in the other would run on to its budget)."""
     listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     ids = [tokenizer.eos_token_id, *(listed if isinstance(listed, (list, tuple)) else [listed])]
-    vocab = model.get_output_embeddings().weight.shape[0]
     return tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and 0 <= i < vocab))
 
 
@@ -130,7 +129,7 @@ class LLM:
         self.vocab = model.get_output_embeddings().weight.shape[0]
         self.table = ContextTable(max_num_seqs + 1, self.device, self.vocab)
         self.scheduler = Scheduler(
-            self.pool, self.table, tokenizer, max_num_seqs, max_batch_tokens, stop_ids(model, tokenizer)
+            self.pool, self.table, tokenizer, max_num_seqs, max_batch_tokens, stop_ids(model, tokenizer, self.vocab)
         )
         self.runner = ModelRunner(model, self.pool, self.table, attention)
         self.tags = self.scheduler.tags

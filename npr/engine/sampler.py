@@ -248,11 +248,7 @@ def _candidate_choice(warm, keys, top_k, top_p) -> tuple[torch.Tensor, torch.Ten
     kept = best.masked_fill(limited[:, None] & (best < kth), _MASK)
     # the softmax's denominator: the kept top-k (all among the candidates) or the whole vocabulary
     lse = torch.where(limited, kept.logsumexp(-1), warm.logsumexp(-1))[:, None]
-    probs = (kept - lse).exp()
-    mass = probs.cumsum(-1)
-    drop = ((mass - probs) > top_p) | (kept == _MASK)  # mass before this id already reaches top_p
-    needed = (~drop).sum(-1, keepdim=True).clamp(min=1)
-    nucleus = kept.gather(1, needed - 1)  # the score of the last id the nucleus needs
+    nucleus = _nucleus_floor(kept, (kept - lse).exp(), top_p)
     last = best[:, -1]
     whole = k >= vocab  # no top-k: the denominator above is right only for these or for `limited`
     sure = (last == _MASK) | (limited & (last < kth[:, 0])) | (whole & (last < nucleus[:, 0]))
@@ -269,11 +265,16 @@ def _top_k_top_p(warm: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -
     k = torch.where((top_k > 0) & (top_k < vocab), top_k, vocab)
     kth = ordered.gather(1, (k - 1)[:, None])
     ordered = ordered.masked_fill(ordered < kth, _MASK)
-    probs = torch.softmax(ordered, dim=-1)
-    drop = (probs.cumsum(-1) - probs) > top_p  # mass before this token already reaches top_p
-    drop |= ordered == _MASK
+    return warm.masked_fill(warm < _nucleus_floor(ordered, torch.softmax(ordered, dim=-1), top_p), _MASK)
+
+
+def _nucleus_floor(ordered: torch.Tensor, probs: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """[R, 1]: the score of the last id each row's nucleus needs (the smallest prefix of `ordered`,
+    scores best first, whose `probs` reach top_p); an id scoring at least that is kept, so ids
+    tied with it share its fate whatever order the sort left them in."""
+    drop = ((probs.cumsum(-1) - probs) > top_p) | (ordered == _MASK)  # the mass before it reaches top_p
     needed = (~drop).sum(-1, keepdim=True).clamp(min=1)  # the best of a row is never dropped
-    return warm.masked_fill(warm < ordered.gather(1, needed - 1), _MASK)
+    return ordered.gather(1, needed - 1)
 
 
 def _ascending(x: torch.Tensor) -> torch.Tensor:

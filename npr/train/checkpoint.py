@@ -54,8 +54,15 @@ def prune(out: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (0: keep all), after `latest` points to the newest."""
     if keep < 1:
         return
-    for old in sorted((out / "checkpoints").glob("step-*"))[:-keep]:  # step-NNNNNN: name order is step order
+    for old in _steps(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _steps(out: Path) -> list[Path]:
+    """The run's step-N folders, oldest first (a user's "step-000009 copy" is not one)."""
+    root = out / "checkpoints"
+    named = root.glob("step-*") if root.is_dir() else []
+    return sorted((p for p in named if p.name[5:].isdigit()), key=step_of)
 
 
 def latest(out: Path) -> Path | None:
@@ -63,10 +70,8 @@ def latest(out: Path) -> Path | None:
     only once complete (`save`), so this holds when `latest.json` was lost or a crash came between
     a folder's rename and the pointer's update (trusting the pointer alone, a lost one read as "no
     checkpoint", and a fresh start would have cleared them all)."""
-    root = out / "checkpoints"
-    named = root.glob("step-*") if root.is_dir() else []
-    done = [p for p in named if p.name[5:].isdigit() and (p / STATE).is_file()]
-    return max(done, key=step_of) if done else None
+    done = [p for p in _steps(out) if (p / STATE).is_file()]
+    return done[-1] if done else None
 
 
 def step_of(path: Path) -> int:
