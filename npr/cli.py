@@ -433,9 +433,11 @@ def eval_cmd(
     from npr.engine.params import layout_texts
     from npr.evaluate import run_eval
     from npr.tasks import read_prompt_file
+    from npr.train import distributed
 
     benches = [b.strip() for b in bench.split(",") if b.strip()]
     try:
+        distributed.single_process("npr eval")
         SamplingParams(mode=mode, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         texts = layout_texts(layout)
         read_prompt_file(prompt_file)
@@ -479,11 +481,14 @@ def distill(
     kv_cache_gb: float = typer.Option(None, help="KV pool size."),
     trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the checkpoint."),
     prompt_file: Path = typer.Option(None, help=PROMPT_FILE_HELP),
+    layout: str = typer.Option("canonical", help=LAYOUT_HELP + " Distill encodes the accepted answers in it."),
 ) -> None:
     """Stage 2 data: rejection-sample the model's own correct, well-formed, executable responses."""
     from npr.data import DataError, load_benchmark
     from npr.engine import LLM, load
+    from npr.engine.params import layout_texts
     from npr.tasks import read_prompt_file, with_instruction
+    from npr.train import distributed
     from npr.train.distill import DistillConfig, run_distill
 
     cfg = DistillConfig(
@@ -494,8 +499,11 @@ def distill(
         temperature=temperature,
         top_p=top_p,
         seed=seed,
+        layout=layout,
     )
     try:
+        distributed.single_process("npr distill")
+        layout_texts(layout)
         problems = with_instruction(load_benchmark(data, limit), read_prompt_file(prompt_file))
         lm, tok = load(model, trust_remote_code=trust_remote_code)
         llm = LLM(lm, tok, kv_cache_gb=kv_cache_gb)

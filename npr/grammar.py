@@ -343,17 +343,29 @@ def parse_ids(
 # ---- canonical form ------------------------------------------------------------------------
 
 
-def _labelled(label: int | None, body: str) -> str:
+# Text the engine forces after `<step>` at a fork ({i}: the step's label) and after `<takeaway>` at
+# a join. "canonical" is this project's layout; "paper" the layout of the authors' checkpoints.
+# Training data is encoded in the layout the model will be decoded in (canonical_pieces).
+LAYOUTS = {"canonical": ("{i}:", ""), "paper": ("\n{i}:", "\n")}
+
+
+def _labelled(label: int | None, body: str, opening: str = "{i}:") -> str:
     if label is None:
         return body
-    return f"{label}: {body}" if body else f"{label}:"
+    head = opening.replace("{i}", str(label))
+    return f"{head} {body}" if body else head
 
 
-def canonical_pieces(resp: Response) -> list[str]:
+def canonical_pieces(resp: Response, layout: str = "canonical") -> list[str]:
     """The response as a list of tags and texts in canonical order (no glue inside blocks).
 
-    Encoding each piece separately and joining the ids gives the canonical token sequence.
+    Encoding each piece separately and joining the ids gives the canonical token sequence. A step
+    opens with the layout's fork text and a takeaway with its join text, as the engine forces them
+    ("canonical": `1: body`, `body`; "paper": `\\n1: body`, `\\nbody`).
     """
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {', '.join(LAYOUTS)}")
+    fork, join = LAYOUTS[layout]
     out: list[str] = []
     for text, block in zip(resp.texts, resp.blocks):
         out += [text] if text else []
@@ -362,9 +374,9 @@ def canonical_pieces(resp: Response) -> list[str]:
             out += [PLAN, _labelled(p.label, p.body), PLAN_END]
         out.append(GUIDELINE_END)
         for s in block.steps:
-            out += [STEP, _labelled(s.label, s.body), STEP_END]
+            out += [STEP, _labelled(s.label, s.body, fork), STEP_END]
         if block.takeaway is not None:
-            out += [TAKEAWAY, block.takeaway.body, TAKEAWAY_END]
+            out += [TAKEAWAY, join + block.takeaway.body, TAKEAWAY_END]
     out += [resp.texts[-1]] if resp.texts[-1] else []
     return [p for p in out if p]
 

@@ -110,7 +110,8 @@ def run_pipeline(plan: Pipeline, root: Path, progress: bool = True, only: str | 
     quiet_libraries()  # one progress display
     out = Path(plan.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(plan), sort_keys=False))
+    if rank == 0:
+        (out / "pipeline.yaml").write_text(yaml.safe_dump(dataclasses.asdict(plan), sort_keys=False))
     cols = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn()]  # fmt: skip
     times = _read_json(out / "times.json")
@@ -144,9 +145,9 @@ def _stage_config(plan: Pipeline, sp: StagePlan, root: Path, forced: list[str]):
 
 def _continue(run: Path) -> dict:
     """An unfinished stage resumes from its last checkpoint, or starts afresh when it has none."""
-    from npr.train import checkpoint
+    from npr.train import checkpoint, distributed
 
-    found = checkpoint.latest(run) is not None
+    found = distributed.from_rank0(checkpoint.latest(run) is not None)  # one decision for every rank
     return {"resume": found, "overwrite": not found}
 
 
@@ -186,16 +187,23 @@ def stage1_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     train_rl(cfg, **_continue(out / "stage1"), progress=progress)
 
 
+def distill_config(plan: Pipeline):
+    """The rejection sampling's settings; answers are encoded in the layout the later stages decode in."""
+    from npr.train.distill import DistillConfig
+
+    d = plan.distill
+    return DistillConfig(tries=d.tries, keep=d.keep, per_round=d.per_round, max_tokens=d.max_tokens,
+                         temperature=d.temperature, top_p=d.top_p, seed=d.seed, layout=plan.layout)  # fmt: skip
+
+
 def distill_stage(plan: Pipeline, root: Path, out: Path, progress) -> None:
     from npr.data import load_benchmark
     from npr.engine import LLM, load
     from npr.tasks import with_instruction
-    from npr.train.distill import DistillConfig, run_distill
+    from npr.train.distill import run_distill
 
-    d = plan.distill
+    d, cfg = plan.distill, distill_config(plan)
     model, tok = load(out / "stage1")
-    cfg = DistillConfig(tries=d.tries, keep=d.keep, per_round=d.per_round, max_tokens=d.max_tokens,
-                        temperature=d.temperature, top_p=d.top_p, seed=d.seed)  # fmt: skip
     llm = LLM(model, tok, kv_cache_gb=plan.eval.kv_cache_gb)
     problems = with_instruction(load_benchmark(d.data, d.limit or None), read_prompt_file(plan.prompt_file))
     run_distill(llm, problems, out / "distill", cfg, progress=progress)

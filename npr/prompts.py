@@ -14,9 +14,14 @@ CHOICE_SUFFIX = "Put the letter of the correct option in \\boxed{}."
 
 def chat_ids(tokenizer, message: str | list[dict]) -> list[int]:
     """Token ids of a user turn, or of a conversation ([{role, content}, ...]): the chat template
-    (with the assistant cue) when the tokenizer has one, else the contents one after another."""
+    (with the assistant cue) when the tokenizer has one, else the contents one after another.
+
+    A template's thinking switch is off (`enable_thinking=False`; templates without one ignore
+    it): the schema is the model's reasoning, and hybrid Qwen3 checkpoints otherwise open with a
+    free-text <think> block that can spend the whole budget before the first <guideline>. The
+    authors' non-thinking NPR models were trained on this prompt."""
     turns = [{"role": "user", "content": message}] if isinstance(message, str) else message
     if getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True, enable_thinking=False)
         return tokenizer.encode(text, add_special_tokens=False)
     return tokenizer.encode("\n\n".join(t["content"] for t in turns))

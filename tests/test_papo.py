@@ -18,6 +18,7 @@ from npr.train.config import load_config
 from npr.train.objectives import batch_advantages, papo_loss
 from npr.train.policy import Policy
 from npr.train.rl import Rollout, _sequence_batch, schema_ok, select_groups, train_rl, train_step
+from npr.train.sft import engine_forced, sft_batch, trained_tokens
 
 
 def test_batch_advantages_by_hand_without_drift():
@@ -127,6 +128,22 @@ def test_forced_tokens_carry_no_loss(parallel_rollouts, tokenizer):
     (ref / total).backward()
     for g, p in zip(got, model.parameters()):
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_parallel_sft_masks_the_tokens_rl_masks(parallel_rollouts, tokenizer):
+    """Stage 2 with sft.mask_forced trains on the tokens a Stage-3 rollout samples, not on those the
+    engine forces: its mask over the same trajectories is RL's, found from the ids alone."""
+    _, _, rolls = parallel_rollouts
+    tags = tag_ids(tokenizer)
+    forced = engine_forced(tokenizer, tags)
+    examples = [(r.out.prompt_ids + r.out.token_ids, len(r.out.prompt_ids)) for r in rolls]
+    for (ids, n), r in zip(examples, rolls):
+        assert forced(ids, n) == [n + i for i, f in enumerate(r.out.forced) if f]
+        assert trained_tokens((ids, n), forced) == sum(not f for f in r.out.forced)
+    sft_mask = sft_batch([[e] for e in examples], tags, 0, False, forced)[2]
+    assert torch.equal(sft_mask, _sequence_batch(rolls, 0, tags)[2])
+    plain = sft_batch([[e] for e in examples], tags, 0, False)[2]  # without: every response token
+    assert plain.sum() == sum(len(r.out.token_ids) for r in rolls) > sft_mask.sum()
 
 
 def opt_sched(opt):

@@ -211,8 +211,8 @@ def test_fsdp_bf16_keeps_fp32_masters_matches_one_process_and_resumes_exactly(ti
     assert all(torch.equal(c[k], d[k]) for k in c)
 
 
-def _run(procs: int | None, *args: str) -> None:
-    """`npr train rl ARGS` in one process, or under torchrun with `procs` CPU ranks."""
+def _run(procs: int | None, *args: str, ok: bool = True):
+    """`npr train rl ARGS` in one process, or under torchrun with `procs` CPU ranks (that must succeed)."""
     import os
     import subprocess
     import sys
@@ -223,7 +223,8 @@ def _run(procs: int | None, *args: str) -> None:
     launch = [sys.executable] if procs is None else torchrun
     r = subprocess.run([*launch, "-m", "npr", "train", "rl", *args], env=env, capture_output=True, text=True,
                        timeout=600)  # fmt: skip
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0 or not ok, r.stderr[-3000:]
+    return r
 
 
 def test_lora_checkpoint_holds_merged_weights_and_resumes_exactly(tiny_dir, tmp_path, monkeypatch):
@@ -431,3 +432,40 @@ def test_latest_checkpoint_needs_no_pointer_and_skips_torn_folders(tmp_path):
     checkpoint.save(tmp_path, 2, Saves(), Saves(), {"step": 22})  # a step written again replaces it whole
     assert checkpoint.load_state(root / "step-000002")["step"] == 22
     assert not list(root.glob(".old-*")) and checkpoint.latest(tmp_path) == root / "step-000002"
+
+
+def nan_on_rank1(prompt, response, reference, metadata):
+    """NaN rewards for rank 1's rollouts only: one rank's loss goes non-finite, the other's not."""
+    import os
+
+    return float("nan") if os.environ.get("RANK") == "1" else even(prompt, response, reference, metadata)
+
+
+def test_a_non_finite_loss_on_one_rank_stops_every_rank(tiny_dir, tmp_path):
+    """The check is summed over ranks after the backward passes: both ranks stop with the error
+    (one rank raising alone left the other in a collective: across nodes, until the timeout)."""
+    over = [f"model.path={tiny_dir}", "run.steps=1", "rollout.n=4", "rollout.prompts_per_step=4",
+            "rollout.max_tokens=16", "algo.reward=test_rl:nan_on_rank1", "data.size=50",
+            "algo.dynamic_sampling=false", f"run.out={tmp_path / 'nan'}"]  # fmt: skip
+    r = _run(2, *over, ok=False)
+    assert r.returncode != 0 and r.stderr.count("error: non-finite loss in") == 2, r.stderr[-3000:]
+    assert not (tmp_path / "nan" / "checkpoints" / "step-000001").exists()
+
+
+def test_the_run_folder_must_be_one_filesystem_for_every_rank(tmp_path, monkeypatch):
+    """Several nodes with disks of their own: ranks that cannot read rank 0's files stop at once
+    (they would resume from nothing, or hang waiting for a checkpoint they never see)."""
+    import torch.distributed as dist
+
+    from npr.train import distributed
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        distributed.check_shared(tmp_path)  # the 2-process tests pass it with a shared folder
+        assert list(tmp_path.iterdir()) == []  # no mark left behind
+        assert distributed.from_rank0(["step-3"]) == ["step-3"]
+        monkeypatch.setattr(distributed, "gather", lambda items: items + [False])  # rank 1 on another disk
+        with pytest.raises(ValueError, match=r"ranks \[1\] do not see rank 0's files"):
+            distributed.check_shared(tmp_path)
+    finally:
+        dist.destroy_process_group()

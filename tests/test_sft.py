@@ -260,3 +260,30 @@ def test_bad_sft_data_names_the_line(distilled, tok, tmp_path):
         load_examples(tmp_path / "examples.jsonl", tok)
     with pytest.raises(ValueError, match="npr distill"):
         load_examples(tmp_path / "none", tok)
+
+
+def test_examples_are_encoded_in_the_layout_they_are_decoded_in(tokenizer, tmp_path):
+    """--layout paper (the authors' checkpoints): Stage 2 trains `<step>\\n1: ...` and `<takeaway>\\n...`,
+    what the engine forces in that layout, and masks those openings with sft.mask_forced."""
+    from npr.train.sft import engine_forced
+
+    text = grammar.build([(["add", "times"], ["two plus one", "two times one"], "so three")], "\\boxed{3}")
+    resp = grammar.parse(text)
+    canonical, paper = grammar.canonical_pieces(resp), grammar.canonical_pieces(resp, "paper")
+    assert canonical[canonical.index("<step>") + 1] == "1: two plus one"
+    assert paper[paper.index("<step>") + 1] == "\n1: two plus one"
+    assert paper[paper.index("<takeaway>") + 1] == "\nso three"
+    tags = tag_ids(tokenizer)
+    record = {"id": "p", "problem": "what is 2 + 1?", "answer": "3", "grader": "math"}
+    stored = encode_pieces(tokenizer, canonical)
+    line = {"id": "p", "record": record, "prompt_ids": prompt_ids(tokenizer, record), "response": text,
+            "response_ids": stored}  # fmt: skip
+    (tmp_path / "examples.jsonl").write_text(json.dumps(line) + "\n")
+    (tmp_path / "stats.json").write_text(json.dumps({"tag_ids": tags, "config": {"layout": "canonical"}}))
+    ((ids, n),) = load_examples(tmp_path, tokenizer)
+    assert ids[n:] == stored  # stored ids reused in their own layout
+    ((ids, n),) = load_examples(tmp_path, tokenizer, layout="paper")
+    assert ids[n:] == encode_pieces(tokenizer, paper)  # encoded again for another
+    at = engine_forced(tokenizer, tags, "paper")(ids, n)
+    assert tokenizer.decode([ids[p] for p in at]) == "<step>\n1:<step>\n2:<takeaway>\n"
+    assert tokenizer.decode([ids[p] for p in engine_forced(tokenizer, tags)(ids, n)]) == "<step><step><takeaway>"

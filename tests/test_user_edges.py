@@ -6,8 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
+
+from npr.engine import SamplingParams
 
 QWEN_STYLE_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -124,7 +127,7 @@ def test_prompt_file_replaces_the_instruction(tiny_dir, tmp_path):
 
 
 def test_pipeline_prompt_file_and_layout_reach_every_stage(tmp_path):
-    from npr.pipeline import _stage_config, load_pipeline
+    from npr.pipeline import _stage_config, distill_config, load_pipeline
 
     (tmp_path / "paper.txt").write_text("Reason in parallel: {problem}")
     (tmp_path / "rl.yaml").write_text("rollout:\n  mode: parallel\n")
@@ -133,6 +136,84 @@ def test_pipeline_prompt_file_and_layout_reach_every_stage(tmp_path):
     assert plan.prompt_file == str(tmp_path / "paper.txt")
     cfg = _stage_config(plan, plan.stage3, root, [])
     assert cfg.data.prompt_file == str(tmp_path / "paper.txt") and cfg.rollout.layout == "paper"
+    assert distill_config(plan).layout == "paper"  # Stage 2's data is encoded in the layout it decodes in
     (tmp_path / "bad.yaml").write_text("base: world\nlayout: mine\n")
     with pytest.raises(ValueError, match="unknown layout"):
         load_pipeline(tmp_path / "bad.yaml")
+
+
+def test_a_checkpoint_without_the_tags_gets_them_on_load(tmp_path, capsys):
+    """A hub model never trained with NPR: `load` adds the tags as training does, and says so."""
+    from conftest import make_model, make_tokenizer
+
+    from npr.engine import LLM, load
+    from npr.tags import TAGS, tag_ids
+
+    tok = make_tokenizer()
+    make_model("qwen3", len(tok)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model, again = load(tmp_path, device="cpu")
+    ids = tag_ids(again)
+    assert "added them" in capsys.readouterr().err
+    assert model.get_input_embeddings().weight.shape[0] == len(again) > max(ids.values())
+    assert LLM(model, again).generate([again.encode("the plan")], SamplingParams(max_tokens=4))[0].token_ids
+    kept, _ = load(tmp_path, device="cpu", add_tags=False)  # the trainer adds them itself (LoRA refuses)
+    assert kept.get_input_embeddings().weight.shape[0] == len(tok) and all(t not in tok.get_vocab() for t in TAGS)
+    r = npr("generate", "--model", str(tmp_path), "--prompt", "the plan", "--max-tokens", "4", "--json")
+    assert r.returncode == 0 and "added them" in r.stderr, r.stderr
+
+
+def test_a_base_checkpoint_stops_at_the_templates_turn_end(tiny_dir):
+    """Qwen3 base: EOS <|endoftext|>, but prompted through the chat template it ends with <|im_end|>."""
+    from transformers import AutoTokenizer
+
+    from npr.engine.engine import stop_ids, turn_end
+    from npr.world.tokenizer import build_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    assert tok.eos_token == "<|endoftext|>" and turn_end(tok) == im_end
+    model = SimpleNamespace(generation_config=SimpleNamespace(eos_token_id=None))
+    assert stop_ids(model, tok, len(tok)) == (tok.eos_token_id, im_end)
+    world = build_tokenizer()  # its template ends a turn with its EOS: nothing new
+    assert stop_ids(model, world, len(world)) == (world.eos_token_id,)
+    tok.chat_template = "{{ raise_exception('no assistant turns') }}"  # a template that refuses: no extra id
+    assert turn_end(tok) is None
+
+
+def test_hybrid_thinking_templates_are_prompted_without_thinking(tiny_dir):
+    """Qwen3's hybrid templates write an empty think block when enable_thinking is false."""
+    from transformers import AutoTokenizer
+
+    from npr.prompts import chat_ids
+
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.chat_template = QWEN_STYLE_TEMPLATE + (
+        "{% if add_generation_prompt and enable_thinking is defined and enable_thinking is false %}"
+        "<think>\n\n</think>\n\n{% endif %}"
+    )
+    assert tok.decode(chat_ids(tok, "2 + 3?")).endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_trust_remote_code_fetches_the_models_code_from_the_hub(monkeypatch, tmp_path):
+    import huggingface_hub
+
+    from npr.engine import engine
+
+    asked = []
+
+    def fake(name, allow_patterns, local_files_only=False):
+        asked.append(allow_patterns)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    engine._from_hub_cache("org/model")
+    engine._from_hub_cache("org/model", code=True)
+    assert "*.py" not in asked[0] and "*.py" in asked[1]
+
+
+def test_distill_and_eval_refuse_torchrun(tiny_dir):
+    """Every rank would decode the same problems and append the same records."""
+    for cmd in (["distill", "--model", str(tiny_dir)], ["eval", "--model", str(tiny_dir), "--bench", "countdown"]):
+        r = npr(*cmd, env={"WORLD_SIZE": "2"})
+        assert r.returncode == 2 and "without torchrun" in r.stderr, r.stderr

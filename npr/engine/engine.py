@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -30,12 +31,13 @@ from npr.tags import TAGS
 DEFAULT_KV_GB = 0.25
 
 
-def resolve_model_dir(path: str | Path) -> Path:
+def resolve_model_dir(path: str | Path, code: bool = False) -> Path:
     """A model folder, a training run folder (its latest checkpoint) or a Hugging Face hub id
-    ("Qwen/Qwen3-0.6B") found in the local Hugging Face cache (downloaded when online)."""
+    ("Qwen/Qwen3-0.6B") found in the local Hugging Face cache (downloaded when online; with
+    `code`, the repository's Python files too, for trust_remote_code)."""
     folder = Path(path)
     if not folder.is_dir():
-        folder = _from_hub_cache(str(path))
+        folder = _from_hub_cache(str(path), code)
     pointer = folder / "checkpoints" / "latest.json"
     if not (folder / "config.json").exists() and pointer.exists():
         folder = folder / "checkpoints" / json.loads(pointer.read_text())["path"]
@@ -45,47 +47,81 @@ def resolve_model_dir(path: str | Path) -> Path:
 
 
 HUB_FILES = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+CODE_FILES = ["*.py"]  # a model's own configuration/modeling code: fetched only with trust_remote_code
 
 
-def _from_hub_cache(name: str) -> Path:
+def _from_hub_cache(name: str, code: bool = False) -> Path:
     parts = name.split("/")
     if len(parts) != 2 or not all(parts) or name.startswith((".", "~")):
         raise FileNotFoundError(f"model directory not found: {name}")
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
 
+    files = HUB_FILES + (CODE_FILES if code else [])
     try:
-        return Path(snapshot_download(name, allow_patterns=HUB_FILES, local_files_only=True))
+        return Path(snapshot_download(name, allow_patterns=files, local_files_only=True))
     except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError):
         if constants.HF_HUB_OFFLINE:
             raise FileNotFoundError(
                 f"{name}: neither a folder nor a model in the local Hugging Face cache (HF_HUB_OFFLINE is set)"
             ) from None
     try:
-        return Path(snapshot_download(name, allow_patterns=HUB_FILES))
+        return Path(snapshot_download(name, allow_patterns=files))
     except Exception as e:  # no network, unknown repository, gated model: one line, the hub's reason
         raise FileNotFoundError(f"{name}: neither a folder nor a downloadable hub model ({type(e).__name__})") from None
 
 
-def load(path: str | Path, dtype=None, device=None, trust_remote_code: bool = False):
-    """Load a causal LM and its tokenizer from a local directory (safetensors only)."""
+def load(path: str | Path, dtype=None, device=None, trust_remote_code: bool = False, add_tags: bool = True):
+    """Load a causal LM and its tokenizer from a local directory (safetensors only).
+
+    `add_tags`: a checkpoint without the NPR tags as single tokens (a hub model never trained
+    with them) gets them, as training does (`npr.tokens.add_npr_tokens`), with a notice: the
+    engine forks and joins on the tags' ids, and such a model writes them as plain text, so it
+    decodes sequentially until trained with them (Stage 1)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = resolve_model_dir(path)
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    folder = resolve_model_dir(path, code=trust_remote_code)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype or "auto", use_safetensors=True, trust_remote_code=trust_remote_code
+        folder, dtype=dtype or "auto", use_safetensors=True, trust_remote_code=trust_remote_code
     )
+    missing = [t for t in TAGS if t not in tok.get_vocab()]
+    if add_tags and missing:
+        from npr.tokens import add_npr_tokens
+
+        add_npr_tokens(tok, model)
+        print(f"{path}: the tokenizer had no single token for {', '.join(missing)}; added them (new rows = "
+              "the mean of their sub-tokens' rows). A model not trained with them writes them as text "
+              "and decodes sequentially.", file=sys.stderr)  # fmt: skip
     return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval(), tok
 
 
 def stop_ids(model, tokenizer, vocab: int) -> tuple[int, ...]:
-    """The ids that end an answer unless a request names its own: the tokenizer's EOS and the
+    """The ids that end an answer unless a request names its own: the tokenizer's EOS, the
     generation config's (Qwen3's chat checkpoints list <|im_end|> and <|endoftext|> there, their
-    tokenizer names one; an answer ending in the other would run on to its budget)."""
+    tokenizer names one; an answer ending in the other would run on to its budget) and the token
+    the chat template ends an assistant turn with (a base checkpoint's EOS is <|endoftext|>, but
+    prompted through its template it closes the turn with <|im_end|>)."""
     listed = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids = [tokenizer.eos_token_id, *(listed if isinstance(listed, (list, tuple)) else [listed])]
+    ids = [tokenizer.eos_token_id, *(listed if isinstance(listed, (list, tuple)) else [listed]), turn_end(tokenizer)]
     return tuple(dict.fromkeys(i for i in ids if isinstance(i, int) and 0 <= i < vocab))
+
+
+def turn_end(tokenizer) -> int | None:
+    """The special token the chat template writes right after an assistant message, if any."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    mark = "NPRTURNMARK"
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}]
+    try:
+        text = tokenizer.apply_chat_template(turns, tokenize=False)
+    except Exception:  # a template may refuse this conversation (roles, a system turn it requires)
+        return None
+    if not isinstance(text, str) or mark not in text:
+        return None
+    after = tokenizer.encode(text.rsplit(mark, 1)[1].lstrip(" "), add_special_tokens=False)
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    return after[0] if after and after[0] in special else None
 
 
 class LLM:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-# Text the engine forces after `<step>` at a fork ({i}: the step's label) and after `<takeaway>` at
-# a join. "canonical" is this project's layout; "paper" the layout of the authors' checkpoints.
-LAYOUTS = {"canonical": ("{i}:", ""), "paper": ("\n{i}:", "\n")}
+from npr.grammar import LAYOUTS
+
 # The sampling default of every command and server that decodes: the paper's evaluation setting.
 DEFAULT_TEMPERATURE, DEFAULT_TOP_P = 1.0, 0.7
 FINISH_REASONS = ("stop", "length", "path_length", "invalid_schema", "repetition", "aborted")

@@ -86,6 +86,7 @@ class SFTConfig:
     packing: bool = False  # pack several examples per row (up to max_length tokens) instead of padding
     max_length: int = 4096
     sequential: bool = False  # the sequential-SFT baseline: causal mask, positions 0..L-1
+    mask_forced: bool = False  # parallel SFT skips the tokens the engine forces (<step> + label, <takeaway>)
 
 
 @dataclass

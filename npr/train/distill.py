@@ -44,16 +44,19 @@ class DistillConfig:
     repetition_penalty: float = 1.0
     seed: int = 0
     chunk: int = 32  # problems per engine call; progress is saved between chunks
+    layout: str = "canonical"  # the layout the accepted answers are encoded in: the one Stage 2 and 3 decode in
 
 
-def judge(problem: dict, text: str, tokenizer) -> tuple[str | None, list[int], grammar.Response]:
-    """(rejection reason or None, canonical response ids, parsed response)."""
+def judge(
+    problem: dict, text: str, tokenizer, layout: str = "canonical"
+) -> tuple[str | None, list[int], grammar.Response]:
+    """(rejection reason or None, canonical response ids in `layout`, parsed response)."""
     resp = grammar.parse(text)
     if not resp.valid:
         return "malformed", [], resp
     if not grade(problem, text):
         return "incorrect", [], resp
-    ids = encode_pieces(tokenizer, grammar.canonical_pieces(resp))
+    ids = encode_pieces(tokenizer, grammar.canonical_pieces(resp, layout))
     if executable(ids, tag_ids(tokenizer)) is not None:
         return "not executable", [], resp
     return None, ids, resp
@@ -110,7 +113,7 @@ def run_distill(llm, problems: list[dict], out_dir: str | Path, cfg: DistillConf
                     st["tries"] = max(st["tries"], j + 1)
                     if prior[p["id"]] + len(st["accepted"]) >= cfg.keep:
                         continue
-                    reason, rids, resp = judge(p, o.text, tok)
+                    reason, rids, resp = judge(p, o.text, tok, cfg.layout)
                     text = grammar.canonical(resp) if reason is None else ""
                     if reason is None and (p["id"], text) in seen:
                         reason = "duplicate"

@@ -1,9 +1,12 @@
-"""torchrun support: process group set-up, gathering Python objects, summing gradients."""
+"""torchrun support: process group set-up, shared decisions and storage, gathering Python objects,
+summing gradients."""
 
 from __future__ import annotations
 
 import os
+import secrets
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -29,6 +32,44 @@ def gather(items: list) -> list:
     parts = [None] * dist.get_world_size()
     dist.all_gather_object(parts, items)
     return [x for part in parts for x in part]
+
+
+def from_rank0(value):
+    """Rank 0's `value` on every rank (a decision all ranks must share: which checkpoint to resume)."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def check_shared(folder: Path) -> None:
+    """Under torchrun every rank reads what rank 0 alone writes (checkpoints, the resolved config,
+    the stages before): `folder` must be one filesystem for all of them, which several nodes with
+    disks of their own are not. Rank 0 writes a random token; every rank reads it back, and all stop
+    together when any cannot."""
+    if not dist.is_initialized():
+        return
+    mark = folder / ".npr-shared"
+    token = from_rank0(secrets.token_hex(8))
+    if dist.get_rank() == 0:
+        mark.write_text(token)
+    barrier()
+    seen = gather([mark.is_file() and mark.read_text() == token])
+    barrier()
+    if dist.get_rank() == 0:
+        mark.unlink(missing_ok=True)
+    if not all(seen):
+        ranks = [r for r, ok in enumerate(seen) if not ok]
+        raise ValueError(f"{folder}: ranks {ranks} do not see rank 0's files; under torchrun on several nodes "
+                         "the run folder must be on storage every node shares")  # fmt: skip
+
+
+def single_process(command: str) -> None:
+    """Commands that decode with one engine and write their files from one process refuse torchrun
+    (every rank would write the same records)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"{command} runs in one process: start it without torchrun")
 
 
 def sum_gradients(params) -> None:

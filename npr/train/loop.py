@@ -119,10 +119,15 @@ def backward(policy: Policy, chunks: list, run_chunk, pad_id: int) -> None:
             (policy.model(input_ids=ids).logits.sum() * 0.0).backward()
 
 
-def check_loss(loss: torch.Tensor, opt) -> None:
-    if not torch.isfinite(loss):
+def check_losses(nonfinite: float, opt) -> None:
+    """Stop on non-finite losses, every rank at once: `nonfinite` counts the micro-batches whose
+    loss was not finite, summed over the ranks after all of them ran their backward passes. (A rank
+    that raised alone mid-step left the others waiting in a collective: across nodes, until the
+    process group's 60-minute timeout.)"""
+    if nonfinite:
         opt.zero_grad(set_to_none=True)
-        raise TrainingError(f"non-finite loss ({loss.item()}); stopped, the last checkpoint is kept")
+        n = int(nonfinite)
+        raise TrainingError(f"non-finite loss in {n} micro-batch(es); stopped, the last checkpoint is kept")
 
 
 def optimizer_step(policy: Policy, opt, sched, grad_clip: float) -> float:
@@ -187,7 +192,7 @@ class Run:
     ):
         self.rank, self.world = distributed.init()
         self.cfg, self.out = cfg, Path(cfg.run.out)
-        self.ckpt = checkpoint.latest(self.out) if resume else None
+        self.ckpt = distributed.from_rank0(checkpoint.latest(self.out)) if resume else None
         if resume and self.ckpt is None:
             raise ValueError(f"--resume: no checkpoint in {self.out}/checkpoints")
         found = check_folder(self.out, resume, overwrite)
@@ -195,6 +200,7 @@ class Run:
             prepare_folder(self.out, found, None if self.ckpt is None else checkpoint.step_of(self.ckpt))
             (self.out / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         distributed.barrier()
+        distributed.check_shared(self.out)
         torch.manual_seed(cfg.run.seed)
         random.seed(cfg.run.seed)
         self.policy = load_policy(cfg.model, self.ckpt, add_tags)

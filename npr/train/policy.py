@@ -149,7 +149,7 @@ def load_policy(cfg: ModelConfig, ckpt: Path | None = None, add_tags: bool = Fal
     dtype = DTYPES[cfg.dtype]
     # FSDP keeps the sharded weights (the masters) and Adam's state in fp32 and computes in `dtype`
     held = torch.float32 if fsdp else dtype
-    model, tok = load(source, dtype=held, trust_remote_code=cfg.trust_remote_code)
+    model, tok = load(source, dtype=held, trust_remote_code=cfg.trust_remote_code, add_tags=False)
     model.eval()
     use_trainer_attention(model, cfg.attention)  # the trainer's kernel; the engine runs its own
     if add_tags:

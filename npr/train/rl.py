@@ -25,7 +25,7 @@ from npr.tasks import grade, prompt_ids, read_prompt_file, with_instruction
 from npr.topology import collate, executable
 from npr.train import distributed
 from npr.train.config import Config
-from npr.train.loop import Run, Stream, backward, check_loss, make_optimizer, micro_batches, optimizer_step
+from npr.train.loop import Run, Stream, backward, check_losses, make_optimizer, micro_batches, optimizer_step
 from npr.train.objectives import batch_advantages, dapo_loss, group_advantages, overlong_penalty, papo_loss
 from npr.train.policy import Policy
 
@@ -184,7 +184,7 @@ def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], ad
     """One optimiser step; the loss is the token-mean over the kept rollouts of all ranks."""
     a, model = cfg.algo, policy.model
     device = next(model.parameters()).device
-    stats = {"clip_fraction": 0.0, "entropy": 0.0, "logprob_gap": 0.0}
+    stats = {"clip_fraction": 0.0, "entropy": 0.0, "logprob_gap": 0.0, "nonfinite": 0.0}
     model.train()
     opt.zero_grad(set_to_none=True)
 
@@ -210,7 +210,7 @@ def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], ad
             loss = papo_loss(logp, adv, mask)
         else:
             raise ValueError(f"unknown loss {a.loss!r} (dapo or papo)")
-        check_loss(loss, opt)
+        stats["nonfinite"] += not bool(torch.isfinite(loss))  # checked over all ranks after the backward passes
         (loss * share).backward()
         stats["entropy"] += float((ent * mask).sum() / max(total_tokens, 1))
 
@@ -218,6 +218,7 @@ def train_step(policy: Policy, opt, sched, cfg: Config, rolls: list[Rollout], ad
     chunks = [([rolls[i] for i in part], advantages[part]) for part in parts]
     backward(policy, chunks, run_chunk, pad_id)
     stats = distributed.sum_floats(stats)
+    check_losses(stats.pop("nonfinite"), opt)
     stats["grad_norm"] = optimizer_step(policy, opt, sched, cfg.optim.grad_clip)
     model.eval()
     return stats
