@@ -277,9 +277,9 @@ def test_examples_are_encoded_in_the_layout_they_are_decoded_in(tokenizer, tmp_p
     record = {"id": "p", "problem": "what is 2 + 1?", "answer": "3", "grader": "math"}
     stored = encode_pieces(tokenizer, canonical)
     line = {"id": "p", "record": record, "prompt_ids": prompt_ids(tokenizer, record), "response": text,
-            "response_ids": stored}  # fmt: skip
+            "response_ids": stored, "layout": "canonical"}  # fmt: skip
     (tmp_path / "examples.jsonl").write_text(json.dumps(line) + "\n")
-    (tmp_path / "stats.json").write_text(json.dumps({"tag_ids": tags, "config": {"layout": "canonical"}}))
+    (tmp_path / "stats.json").write_text(json.dumps({"tag_ids": tags}))
     ((ids, n),) = load_examples(tmp_path, tokenizer)
     assert ids[n:] == stored  # stored ids reused in their own layout
     ((ids, n),) = load_examples(tmp_path, tokenizer, layout="paper")

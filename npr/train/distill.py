@@ -127,6 +127,7 @@ def run_distill(llm, problems: list[dict], out_dir: str | Path, cfg: DistillConf
                         "prompt_ids": pids,
                         "response": text,
                         "response_ids": rids,
+                        "layout": cfg.layout,  # of response_ids (a resumed run may change it)
                         "try": j,
                         "plans": [len(b.plans) for b in resp.blocks],
                     })  # fmt: skip

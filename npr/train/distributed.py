@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -43,11 +44,12 @@ def from_rank0(value):
     return box[0]
 
 
-def check_shared(folder: Path) -> None:
+def check_shared(folder: Path, wait_s: float = 90.0) -> None:
     """Under torchrun every rank reads what rank 0 alone writes (checkpoints, the resolved config,
     the stages before): `folder` must be one filesystem for all of them, which several nodes with
     disks of their own are not. Rank 0 writes a random token; every rank reads it back, and all stop
-    together when any cannot."""
+    together when any cannot. A rank waits up to `wait_s` for it: NFS clients cache a folder's
+    listing (and a name's absence) for up to a minute."""
     if not dist.is_initialized():
         return
     mark = folder / ".npr-shared"
@@ -55,7 +57,10 @@ def check_shared(folder: Path) -> None:
     if dist.get_rank() == 0:
         mark.write_text(token)
     barrier()
-    seen = gather([mark.is_file() and mark.read_text() == token])
+    deadline = time.monotonic() + wait_s
+    while not (ok := _holds(mark, token)) and time.monotonic() < deadline:
+        time.sleep(1.0)
+    seen = gather([ok])
     barrier()
     if dist.get_rank() == 0:
         mark.unlink(missing_ok=True)
@@ -63,6 +68,13 @@ def check_shared(folder: Path) -> None:
         ranks = [r for r, ok in enumerate(seen) if not ok]
         raise ValueError(f"{folder}: ranks {ranks} do not see rank 0's files; under torchrun on several nodes "
                          "the run folder must be on storage every node shares")  # fmt: skip
+
+
+def _holds(path: Path, text: str) -> bool:
+    try:
+        return path.read_text() == text
+    except OSError:
+        return False
 
 
 def single_process(command: str) -> None:

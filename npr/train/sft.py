@@ -44,16 +44,16 @@ def load_examples(source: str | Path, tokenizer, limit: int | None = None, layou
     if not file.is_file():
         raise ValueError(f"SFT data not found: {file} (make it with `npr distill`)")
     stats = folder / STATS
-    made = json.loads(stats.read_text()) if stats.is_file() else {}
+    made = json.loads(stats.read_text()).get("tag_ids") if stats.is_file() else None
     tags = tag_ids(tokenizer)
-    reuse = made.get("tag_ids") == tags and made.get("config", {}).get("layout", "canonical") == layout
+    reuse = made == tags
     out = []
     for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             e = json.loads(line)
-            if reuse and "response_ids" in e:
+            if reuse and "response_ids" in e and e.get("layout", "canonical") == layout:
                 prompt, response = list(e["prompt_ids"]), list(e["response_ids"])
             else:
                 prompt = prompt_ids(tokenizer, e["record"])
@@ -96,10 +96,11 @@ def pack(examples: list[Example], packing: bool, max_length: int) -> list[list[E
 
 def engine_forced(tokenizer, tags: dict, layout: str = "canonical") -> Forced:
     """The response positions the engine writes itself when it decodes in parallel in `layout`:
-    each step's `<step>` and label, each `<takeaway>` and join text. RL does not train on
-    them (rollouts record them as forced) and neither does parallel SFT: their contexts are the
-    siblings' shared one (steps 1..k predict their labels from the same tokens) or cross a step's
-    boundary, and at decoding time nothing samples them."""
+    each step's `<step>` and label, each `<takeaway>` and join text. RL does not train on them
+    (rollouts record them as forced): their contexts are the siblings' shared one (steps 1..k
+    predict their labels from the same tokens) or cross a step's boundary, and at decoding time
+    nothing samples them. Parallel SFT trains on them unless `sft.mask_forced` (measured no
+    different on the default world: docs/training.md)."""
     fork, join = LAYOUTS[layout]
     join_ids = tokenizer.encode(join, add_special_tokens=False) if join else []
     labels: dict[int, list[int]] = {}
