@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import statistics
 from pathlib import Path
 
-from stage3_seeds import evaluate
+from stage3_seeds import demo_avg, evaluate, link_stages
 
 from npr.pipeline import eval_dir, load_pipeline, run_pipeline
 from npr.progress import quiet_libraries
@@ -40,18 +39,13 @@ def main() -> None:
         if not (source / "distill").is_dir():
             raise SystemExit(f"{source / 'distill'} not found: run examples/stage3_seeds.py --redistill first")
         folder = out / f"seed{seed}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for shared in ("base", "stage1", "distill"):  # the seed's own models and distilled set
-            link = folder / shared
-            if not link.exists():
-                link.symlink_to((source / shared).resolve(), target_is_directory=True)
+        link_stages(folder, source, ("base", "stage1", "distill"))  # the seed's own models and distilled set
         over = (*plan.stage2.overrides, f"run.seed={seed}", "sft.mask_forced=true")
         mine = dataclasses.replace(plan, out=str(folder), stage2=dataclasses.replace(plan.stage2, overrides=over))
         run_pipeline(mine, root, progress=False, only="stage2")
         masked = evaluate(plan, folder / "stage2", out / "eval" / f"masked-seed{seed}", "parallel")["avg@k"]
-        done = eval_dir(args.demo, "stage2", "parallel") / "results.json"
-        if seed == 0 and done.is_file():
-            plain = json.loads(done.read_text())["benchmarks"][plan.eval.bench]["parallel"]["avg@k"]
+        if seed == 0 and (eval_dir(args.demo, "stage2", "parallel") / "results.json").is_file():
+            plain = demo_avg(plan, args.demo, "stage2", "parallel")
         else:
             plain = evaluate(plan, source / "stage2", out / "eval" / f"plain-seed{seed}", "parallel")["avg@k"]
         rows.append((seed, masked, plain))

@@ -38,6 +38,21 @@ def evaluate(plan, model_dir: Path, out: Path, row: str) -> dict:
     return eval_row(plan, LLM(model, tok, kv_cache_gb=plan.eval.kv_cache_gb), out, row)
 
 
+def demo_avg(plan, demo: Path, stage: str, row: str) -> float:
+    """avg@k of one of the demo's own evaluation rows (read from its results.json)."""
+    res = json.loads((eval_dir(demo, stage, row) / "results.json").read_text())
+    return res["benchmarks"][plan.eval.bench][ROW_KINDS[row].mode]["avg@k"]
+
+
+def link_stages(folder: Path, source: Path, stages: tuple[str, ...]) -> None:
+    """`folder` starts from `source`'s finished stages (symbolic links, nothing copied)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for stage in stages:
+        link = folder / stage
+        if not link.exists():
+            link.symlink_to((source / stage).resolve(), target_is_directory=True)
+
+
 def base_rows(plan, demo: Path, evals: Path | None) -> dict[str, float]:
     """The base model's avg@k in each of its rows under the latency budget: read from the demo's
     evaluation, or evaluated again into `evals` (when the evaluation's size differs from the demo's)."""
@@ -47,8 +62,7 @@ def base_rows(plan, demo: Path, evals: Path | None) -> dict[str, float]:
         if not kind.budget:
             continue
         if evals is None:
-            res = json.loads((eval_dir(demo, "base", row) / "results.json").read_text())
-            accs[row] = res["benchmarks"][plan.eval.bench][kind.mode]["avg@k"]
+            accs[row] = demo_avg(plan, demo, "base", row)
         else:
             accs[row] = evaluate(plan, demo / "base", eval_dir(evals, "base", row), row)["avg@k"]
     return accs
@@ -84,11 +98,7 @@ def train_from_stage1(plan, root: Path, demo: Path, out: Path, seed: int) -> dic
     """The pipeline from the demo's Stage-1 model on with `seed`: a distilled set of its own, then
     Stage 2, the sequential SFT, Stage 3 and SR (the pipeline's stages, resumable as in `npr demo`)."""
     folder = out / f"redistill-seed{seed}"
-    folder.mkdir(parents=True, exist_ok=True)
-    for shared in ("base", "stage1"):  # the seed's pipeline folder starts from the demo's models
-        link = folder / shared
-        if not link.exists():
-            link.symlink_to((demo / shared).resolve(), target_is_directory=True)
+    link_stages(folder, demo, ("base", "stage1"))  # the seed's pipeline folder starts from the demo's models
 
     def seeded(sp):
         return dataclasses.replace(sp, overrides=(*sp.overrides, f"run.seed={seed}"))

@@ -13,15 +13,21 @@ STEP, STEP_END = OPEN["step"], CLOSE["step"]
 TAKEAWAY, TAKEAWAY_END = OPEN["takeaway"], CLOSE["takeaway"]
 
 
+def missing_tags(tokenizer) -> list[str]:
+    """The tags the tokenizer has no single token for."""
+    vocab = tokenizer.get_vocab()
+    return [t for t in TAGS if t not in vocab]
+
+
 def tag_ids(tokenizer) -> dict[str, int]:
     """Map each tag to its single token id; error if the tokenizer lacks one."""
-    vocab = tokenizer.get_vocab()
-    missing = [t for t in TAGS if t not in vocab]
+    missing = missing_tags(tokenizer)
     if missing:
         raise ValueError(
             f"tokenizer has no single token for {', '.join(missing)}; "
             "call npr.tokens.add_npr_tokens(tokenizer, model) first"
         )
+    vocab = tokenizer.get_vocab()
     return {t: vocab[t] for t in TAGS}
 
 

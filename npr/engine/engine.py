@@ -26,7 +26,7 @@ from npr.engine.runner import ModelRunner
 from npr.engine.sampler import SamplingBatch, noise_base, noise_key
 from npr.engine.scheduler import Scheduler
 from npr.engine.structure import Allowed, TagState
-from npr.tags import TAGS
+from npr.tags import TAGS, missing_tags
 
 DEFAULT_KV_GB = 0.25
 
@@ -85,8 +85,7 @@ def load(path: str | Path, dtype=None, device=None, trust_remote_code: bool = Fa
     model = AutoModelForCausalLM.from_pretrained(
         folder, dtype=dtype or "auto", use_safetensors=True, trust_remote_code=trust_remote_code
     )
-    missing = [t for t in TAGS if t not in tok.get_vocab()]
-    if add_tags and missing:
+    if add_tags and (missing := missing_tags(tok)):
         from npr.tokens import add_npr_tokens
 
         add_npr_tokens(tok, model)

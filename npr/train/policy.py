@@ -153,10 +153,10 @@ def load_policy(cfg: ModelConfig, ckpt: Path | None = None, add_tags: bool = Fal
     model.eval()
     use_trainer_attention(model, cfg.attention)  # the trainer's kernel; the engine runs its own
     if add_tags:
-        from npr.tags import TAGS
+        from npr.tags import missing_tags
         from npr.tokens import add_npr_tokens
 
-        missing = [t for t in TAGS if t not in tok.get_vocab()]
+        missing = missing_tags(tok)
         if missing and cfg.lora_rank:
             raise ValueError(f"{source}: the model lacks the tags {missing}; LoRA cannot train new embedding rows")
         add_npr_tokens(tok, model)

@@ -106,21 +106,27 @@ def engine_forced(tokenizer, tags: dict, layout: str = "canonical") -> Forced:
     labels: dict[int, list[int]] = {}
     guideline, step, takeaway = tags[GUIDELINE], tags[STEP], tags[TAKEAWAY]
 
+    def label(k: int) -> list[int]:
+        if k not in labels:
+            labels[k] = tokenizer.encode(fork.replace("{i}", str(k)), add_special_tokens=False)
+        return labels[k]
+
     def positions(ids: list[int], start: int) -> list[int]:
         out, k = [], 0
         for t in range(start, len(ids)):
-            tok = ids[t]
-            if tok == guideline:
+            if ids[t] == guideline:
                 k = 0
-            elif tok in (step, takeaway):
-                if tok == step:
-                    k += 1
-                    if k not in labels:
-                        labels[k] = tokenizer.encode(fork.replace("{i}", str(k)), add_special_tokens=False)
-                text = labels[k] if tok == step else join_ids
-                out.append(t)
-                if ids[t + 1 : t + 1 + len(text)] == text:
-                    out += range(t + 1, t + 1 + len(text))
+                continue
+            if ids[t] == step:
+                k += 1
+                text = label(k)
+            elif ids[t] == takeaway:
+                text = join_ids
+            else:
+                continue
+            out.append(t)
+            if ids[t + 1 : t + 1 + len(text)] == text:
+                out += range(t + 1, t + 1 + len(text))
         return out
 
     return positions
