@@ -407,7 +407,7 @@ def eval_cmd(
         help="Benchmarks, comma-separated: aime24, aime25, amc23, hmmt25, "
         "math500, gpqa, countdown, or NAME=PATH for a file of your own (NAME:choice=PATH: multiple choice).",
     ),  # fmt: skip
-    n: int = typer.Option(4, "--n", help="Samples per problem (k)."),
+    n: int = typer.Option(4, "--n", "-n", help="Samples per problem (k); -n under torchrun (which takes --n)."),
     mode: str = typer.Option("parallel", help="parallel or sequential decoding."),
     out: Path = typer.Option(Path("runs/eval"), "--out", help="Output folder (rerun to resume)."),
     limit: int = typer.Option(None, help="Only the first N problems of each benchmark."),
@@ -437,7 +437,7 @@ def eval_cmd(
 
     benches = [b.strip() for b in bench.split(",") if b.strip()]
     try:
-        distributed.single_process("npr eval")
+        rank, _ = distributed.init()  # under torchrun the ranks share the samples (npr/evaluate.py)
         SamplingParams(mode=mode, temperature=temperature, top_p=top_p, max_tokens=max_tokens)
         texts = layout_texts(layout)
         read_prompt_file(prompt_file)
@@ -449,7 +449,7 @@ def eval_cmd(
         raise typer.BadParameter(str(e)) from None
     sampling = {"temperature": temperature, "top_p": top_p, "max_tokens": max_tokens,
                 "max_path_tokens": max_path_tokens, "enforce_structure": enforce, **texts}  # fmt: skip
-    with Progress(transient=True) as bar:
+    with Progress(transient=True, disable=rank != 0) as bar:
         task = bar.add_task("evaluating", total=None)
         try:
             res = run_eval(llm, benches, out, n, mode, limit, sampling, compare_sequential,
@@ -458,8 +458,9 @@ def eval_cmd(
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             raise typer.Exit(1) from None
-    print((out / "report.md").read_text())
-    print(f"wrote {out}/results.json, samples.jsonl, report.md, accuracy.png, tokens.png")
+    if rank == 0:
+        print((out / "report.md").read_text())
+        print(f"wrote {out}/results.json, samples.jsonl, report.md, accuracy.png, tokens.png")
     del res
 
 
@@ -502,16 +503,17 @@ def distill(
         layout=layout,
     )
     try:
-        distributed.single_process("npr distill")
+        rank, _ = distributed.init()  # under torchrun the ranks share the problems (npr/train/distill.py)
         layout_texts(layout)
         problems = with_instruction(load_benchmark(data, limit), read_prompt_file(prompt_file))
         lm, tok = load(model, trust_remote_code=trust_remote_code)
         llm = LLM(lm, tok, kv_cache_gb=kv_cache_gb)
     except (ValueError, DataError, FileNotFoundError, OSError) as e:
         raise typer.BadParameter(str(e)) from None
-    stats = run_distill(llm, problems, out, cfg)
-    print(json.dumps({k: v for k, v in stats.items() if k != "config"}, indent=2))
-    print(f"wrote {out}/examples.jsonl, attempts.jsonl, stats.json")
+    stats = run_distill(llm, problems, out, cfg, progress=rank == 0)
+    if rank == 0:
+        print(json.dumps({k: v for k, v in stats.items() if k != "config"}, indent=2))
+        print(f"wrote {out}/examples.jsonl, attempts.jsonl, stats.json")
 
 
 def _train(fn, config: Path | None, overrides: list[str], resume: bool, wrote: str, overwrite: bool = False) -> None:

@@ -283,3 +283,38 @@ def atomic_write(path: Path, text: str) -> None:
 def write_records(path: Path, rows: list[dict]) -> None:
     """Rewrite an appended JSONL file with `rows` (atomically), e.g. to drop records a resume redoes."""
     atomic_write(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def rank_part(path: Path, rank: int, world: int) -> Path:
+    """The file rank `rank` appends `path`'s records to under torchrun (`path` itself in one
+    process): no two processes append to one file, and rank 0 merges the parts (`merge_parts`)."""
+    return path if world == 1 else path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def _parts(path: Path) -> list[Path]:
+    """`path`'s rank parts, in rank order."""
+    name = re.compile(rf"{re.escape(path.stem)}\.rank(\d+){re.escape(path.suffix)}")
+    ranked = [(int(m[1]), p) for p in path.parent.glob(f"{path.stem}.rank*") if (m := name.fullmatch(p.name))]
+    return [p for _, p in sorted(ranked)]
+
+
+def merge_parts(path: Path, key, keep=None, order=None) -> list[dict]:
+    """`path`'s records and those of its ranks' parts, in one file again: each `key` once (the
+    first: a crash between writing the merged file and deleting the parts leaves both), those
+    `keep` rejects and lines a crash cut left out, sorted by `order` when given (so a resumed or
+    sharded run's file reads as one uninterrupted process would have written it). Rewritten
+    atomically when anything changed, then the parts deleted. One process (rank 0) calls it while
+    no rank appends."""
+    parts = _parts(path)
+    raw = path.read_bytes() if path.exists() else b""
+    rows, seen = [], set()
+    for r in _records(raw) + [r for p in parts for r in read_appended(p)]:
+        if (keep is None or keep(r)) and key(r) not in seen:
+            seen.add(key(r))
+            rows.append(r)
+    merged = sorted(rows, key=order) if order is not None else rows
+    if parts or merged != rows or len(rows) != len(raw.splitlines()) or (raw and not raw.endswith(b"\n")):
+        write_records(path, merged)
+    for p in parts:
+        p.unlink()
+    return merged

@@ -3,6 +3,13 @@
 Samples are appended to DIR/samples.jsonl as they finish, so a rerun with the same DIR
 skips what is done; a sample that fails (generation or grading) is recorded with its
 error, the run goes on, and a rerun retries it. DIR/results.json, DIR/report.md and PNG plots are rewritten at the end.
+
+Each sample records its share of its batch's wall time (`batch_seconds`); a mode's wall time is
+their sum over the samples evaluated. Under torchrun each rank decodes every world-th sample still
+to do into a file of its own (samples.rankR.jsonl), which rank 0 merges at the end (and at the
+start, after an interrupted run). Seeds are per problem and sample, so the samples are those one
+process would draw; the wall times add up over the ranks (engine-seconds), so tokens/s is per
+engine and the speedup compares like with like.
 """
 
 from __future__ import annotations
@@ -15,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from npr import grammar, metrics
-from npr.data import atomic_write, load_benchmark, read_appended, reopen_appended
+from npr.data import atomic_write, load_benchmark, merge_parts, rank_part, read_appended
 from npr.grading import extract_answer
 from npr.tasks import grade, prompt_ids, read_prompt_file, with_instruction
 
@@ -61,7 +68,8 @@ def sample_record(bench: str, mode: str, problem: dict, j: int, out) -> dict:
 
 
 PROVENANCE = "provenance.json"
-OUTPUTS = ("samples.jsonl", "timing.json", "results.json", "report.md", "accuracy.png", "tokens.png", PROVENANCE)
+SAMPLES = "samples.jsonl"
+OUTPUTS = (SAMPLES, "results.json", "report.md", "accuracy.png", "tokens.png", PROVENANCE)
 
 
 def weights_fingerprint(model) -> str:
@@ -148,71 +156,82 @@ def run_eval(
     """Evaluate; a rerun into the same `out_dir` resumes only with the same model, sampling settings
     and prompt (recorded in provenance.json), else it refuses (`overwrite`: start afresh)."""
     from npr.engine import SamplingParams
+    from npr.train import distributed
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    rank, world = distributed.rank_world()
+    distributed.check_shared(out_dir)
     sampling = {"temperature": 1.0, "top_p": 0.7, "max_tokens": 2048} | (sampling or {})
     instruction = read_prompt_file(prompt_file)
     prov = provenance(llm, sampling, parallel_prompt, fields, instruction)
-    check_provenance(out_dir, prov, overwrite)
-    path = out_dir / "samples.jsonl"
-    kept = reopen_appended(path, keep=lambda x: "error" not in x)  # failed samples are retried
-    done = {_key(s) for s in kept}
+    # an interrupted run's parts are merged before its provenance is checked, its failed samples
+    # dropped (to be retried) only once that check has passed
+    distributed.on_rank0(lambda: (_merge(out_dir), check_provenance(out_dir, prov, overwrite),
+                                  _merge(out_dir, retry=True)))  # fmt: skip
+    path = out_dir / SAMPLES
+    done = {_key(s) for s in read_appended(path)}
     modes = [mode] + (["sequential"] if compare_sequential and mode != "sequential" else [])
-    timing_path = out_dir / "timing.json"
-    timing = json.loads(timing_path.read_text()) if timing_path.exists() else {}
     problems = {b: with_instruction(load_benchmark(b, limit, *fields), instruction) for b in benches}
-    todo_total = sum(len(ps) * n for ps in problems.values()) * len(modes)
-    finished = len(done)
-    with path.open("a", encoding="utf-8") as f:
-        for bench, ps in problems.items():
-            for m in modes:
-                todo = [(p, j) for p in ps for j in range(n) if (bench, m, p["id"], j) not in done]
-                # the speedup's reference decodes the same work serially: the latency budget, which
-                # a serial answer spends on every token, is the parallel run's alone
-                kw = sampling | ({"max_path_tokens": None} if m != mode else {})
-                for c in range(0, len(todo), batch):  # `batch` samples decoded together
-                    chunk = todo[c : c + batch]
-                    seeds = [zlib.crc32(f"{p['id']}/{j}".encode()) for p, j in chunk]
-                    params = [SamplingParams(mode=m, seed=seed, **kw) for seed in seeds]
-                    t0 = time.perf_counter()
-                    try:
-                        outs = llm.generate([prompt_ids(llm.tokenizer, p, parallel_prompt) for p, _ in chunk], params)
-                    except Exception as e:  # recorded per sample; the run goes on (a rerun retries them)
-                        outs = [None] * len(chunk)
-                        failure = f"{type(e).__name__}: {e}"
-                    timing[f"{bench}/{m}"] = timing.get(f"{bench}/{m}", 0.0) + time.perf_counter() - t0
-                    for (p, j), o in zip(chunk, outs):
-                        if o is None:
-                            rec = {"bench": bench, "mode": m, "problem_id": p["id"], "sample": j, "error": failure}
-                        else:
-                            rec = sample_record(bench, m, p, j, o)
-                        f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    f.flush()
-                    atomic_write(timing_path, json.dumps(timing))  # a kill mid-write must not block the resume
-                    finished += len(chunk)
-                    if progress:
-                        progress(finished, todo_total)
+    todo = {(b, m): [(p, j) for p in ps for j in range(n) if (b, m, p["id"], j) not in done][rank::world]
+            for b, ps in problems.items() for m in modes}  # fmt: skip
+    finished = len(done) if world == 1 else 0  # under torchrun the progress is rank 0's share
+    todo_total = finished + sum(map(len, todo.values()))
+    with rank_part(path, rank, world).open("a", encoding="utf-8") as f:
+        for (bench, m), mine in todo.items():
+            # the speedup's reference decodes the same work serially: the latency budget, which
+            # a serial answer spends on every token, is the parallel run's alone
+            kw = sampling | ({"max_path_tokens": None} if m != mode else {})
+            for c in range(0, len(mine), batch):  # `batch` samples decoded together
+                chunk = mine[c : c + batch]
+                seeds = [zlib.crc32(f"{p['id']}/{j}".encode()) for p, j in chunk]
+                params = [SamplingParams(mode=m, seed=seed, **kw) for seed in seeds]
+                t0 = time.perf_counter()
+                try:
+                    outs = llm.generate([prompt_ids(llm.tokenizer, p, parallel_prompt) for p, _ in chunk], params)
+                except Exception as e:  # recorded per sample; the run goes on (a rerun retries them)
+                    outs = [None] * len(chunk)
+                    failure = f"{type(e).__name__}: {e}"
+                share = (time.perf_counter() - t0) / len(chunk)  # samples of a batch share its time
+                for (p, j), o in zip(chunk, outs):
+                    if o is None:
+                        rec = {"bench": bench, "mode": m, "problem_id": p["id"], "sample": j, "error": failure}
+                    else:
+                        rec = sample_record(bench, m, p, j, o)
+                    rec["batch_seconds"] = share
+                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                f.flush()
+                finished += len(chunk)
+                if progress:
+                    progress(finished, todo_total)
     plan = {(b, m, p["id"], j) for b, ps in problems.items() for m in modes for p in ps for j in range(n)}
-    results = summarize_run(read_appended(path), timing, benches, modes, plan) | {"provenance": prov}
+    distributed.barrier()
+    return distributed.on_rank0(lambda: _summarize(out_dir, benches, modes, plan, prov))
+
+
+def _merge(out_dir: Path, retry: bool = False) -> None:
+    """The ranks' samples merged into samples.jsonl; `retry`: without the failed ones (a rerun
+    retries them; at the end of a run they stay, for the report's error count)."""
+    merge_parts(out_dir / SAMPLES, key=_key, keep=(lambda x: "error" not in x) if retry else None)
+
+
+def _summarize(out_dir: Path, benches: list[str], modes: list[str], plan: set, prov: dict) -> dict:
+    _merge(out_dir)
+    results = summarize_run(read_appended(out_dir / SAMPLES), benches, modes, plan) | {"provenance": prov}
     write_outputs(out_dir, results)
     return results
 
 
-def summarize_run(
-    samples: list[dict], timing: dict, benches: list[str], modes: list[str], plan: set | None = None
-) -> dict:
+def summarize_run(samples: list[dict], benches: list[str], modes: list[str], plan: set | None = None) -> dict:
     """Metrics per benchmark and mode, over the samples of this run's `plan` ((bench, mode, problem
     id, sample) keys) when given: a rerun with a smaller --n or --limit reads the same file, and
-    its time is counted pro rata (samples of a chunk share its wall time)."""
+    its wall time is that of its own samples (each holds its share of its batch's time)."""
     results: dict = {"benchmarks": {}}
     for b in benches:
         per = {}
         for m in modes:
-            every = [s for s in samples if s["bench"] == b and s["mode"] == m]
-            mine = [s for s in every if plan is None or _key(s) in plan]
-            wall = timing.get(f"{b}/{m}")
-            per[m] = metrics.summarize(mine, wall * len(mine) / len(every) if wall and every else wall)
+            mine = [s for s in samples if s["bench"] == b and s["mode"] == m and (plan is None or _key(s) in plan)]
+            per[m] = metrics.summarize(mine, sum(s.get("batch_seconds", 0.0) for s in mine) or None)
         if "parallel" in per and "sequential" in per and per["parallel"].get("wall_time_s"):
             per["speedup"] = per["sequential"]["wall_time_s"] / per["parallel"]["wall_time_s"]
         results["benchmarks"][b] = per

@@ -104,8 +104,8 @@ def run_pipeline(plan: Pipeline, root: Path, progress: bool = True, only: str | 
     if only is not None and only not in STAGES:
         raise ValueError(f"--only: expected one of {', '.join(STAGES)}, got {only!r}")
     rank, world = distributed.init()
-    if world > 1 and only not in ("stage1", "stage2", "stage3", "sr"):
-        raise ValueError("under torchrun run one training stage at a time: --only stage1|stage2|stage3|sr")
+    if world > 1 and only not in ("stage1", "distill", "stage2", "stage3", "sr", "eval"):
+        raise ValueError("under torchrun run one stage at a time: --only stage1|distill|stage2|stage3|sr|eval")
     progress = progress and rank == 0
     quiet_libraries()  # one progress display
     out = Path(plan.out)

@@ -403,12 +403,15 @@ def test_checkpoints_are_pruned_to_the_newest_and_bad_run_settings_refused(tmp_p
 
 def test_latest_checkpoint_needs_no_pointer_and_skips_torn_folders(tmp_path):
     """A lost or stale latest.json (a crash between a folder's rename and the pointer's update)
-    must not read as "no checkpoint": a fresh start would clear every checkpoint the run has."""
+    must not read as "no checkpoint": a fresh start would clear every checkpoint the run has.
+    The engine reads a run folder the same way (`--model RUN`), needing only the weights."""
+    from npr.engine.engine import resolve_model_dir
     from npr.train import checkpoint
 
     class Saves:  # the model and tokenizer: what `save` asks of them
         def save_pretrained(self, folder, state_dict=None):
             (Path(folder) / "model.safetensors").write_text("weights")
+            (Path(folder) / "config.json").write_text("{}")
 
     for step in (1, 2, 3):
         checkpoint.save(tmp_path, step, Saves(), Saves(), {"step": step})
@@ -422,10 +425,11 @@ def test_latest_checkpoint_needs_no_pointer_and_skips_torn_folders(tmp_path):
     shutil.rmtree(root / "step-000004")
     assert checkpoint.latest(tmp_path) == root / "step-000003"
     (root / "latest.json").unlink()
-    assert checkpoint.latest(tmp_path) == root / "step-000003"
+    assert checkpoint.latest(tmp_path) == root / "step-000003" == resolve_model_dir(tmp_path)
     (root / "latest.json").write_text(json.dumps({"step": 1, "path": "step-000001"}))
-    assert checkpoint.latest(tmp_path) == root / "step-000003"
-    (root / "step-000003" / checkpoint.STATE).unlink()  # torn: not a checkpoint
+    assert checkpoint.latest(tmp_path) == root / "step-000003" == resolve_model_dir(tmp_path)
+    (root / "step-000003" / checkpoint.STATE).unlink()  # nothing to resume from; the weights still load
+    assert resolve_model_dir(tmp_path) == root / "step-000003"
     (root / ".tmp-step-000004").mkdir()
     torch.save({}, root / ".tmp-step-000004" / checkpoint.STATE)  # half-written: not named step-N yet
     assert checkpoint.latest(tmp_path) == root / "step-000002"

@@ -114,6 +114,68 @@ def test_rejection_sampler_keeps_correct_wellformed_canonical_examples(tok, tmp_
     assert saved["tag_ids"] == tags and saved["problems"] == 4
 
 
+def distill_script(ps: list[dict]) -> dict:
+    """Per problem: wrong, then two distinct correct answers, or never correct (every third)."""
+    return {p["id"]: [wrong(solution(p, 1))] * 3 if i % 3 == 2 else [wrong(solution(p, 1)), solution(p, 1),
+            solution(p, 2)] for i, p in enumerate(ps)}  # fmt: skip
+
+
+DISTILL_WORKER = """
+import sys
+from pathlib import Path
+from test_sft import ScriptedLLM, distill_script, problems
+from npr.train import distributed
+from npr.train.distill import DistillConfig, run_distill
+from npr.world.tokenizer import build_tokenizer
+if __name__ == "__main__":  # the grader's process (spawned) imports this file again
+    distributed.init()
+    tok, ps = build_tokenizer(), problems(7)
+    run_distill(ScriptedLLM(tok, ps, distill_script(ps)), ps, Path(sys.argv[1]), DistillConfig(tries=3, keep=2,
+                per_round=1, chunk=1), progress=False)
+"""
+
+
+def test_distill_under_torchrun_writes_what_one_process_writes(tok, tmp_path):
+    """Two ranks share the problems, append to files of their own and rank 0 merges them in problem
+    order; a run cut with parts left behind resumes in one process with nothing lost or doubled."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ps = problems(7)
+    cfg = DistillConfig(tries=3, keep=2, per_round=1, chunk=1)
+    one = run_distill(_scripted(tok, ps, distill_script(ps)), ps, tmp_path / "one", cfg, progress=False)
+    (tmp_path / "worker.py").write_text(DISTILL_WORKER)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29537", str(tmp_path / "worker.py"), str(tmp_path / "two")], env=env, capture_output=True,
+                       text=True, timeout=300)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    read = lambda folder, name: [json.loads(x) for x in (folder / name).read_text().splitlines()]  # noqa: E731
+    for name in ("examples.jsonl", "attempts.jsonl"):
+        assert read(tmp_path / "two", name) == read(tmp_path / "one", name)
+    assert json.loads((tmp_path / "two" / "stats.json").read_text()) == json.loads(
+        (tmp_path / "one" / "stats.json").read_text()) and one["examples"] == 10  # fmt: skip
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["attempts.jsonl", "examples.jsonl", "stats.json"]
+    # Cut: rank 1 had written part of its share (its last line torn), and rank 0's part had been
+    # merged into the main file but not yet deleted (a crash between the two). The resumed run in
+    # one process redoes the rest and writes the files of an uninterrupted run, in problem order.
+    ex, att = read(tmp_path / "one", "examples.jsonl"), read(tmp_path / "one", "attempts.jsonl")
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    mine = lambda rows, rank: [x for x in rows if [p["id"] for p in ps].index(x["id"]) % 2 == rank]  # noqa: E731
+    lines = lambda rows: "".join(json.dumps(x) + "\n" for x in rows)  # noqa: E731
+    (cut / "examples.jsonl").write_text(lines(mine(ex, 0)[:2]))
+    (cut / "examples.rank0.jsonl").write_text(lines(mine(ex, 0)[:4]))
+    (cut / "attempts.rank0.jsonl").write_text(lines(mine(att, 0)[:3]))
+    (cut / "examples.rank1.jsonl").write_text(lines(mine(ex, 1)[:2]) + json.dumps(mine(ex, 1)[2])[:40])
+    (cut / "attempts.rank1.jsonl").write_text(lines(mine(att, 1)[:1]))
+    run_distill(_scripted(tok, ps, distill_script(ps)), ps, cut, cfg, progress=False)
+    assert read(cut, "examples.jsonl") == ex and read(cut, "attempts.jsonl") == att
+    assert not list(cut.glob("*.rank*"))
+
+
 def test_rejection_sampler_resumes_without_duplicates(tok, tmp_path):
     ps = problems(3)
     script = {p["id"]: [solution(p, 1), solution(p, 2)] for p in ps}

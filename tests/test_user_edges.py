@@ -212,8 +212,31 @@ def test_trust_remote_code_fetches_the_models_code_from_the_hub(monkeypatch, tmp
     assert "*.py" not in asked[0] and "*.py" in asked[1]
 
 
-def test_distill_and_eval_refuse_torchrun(tiny_dir):
-    """Every rank would decode the same problems and append the same records."""
-    for cmd in (["distill", "--model", str(tiny_dir)], ["eval", "--model", str(tiny_dir), "--bench", "countdown"]):
-        r = npr(*cmd, env={"WORLD_SIZE": "2"})
-        assert r.returncode == 2 and "without torchrun" in r.stderr, r.stderr
+def test_eval_under_torchrun_draws_the_samples_of_one_process(tiny_dir, tmp_path):
+    """Two ranks share the samples (per-sample seeds), append to files of their own, and rank 0
+    merges them and writes the results: the same samples and accuracy as one process."""
+    args = ["eval", "--model", str(tiny_dir), "--bench", "countdown", "--limit", "3", "-n", "2", "--max-tokens",
+            "24", "--compare-sequential"]  # fmt: skip
+    one = npr(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29539", "-m", "npr"]
+    two = subprocess.run([sys.executable, *torchrun, *args, "--out", str(tmp_path / "two")], capture_output=True,
+                         text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("# NPR evaluation") == 1  # rank 0 reports
+
+    def samples(folder):
+        rows = [json.loads(x) for x in (folder / "samples.jsonl").read_text().splitlines()]
+        timed = ("wall_time", "batch_seconds")
+        return sorted(({k: v for k, v in r.items() if k not in timed} for r in rows), key=json.dumps)
+
+    assert samples(tmp_path / "two") == samples(tmp_path / "one") and len(samples(tmp_path / "one")) == 12
+    res = [json.loads((tmp_path / f / "results.json").read_text())["benchmarks"]["countdown"] for f in ("one", "two")]
+    for mode in ("parallel", "sequential"):
+        assert res[0][mode]["avg@k"] == res[1][mode]["avg@k"] and res[1][mode]["wall_time_s"] > 0
+    assert not list((tmp_path / "two").glob("*.rank*"))
+    # rank 0's refusal (another evaluation's folder) stops both ranks, neither waits in a collective
+    other = [*(("20" if a == "24" else a) for a in args), "--out", str(tmp_path / "two")]  # --max-tokens 20
+    r = subprocess.run([sys.executable, *torchrun, *other], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert r.returncode != 0 and r.stderr.count("holds results of another evaluation") >= 2, r.stderr[-3000:]

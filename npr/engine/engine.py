@@ -9,7 +9,6 @@ structure). Nothing falls back to sequential decoding silently.
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from collections.abc import Sequence
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from npr import runs
 from npr.engine.attention import model_shape
 from npr.engine.context import ContextTable
 from npr.engine.kv_pool import KVPool
@@ -38,10 +38,9 @@ def resolve_model_dir(path: str | Path, code: bool = False) -> Path:
     folder = Path(path)
     if not folder.is_dir():
         folder = _from_hub_cache(str(path), code)
-    pointer = folder / "checkpoints" / "latest.json"
-    if not (folder / "config.json").exists() and pointer.exists():
-        folder = folder / "checkpoints" / json.loads(pointer.read_text())["path"]
-    if not (folder / "config.json").exists():
+    if not (folder / runs.WEIGHTS).exists():
+        folder = runs.newest(folder, runs.WEIGHTS) or folder  # a run folder: its newest checkpoint
+    if not (folder / runs.WEIGHTS).exists():
         raise FileNotFoundError(f"{path}: no model here (no config.json; expected a model folder or an npr run)")
     return folder
 

@@ -10,13 +10,14 @@ from pathlib import Path
 import torch
 
 from npr.data import atomic_write
+from npr.runs import CHECKPOINTS, STATE, newest, step_of, steps
 
-STATE = "trainer_state.pt"
+__all__ = ["STATE", "latest", "load_state", "prune", "save", "step_of"]
 
 
 def save(out: Path, step: int, model, tokenizer, state: dict, state_dict: dict | None = None) -> Path:
     """Write out/checkpoints/step-N via a temporary folder renamed at the end; update `latest`."""
-    root = out / "checkpoints"
+    root = out / CHECKPOINTS
     final = root / f"step-{step:06d}"
     tmp = root / f".tmp-step-{step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -54,29 +55,14 @@ def prune(out: Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (0: keep all), after `latest` points to the newest."""
     if keep < 1:
         return
-    for old in _steps(out)[:-keep]:
+    for old in steps(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _steps(out: Path) -> list[Path]:
-    """The run's step-N folders, oldest first (a user's "step-000009 copy" is not one)."""
-    root = out / "checkpoints"
-    named = root.glob("step-*") if root.is_dir() else []
-    return sorted((p for p in named if p.name[5:].isdigit()), key=step_of)
-
-
 def latest(out: Path) -> Path | None:
-    """The newest checkpoint: the newest step-N folder with a trainer state. A folder gets that name
-    only once complete (`save`), so this holds when `latest.json` was lost or a crash came between
-    a folder's rename and the pointer's update (trusting the pointer alone, a lost one read as "no
-    checkpoint", and a fresh start would have cleared them all)."""
-    done = [p for p in _steps(out) if (p / STATE).is_file()]
-    return done[-1] if done else None
-
-
-def step_of(path: Path) -> int:
-    """The training step a checkpoint folder (step-N) was written after."""
-    return int(path.name.rsplit("-", 1)[1])
+    """The newest checkpoint to resume from: the newest step-N folder with a trainer state
+    (npr/runs.py; `latest.json` is not trusted)."""
+    return newest(out, STATE)
 
 
 def load_state(path: Path) -> dict:

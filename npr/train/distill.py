@@ -9,7 +9,11 @@ distinct responses are kept per problem. Output folder:
     attempts.jsonl  one line per finished problem (tries used, accepted, rejection reasons)
     stats.json      totals (acceptance rate, tries, plans per block, blocks per response)
 
-A rerun with the same folder skips finished problems and never writes an example twice.
+A rerun with the same folder skips finished problems and never writes an example twice. Under
+torchrun each rank decodes every world-th unfinished problem and appends to files of its own
+(`examples.rankR.jsonl`), which rank 0 merges in problem order at the end (and at the start, after
+an interrupted run, whatever the new number of ranks): sampling seeds are per problem and try,
+so the folder holds the same examples whatever the number of ranks.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from npr import grammar
-from npr.data import read_appended, reopen_appended
+from npr.data import atomic_write, merge_parts, rank_part, read_appended
 from npr.engine import SamplingParams
 from npr.progress import bar as progress_bar
 from npr.tags import tag_ids
@@ -76,12 +80,18 @@ def sampling(cfg: DistillConfig, seed: int) -> SamplingParams:
 
 
 def run_distill(llm, problems: list[dict], out_dir: str | Path, cfg: DistillConfig, progress: bool = True) -> dict:
+    from npr.train import distributed
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    rank, world = distributed.rank_world()
+    distributed.check_shared(out)
     tok = llm.tokenizer
     meta = {"tag_ids": tag_ids(tok), "vocab_size": len(tok), "config": asdict(cfg)}
-    examples = reopen_appended(out / EXAMPLES)  # without a line a crash cut: the next append starts clean
-    done = {a["id"] for a in reopen_appended(out / ATTEMPTS)}
+    index = {p["id"]: i for i, p in enumerate(problems)}
+    distributed.on_rank0(lambda: _merge(out, index))  # without a line a crash cut: appends start clean
+    examples = read_appended(out / EXAMPLES)
+    done = {a["id"] for a in read_appended(out / ATTEMPTS)}
     seen = {(e["id"], e["response"]) for e in examples}  # dedupe across reruns
     prior = Counter(e["id"] for e in examples)  # a problem cut by a crash keeps what it had accepted
     unique, ids = [], set()
@@ -89,10 +99,14 @@ def run_distill(llm, problems: list[dict], out_dir: str | Path, cfg: DistillConf
         if p["id"] not in ids and p["id"] not in done:
             unique.append(p)
             ids.add(p["id"])
+    mine = unique[rank::world]
+    part_examples, part_attempts = (rank_part(out / name, rank, world) for name in (EXAMPLES, ATTEMPTS))
+    accepted = len(examples)
+    shown = len(problems) - len(unique) if world == 1 else 0  # under torchrun the bar shows rank 0's share
     with progress_bar("distill", progress) as bar:
-        task = bar.add_task("distill", total=len(problems), completed=len(problems) - len(unique), info="")
-        for c in range(0, len(unique), cfg.chunk):
-            chunk = unique[c : c + cfg.chunk]
+        task = bar.add_task("distill", total=shown + len(mine), completed=shown, info="")
+        for c in range(0, len(mine), cfg.chunk):
+            chunk = mine[c : c + cfg.chunk]
             state = {p["id"]: {"tries": 0, "accepted": [], "reasons": Counter()} for p in chunk}
             while True:
                 todo = [p for p in chunk if prior[p["id"]] + len(state[p["id"]]["accepted"]) < cfg.keep
@@ -131,20 +145,36 @@ def run_distill(llm, problems: list[dict], out_dir: str | Path, cfg: DistillConf
                         "try": j,
                         "plans": [len(b.plans) for b in resp.blocks],
                     })  # fmt: skip
-            with (out / EXAMPLES).open("a", encoding="utf-8") as f:  # examples first: attempts marks done
+            with part_examples.open("a", encoding="utf-8") as f:  # examples first: attempts marks done
                 for p in chunk:
                     for e in state[p["id"]]["accepted"]:
                         f.write(json.dumps(e) + "\n")
-                        examples.append(e)
-            with (out / ATTEMPTS).open("a", encoding="utf-8") as f:
+                        accepted += 1
+            with part_attempts.open("a", encoding="utf-8") as f:
                 for p in chunk:
                     st = state[p["id"]]
                     row = {"id": p["id"], "tries": st["tries"], "accepted": prior[p["id"]] + len(st["accepted"]),
                            "reasons": dict(st["reasons"])}  # fmt: skip
                     f.write(json.dumps(row) + "\n")
-            bar.update(task, advance=len(chunk), info=f"{len(examples)} accepted")
-    stats = statistics(read_appended(out / ATTEMPTS), examples)
-    (out / STATS).write_text(json.dumps({**stats, **meta}, indent=2))
+            bar.update(task, advance=len(chunk), info=f"{accepted} accepted")
+    distributed.barrier()
+    return distributed.on_rank0(lambda: _summarize(out, index, meta))
+
+
+def _merge(out: Path, index: dict) -> None:
+    """The ranks' parts merged into examples.jsonl and attempts.jsonl, in problem order."""
+
+    def order(r: dict) -> int:
+        return index.get(r["id"], len(index))
+
+    merge_parts(out / EXAMPLES, key=lambda e: (e["id"], e["response"]), order=order)
+    merge_parts(out / ATTEMPTS, key=lambda a: a["id"], order=order)
+
+
+def _summarize(out: Path, index: dict, meta: dict) -> dict:
+    _merge(out, index)
+    stats = statistics(read_appended(out / ATTEMPTS), read_appended(out / EXAMPLES))
+    atomic_write(out / STATS, json.dumps({**stats, **meta}, indent=2))
     return stats
 
 

@@ -23,6 +23,11 @@ def init() -> tuple[int, int]:
         # ranks wait in a barrier while rank 0 writes a checkpoint (tens of GB for a 4B model's full
         # state on shared storage): more than the default 10 minutes must not kill the run
         dist.init_process_group(backend, timeout=timedelta(minutes=60))
+    return rank_world()
+
+
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process: (0, 1) outside a process group."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
@@ -42,6 +47,24 @@ def from_rank0(value):
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_rank0(fn):
+    """`fn()` run by rank 0 alone (merging the ranks' files, writing a summary) while the others
+    wait; every rank returns its result, or raises the error it raised (so no rank is left waiting
+    in a collective that rank 0 never reaches)."""
+    if not dist.is_initialized():
+        return fn()
+    result, error = None, None
+    if dist.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as e:
+            error = e
+    result, error = from_rank0((result, error))
+    if error is not None:
+        raise error
+    return result
 
 
 def check_shared(folder: Path, wait_s: float = 90.0) -> None:
@@ -75,13 +98,6 @@ def _holds(path: Path, text: str) -> bool:
         return path.read_text() == text
     except OSError:
         return False
-
-
-def single_process(command: str) -> None:
-    """Commands that decode with one engine and write their files from one process refuse torchrun
-    (every rank would write the same records)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError(f"{command} runs in one process: start it without torchrun")
 
 
 def sum_gradients(params) -> None:
