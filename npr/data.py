@@ -259,17 +259,6 @@ def _records(raw: bytes) -> list[dict]:
     return out
 
 
-def reopen_appended(path: Path, keep=None) -> list[dict]:
-    """The records of a JSONL file a run appends to, the file rewritten (atomically) without the
-    line a crash cut and the records `keep` rejects, so the run can append to it again (appending
-    after a cut line would glue the next record onto it, and lose it)."""
-    raw = path.read_bytes() if path.exists() else b""
-    rows = [r for r in _records(raw) if keep is None or keep(r)]
-    if len(rows) != len(raw.splitlines()) or (raw and not raw.endswith(b"\n")):
-        write_records(path, rows)
-    return rows
-
-
 def atomic_write(path: Path, text: str) -> None:
     """Replace `path` with `text` at once: a crash leaves the old file or the new one, never half."""
     tmp = path.with_name(path.name + ".tmp")

@@ -5,11 +5,11 @@ skips what is done; a sample that fails (generation or grading) is recorded with
 error, the run goes on, and a rerun retries it. DIR/results.json, DIR/report.md and PNG plots are rewritten at the end.
 
 Each sample records its share of its batch's wall time (`batch_seconds`); a mode's wall time is
-their sum over the samples evaluated. Under torchrun each rank decodes every world-th sample still
-to do into a file of its own (samples.rankR.jsonl), which rank 0 merges at the end (and at the
-start, after an interrupted run). Seeds are per problem and sample, so the samples are those one
-process would draw; the wall times add up over the ranks (engine-seconds), so tokens/s is per
-engine and the speedup compares like with like.
+their sum over the samples evaluated. Under torchrun each rank decodes every world-th batch of
+those one process would decode, into a file of its own (samples.rankR.jsonl), which rank 0 merges
+at the end in one process's order (and at the start, after an interrupted run). Seeds are per
+problem and sample, so the samples are those one process would draw; the wall times add up over
+the ranks (engine-seconds), so tokens/s is per engine and the speedup compares like with like.
 """
 
 from __future__ import annotations
@@ -166,57 +166,73 @@ def run_eval(
     instruction = read_prompt_file(prompt_file)
     prov = provenance(llm, sampling, parallel_prompt, fields, instruction)
     # an interrupted run's parts are merged before its provenance is checked, its failed samples
-    # dropped (to be retried) only once that check has passed
-    distributed.on_rank0(lambda: (_merge(out_dir), check_provenance(out_dir, prov, overwrite),
-                                  _merge(out_dir, retry=True)))  # fmt: skip
+    # dropped (to be retried) only once that check has passed; what is done is rank 0's reading,
+    # sent to all (another node may still see the files unmerged)
+    done = distributed.on_rank0(lambda: _start(out_dir, prov, overwrite))
     path = out_dir / SAMPLES
-    done = {_key(s) for s in read_appended(path)}
     modes = [mode] + (["sequential"] if compare_sequential and mode != "sequential" else [])
     problems = {b: with_instruction(load_benchmark(b, limit, *fields), instruction) for b in benches}
-    todo = {(b, m): [(p, j) for p in ps for j in range(n) if (b, m, p["id"], j) not in done][rank::world]
-            for b, ps in problems.items() for m in modes}  # fmt: skip
+    batches = []  # (bench, mode, `batch` samples decoded together); whole batches to each rank
+    for b, ps in problems.items():
+        for m in modes:
+            todo = [(p, j) for p in ps for j in range(n) if (b, m, p["id"], j) not in done]
+            batches += [(b, m, todo[c : c + batch]) for c in range(0, len(todo), batch)]
+    batches = batches[rank::world]
     finished = len(done) if world == 1 else 0  # under torchrun the progress is rank 0's share
-    todo_total = finished + sum(map(len, todo.values()))
+    todo_total = finished + sum(len(chunk) for _, _, chunk in batches)
     with rank_part(path, rank, world).open("a", encoding="utf-8") as f:
-        for (bench, m), mine in todo.items():
+        for bench, m, chunk in batches:
             # the speedup's reference decodes the same work serially: the latency budget, which
             # a serial answer spends on every token, is the parallel run's alone
             kw = sampling | ({"max_path_tokens": None} if m != mode else {})
-            for c in range(0, len(mine), batch):  # `batch` samples decoded together
-                chunk = mine[c : c + batch]
-                seeds = [zlib.crc32(f"{p['id']}/{j}".encode()) for p, j in chunk]
-                params = [SamplingParams(mode=m, seed=seed, **kw) for seed in seeds]
-                t0 = time.perf_counter()
-                try:
-                    outs = llm.generate([prompt_ids(llm.tokenizer, p, parallel_prompt) for p, _ in chunk], params)
-                except Exception as e:  # recorded per sample; the run goes on (a rerun retries them)
-                    outs = [None] * len(chunk)
-                    failure = f"{type(e).__name__}: {e}"
-                share = (time.perf_counter() - t0) / len(chunk)  # samples of a batch share its time
-                for (p, j), o in zip(chunk, outs):
-                    if o is None:
-                        rec = {"bench": bench, "mode": m, "problem_id": p["id"], "sample": j, "error": failure}
-                    else:
-                        rec = sample_record(bench, m, p, j, o)
-                    rec["batch_seconds"] = share
-                    f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                f.flush()
-                finished += len(chunk)
-                if progress:
-                    progress(finished, todo_total)
-    plan = {(b, m, p["id"], j) for b, ps in problems.items() for m in modes for p in ps for j in range(n)}
-    distributed.barrier()
+            seeds = [zlib.crc32(f"{p['id']}/{j}".encode()) for p, j in chunk]
+            params = [SamplingParams(mode=m, seed=seed, **kw) for seed in seeds]
+            t0 = time.perf_counter()
+            try:
+                outs = llm.generate([prompt_ids(llm.tokenizer, p, parallel_prompt) for p, _ in chunk], params)
+            except Exception as e:  # recorded per sample; the run goes on (a rerun retries them)
+                outs = [None] * len(chunk)
+                failure = f"{type(e).__name__}: {e}"
+            share = (time.perf_counter() - t0) / len(chunk)  # samples of a batch share its time
+            for (p, j), o in zip(chunk, outs):
+                if o is None:
+                    rec = {"bench": bench, "mode": m, "problem_id": p["id"], "sample": j, "error": failure}
+                else:
+                    rec = sample_record(bench, m, p, j, o)
+                rec["batch_seconds"] = share
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            f.flush()
+            finished += len(chunk)
+            if progress:
+                progress(finished, todo_total)
+    plan = [(b, m, p["id"], j) for b, ps in problems.items() for m in modes for p in ps for j in range(n)]
+    distributed.wait_for_all(out_dir, "eval-done")
     return distributed.on_rank0(lambda: _summarize(out_dir, benches, modes, plan, prov))
 
 
-def _merge(out_dir: Path, retry: bool = False) -> None:
+def _merge(out_dir: Path, retry: bool = False, plan: list | None = None) -> list[dict]:
     """The ranks' samples merged into samples.jsonl; `retry`: without the failed ones (a rerun
-    retries them; at the end of a run they stay, for the report's error count)."""
-    merge_parts(out_dir / SAMPLES, key=_key, keep=(lambda x: "error" not in x) if retry else None)
+    retries them; at the end of a run they stay, for the report's error count); in `plan`'s order
+    when given (the order one process writes)."""
+    from npr.train import distributed
+
+    distributed.clear_marks(out_dir, "eval-done")
+    index = {k: i for i, k in enumerate(plan or [])}
+    order = (lambda s: index.get(_key(s), len(index))) if plan else None
+    return merge_parts(out_dir / SAMPLES, key=_key, keep=(lambda x: "error" not in x) if retry else None, order=order)
 
 
-def _summarize(out_dir: Path, benches: list[str], modes: list[str], plan: set, prov: dict) -> dict:
+def _start(out_dir: Path, prov: dict, overwrite: bool) -> set:
+    """Merge what an interrupted run left, check (or clear) the folder, drop failed samples;
+    returns the keys of the samples done."""
     _merge(out_dir)
+    check_provenance(out_dir, prov, overwrite)
+    return {_key(s) for s in _merge(out_dir, retry=True)}
+
+
+def _summarize(out_dir: Path, benches: list[str], modes: list[str], plan: list, prov: dict) -> dict:
+    _merge(out_dir, plan=plan)
+    plan = set(plan)
     results = summarize_run(read_appended(out_dir / SAMPLES), benches, modes, plan) | {"provenance": prov}
     write_outputs(out_dir, results)
     return results

@@ -122,7 +122,7 @@ def run_pipeline(plan: Pipeline, root: Path, progress: bool = True, only: str | 
         result = {}
         for stage in stages:
             marker = out / stage / DONE
-            if marker.exists() and stage != "report":
+            if distributed.from_rank0(marker.exists()) and stage != "report":  # one decision for all ranks
                 bar.update(overall, advance=1, info=f"{stage} (done before)")
                 continue
             bar.update(overall, info=stage)

@@ -118,7 +118,7 @@ def test_missing_named_field_and_unknown_benchmark(tmp_path):
 def test_unreadable_text_duplicate_ids_and_cut_characters(tmp_path):
     """A file that is not UTF-8 and a file with one id twice are refused naming the file; a line a
     crash cut inside a character is skipped, not a failed resume."""
-    from npr.data import read_appended, reopen_appended
+    from npr.data import merge_parts, read_appended
 
     bad = tmp_path / "utf16.jsonl"
     bad.write_bytes('{"problem": "x", "answer": "1"}\n'.encode("utf-16"))
@@ -132,4 +132,4 @@ def test_unreadable_text_duplicate_ids_and_cut_characters(tmp_path):
     cut = tmp_path / "samples.jsonl"
     cut.write_bytes(b'{"a": 1}\n' + '{"text": "\u03c0\u22483.14"}'.encode()[:11])  # ends inside "pi"
     assert read_appended(cut) == [{"a": 1}]
-    assert reopen_appended(cut) == [{"a": 1}] and cut.read_bytes() == b'{"a": 1}\n'
+    assert merge_parts(cut, key=str) == [{"a": 1}] and cut.read_bytes() == b'{"a": 1}\n'

@@ -10,10 +10,10 @@ distinct responses are kept per problem. Output folder:
     stats.json      totals (acceptance rate, tries, plans per block, blocks per response)
 
 A rerun with the same folder skips finished problems and never writes an example twice. Under
-torchrun each rank decodes every world-th unfinished problem and appends to files of its own
-(`examples.rankR.jsonl`), which rank 0 merges in problem order at the end (and at the start, after
-an interrupted run, whatever the new number of ranks): sampling seeds are per problem and try,
-so the folder holds the same examples whatever the number of ranks.
+torchrun each rank decodes every world-th chunk of unfinished problems and appends to files of
+its own (`examples.rankR.jsonl`), which rank 0 merges in problem order at the end (and at the
+start, after an interrupted run, whatever the new number of ranks): sampling seeds are per
+problem and try and the chunks are one process's, so the folder holds the same examples.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from npr.tags import tag_ids
 from npr.tasks import grade, prompt_ids
 from npr.tokens import encode_pieces
 from npr.topology import executable
+from npr.train import distributed
 
 EXAMPLES, ATTEMPTS, STATS = "examples.jsonl", "attempts.jsonl", "stats.json"
 
@@ -80,33 +81,32 @@ def sampling(cfg: DistillConfig, seed: int) -> SamplingParams:
 
 
 def run_distill(llm, problems: list[dict], out_dir: str | Path, cfg: DistillConfig, progress: bool = True) -> dict:
-    from npr.train import distributed
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rank, world = distributed.rank_world()
     distributed.check_shared(out)
     tok = llm.tokenizer
     meta = {"tag_ids": tag_ids(tok), "vocab_size": len(tok), "config": asdict(cfg)}
-    index = {p["id"]: i for i, p in enumerate(problems)}
-    distributed.on_rank0(lambda: _merge(out, index))  # without a line a crash cut: appends start clean
-    examples = read_appended(out / EXAMPLES)
-    done = {a["id"] for a in read_appended(out / ATTEMPTS)}
-    seen = {(e["id"], e["response"]) for e in examples}  # dedupe across reruns
-    prior = Counter(e["id"] for e in examples)  # a problem cut by a crash keeps what it had accepted
+    index = {}
+    for i, p in enumerate(problems):
+        index.setdefault(p["id"], i)
+    # what is done is rank 0's reading, sent to all (another node may still see the files unmerged)
+    done, kept = distributed.on_rank0(lambda: _start(out, index))
+    seen = set(kept)  # dedupe across reruns: the accepted answers of problems not marked done
+    prior = Counter(pid for pid, _ in kept)  # a problem cut by a crash keeps what it had accepted
     unique, ids = [], set()
     for p in problems:
         if p["id"] not in ids and p["id"] not in done:
             unique.append(p)
             ids.add(p["id"])
-    mine = unique[rank::world]
+    # whole chunks to each rank: the engine decodes the batches one process would
+    chunks = [unique[c : c + cfg.chunk] for c in range(0, len(unique), cfg.chunk)][rank::world]
     part_examples, part_attempts = (rank_part(out / name, rank, world) for name in (EXAMPLES, ATTEMPTS))
-    accepted = len(examples)
+    accepted = 0
     shown = len(problems) - len(unique) if world == 1 else 0  # under torchrun the bar shows rank 0's share
     with progress_bar("distill", progress) as bar:
-        task = bar.add_task("distill", total=shown + len(mine), completed=shown, info="")
-        for c in range(0, len(mine), cfg.chunk):
-            chunk = mine[c : c + cfg.chunk]
+        task = bar.add_task("distill", total=shown + sum(map(len, chunks)), completed=shown, info="")
+        for chunk in chunks:
             state = {p["id"]: {"tries": 0, "accepted": [], "reasons": Counter()} for p in chunk}
             while True:
                 todo = [p for p in chunk if prior[p["id"]] + len(state[p["id"]]["accepted"]) < cfg.keep
@@ -156,23 +156,32 @@ def run_distill(llm, problems: list[dict], out_dir: str | Path, cfg: DistillConf
                     row = {"id": p["id"], "tries": st["tries"], "accepted": prior[p["id"]] + len(st["accepted"]),
                            "reasons": dict(st["reasons"])}  # fmt: skip
                     f.write(json.dumps(row) + "\n")
-            bar.update(task, advance=len(chunk), info=f"{accepted} accepted")
-    distributed.barrier()
+            bar.update(task, advance=len(chunk), info=f"{accepted} accepted now")
+    distributed.wait_for_all(out, "distill-done")
     return distributed.on_rank0(lambda: _summarize(out, index, meta))
 
 
-def _merge(out: Path, index: dict) -> None:
+def _merge(out: Path, index: dict) -> tuple[list[dict], list[dict]]:
     """The ranks' parts merged into examples.jsonl and attempts.jsonl, in problem order."""
 
     def order(r: dict) -> int:
         return index.get(r["id"], len(index))
 
-    merge_parts(out / EXAMPLES, key=lambda e: (e["id"], e["response"]), order=order)
-    merge_parts(out / ATTEMPTS, key=lambda a: a["id"], order=order)
+    examples = merge_parts(out / EXAMPLES, key=lambda e: (e["id"], e["response"]), order=order)
+    return examples, merge_parts(out / ATTEMPTS, key=lambda a: a["id"], order=order)
+
+
+def _start(out: Path, index: dict) -> tuple[set, list[tuple]]:
+    """(ids of finished problems, (id, response) of the examples of unfinished ones)."""
+    distributed.clear_marks(out, "distill-done")
+    examples, attempts = _merge(out, index)
+    done = {a["id"] for a in attempts}
+    return done, [(e["id"], e["response"]) for e in examples if e["id"] not in done]
 
 
 def _summarize(out: Path, index: dict, meta: dict) -> dict:
     _merge(out, index)
+    distributed.clear_marks(out, "distill-done")
     stats = statistics(read_appended(out / ATTEMPTS), read_appended(out / EXAMPLES))
     atomic_write(out / STATS, json.dumps({**stats, **meta}, indent=2))
     return stats

@@ -67,6 +67,25 @@ def on_rank0(fn):
     return result
 
 
+def wait_for_all(folder: Path, name: str) -> None:
+    """Wait until every rank has finished its share, without a collective: ranks that finish hours
+    apart (a long distillation's last chunks) would outlast the process group's 60-minute timeout
+    in a barrier. Each rank writes FOLDER/.NAME.rankR and polls for all of them (rank 0 deletes them
+    when it merges: `clear_marks`, called before any rank can write one)."""
+    if not dist.is_initialized():
+        return
+    rank, world = rank_world()
+    (folder / f".{name}.rank{rank}").write_text("done")
+    while not all((folder / f".{name}.rank{r}").exists() for r in range(world)):
+        time.sleep(5.0)
+    barrier()  # every rank is here or about to be: a barrier of seconds
+
+
+def clear_marks(folder: Path, name: str) -> None:
+    for mark in folder.glob(f".{name}.rank*"):
+        mark.unlink(missing_ok=True)
+
+
 def check_shared(folder: Path, wait_s: float = 90.0) -> None:
     """Under torchrun every rank reads what rank 0 alone writes (checkpoints, the resolved config,
     the stages before): `folder` must be one filesystem for all of them, which several nodes with
