@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import torch
 
-from npr.tags import TAGS, tag_ids
+from npr.tags import TAGS, missing_tags, tag_ids
 
 
 def _sub_tokens(tokenizer, tag: str) -> list[int]:
@@ -39,8 +39,7 @@ def add_npr_tokens(tokenizer, model=None) -> dict[str, int]:
     the mean of the rows of the tag's ordinary sub-tokens. Idempotent: tags the tokenizer
     already has, with rows the model already has, are left alone.
     """
-    vocab = tokenizer.get_vocab()
-    new = [t for t in TAGS if t not in vocab]
+    new = missing_tags(tokenizer)
     sub = {t: _sub_tokens(tokenizer, t) for t in TAGS}
     if new:
         add_tag_tokens(tokenizer, new)
