@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from npr import grammar, metrics
-from npr.data import atomic_write, load_benchmark, merge_parts, rank_part, read_appended
+from npr.data import atomic_write, load_benchmark, merge_parts, rank_part
 from npr.grading import extract_answer
 from npr.tasks import grade, prompt_ids, read_prompt_file, with_instruction
 
@@ -231,9 +231,8 @@ def _start(out_dir: Path, prov: dict, overwrite: bool) -> set:
 
 
 def _summarize(out_dir: Path, benches: list[str], modes: list[str], plan: list, prov: dict) -> dict:
-    _merge(out_dir, plan=plan)
-    plan = set(plan)
-    results = summarize_run(read_appended(out_dir / SAMPLES), benches, modes, plan) | {"provenance": prov}
+    samples = _merge(out_dir, plan=plan)
+    results = summarize_run(samples, benches, modes, set(plan)) | {"provenance": prov}
     write_outputs(out_dir, results)
     return results
 

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from npr import grammar
-from npr.data import atomic_write, merge_parts, rank_part, read_appended
+from npr.data import atomic_write, merge_parts, rank_part
 from npr.engine import SamplingParams
 from npr.progress import bar as progress_bar
 from npr.tags import tag_ids
@@ -94,11 +94,7 @@ def run_distill(llm, problems: list[dict], out_dir: str | Path, cfg: DistillConf
     done, kept = distributed.on_rank0(lambda: _start(out, index))
     seen = set(kept)  # dedupe across reruns: the accepted answers of problems not marked done
     prior = Counter(pid for pid, _ in kept)  # a problem cut by a crash keeps what it had accepted
-    unique, ids = [], set()
-    for p in problems:
-        if p["id"] not in ids and p["id"] not in done:
-            unique.append(p)
-            ids.add(p["id"])
+    unique = [problems[i] for pid, i in index.items() if pid not in done]  # each id once, first place
     # whole chunks to each rank: the engine decodes the batches one process would
     chunks = [unique[c : c + cfg.chunk] for c in range(0, len(unique), cfg.chunk)][rank::world]
     part_examples, part_attempts = (rank_part(out / name, rank, world) for name in (EXAMPLES, ATTEMPTS))
@@ -162,7 +158,9 @@ def run_distill(llm, problems: list[dict], out_dir: str | Path, cfg: DistillConf
 
 
 def _merge(out: Path, index: dict) -> tuple[list[dict], list[dict]]:
-    """The ranks' parts merged into examples.jsonl and attempts.jsonl, in problem order."""
+    """The ranks' parts merged into examples.jsonl and attempts.jsonl, in problem order (and the
+    ranks' end marks cleared)."""
+    distributed.clear_marks(out, "distill-done")
 
     def order(r: dict) -> int:
         return index.get(r["id"], len(index))
@@ -173,16 +171,14 @@ def _merge(out: Path, index: dict) -> tuple[list[dict], list[dict]]:
 
 def _start(out: Path, index: dict) -> tuple[set, list[tuple]]:
     """(ids of finished problems, (id, response) of the examples of unfinished ones)."""
-    distributed.clear_marks(out, "distill-done")
     examples, attempts = _merge(out, index)
     done = {a["id"] for a in attempts}
     return done, [(e["id"], e["response"]) for e in examples if e["id"] not in done]
 
 
 def _summarize(out: Path, index: dict, meta: dict) -> dict:
-    _merge(out, index)
-    distributed.clear_marks(out, "distill-done")
-    stats = statistics(read_appended(out / ATTEMPTS), read_appended(out / EXAMPLES))
+    examples, attempts = _merge(out, index)
+    stats = statistics(attempts, examples)
     atomic_write(out / STATS, json.dumps({**stats, **meta}, indent=2))
     return stats
 
