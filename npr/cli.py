@@ -13,6 +13,7 @@ import typer
 from npr import grammar, topology
 from npr.engine.params import DEFAULT_TEMPERATURE as TEMPERATURE
 from npr.engine.params import DEFAULT_TOP_P as TOP_P
+from npr.evaluate import CHUNK
 from npr.tags import TAGS
 
 app = typer.Typer(
@@ -419,6 +420,7 @@ def eval_cmd(
     max_path_tokens: int = typer.Option(None, help="Critical-path budget per response."),
     compare_sequential: bool = typer.Option(False, help="Also decode sequentially in the same run; report speedup."),
     enforce: bool = typer.Option(True, help="Mask tag tokens that would break the schema (--no-enforce: raw model)."),
+    batch: int = typer.Option(CHUNK, min=1, help="Samples per engine call (progress is saved after each)."),
     kv_cache_gb: float = typer.Option(None, help="KV pool size."),
     trust_remote_code: bool = typer.Option(False, help="Allow custom model code from the checkpoint."),
     overwrite: bool = typer.Option(False, help="Start afresh in an --out that holds another evaluation (deletes it)."),
@@ -453,7 +455,7 @@ def eval_cmd(
         task = bar.add_task("evaluating", total=None)
         try:
             res = run_eval(llm, benches, out, n, mode, limit, sampling, compare_sequential,
-                           (problem_field, answer_field), overwrite=overwrite, prompt_file=prompt_file,
+                           (problem_field, answer_field), batch=batch, overwrite=overwrite, prompt_file=prompt_file,
                            progress=lambda done, total: bar.update(task, completed=done, total=total))  # fmt: skip
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)

@@ -70,6 +70,7 @@ def sample_record(bench: str, mode: str, problem: dict, j: int, out) -> dict:
 PROVENANCE = "provenance.json"
 SAMPLES = "samples.jsonl"
 OUTPUTS = (SAMPLES, "results.json", "report.md", "accuracy.png", "tokens.png", PROVENANCE)
+LEGACY = ("timing.json",)  # written by earlier versions (wall times are now in the samples)
 
 
 def weights_fingerprint(model) -> str:
@@ -126,7 +127,7 @@ def check_provenance(out_dir: Path, now: dict, overwrite: bool) -> None:
     before = json.loads(path.read_text()) if path.exists() else None
     has_samples = (out_dir / "samples.jsonl").exists()
     if overwrite:
-        for name in OUTPUTS:
+        for name in OUTPUTS + LEGACY:
             (out_dir / name).unlink(missing_ok=True)
     elif has_samples and before != now:
         if before is None:

@@ -132,6 +132,8 @@ def test_eval_refuses_to_mix_models_or_settings_in_one_folder(tmp_path):
     assert (small["problems"], small["samples"], small["k"]) == (1, 1, 1)
     assert small["wall_time_s"] == pytest.approx(whole["wall_time_s"] / 4)  # its share of the chunk's time
     assert "| samples | 1 |" in (out / "report.md").read_text()
+    (out / "timing.json").write_text("{}")  # an earlier version's wall times: stale once the samples are new
     second = run_eval(llms[1], ["countdown"], out, 2, "sequential", 2, sampling, overwrite=True)
     assert second["provenance"]["weights"] != prov["weights"]
     assert len((out / "samples.jsonl").read_text().splitlines()) == 4  # afresh, not appended
+    assert not (out / "timing.json").exists()

@@ -18,7 +18,7 @@ from npr.train.config import load_config
 from npr.train.objectives import batch_advantages, papo_loss
 from npr.train.policy import Policy
 from npr.train.rl import Rollout, _sequence_batch, schema_ok, select_groups, train_rl, train_step
-from npr.train.sft import engine_forced, sft_batch, trained_tokens
+from npr.train.sft import engine_forced, scanned_once, sft_batch, trained_tokens
 
 
 def test_batch_advantages_by_hand_without_drift():
@@ -145,6 +145,12 @@ def test_parallel_sft_masks_the_tokens_rl_masks(parallel_rollouts, tokenizer):
     assert torch.equal(sft_mask, _sequence_batch(rolls, 0, tags)[2])
     plain = sft_batch([[e] for e in examples], tags, 0, False)[2]  # without: every response token
     assert plain.sum() == sum(len(r.out.token_ids) for r in rolls) > sft_mask.sum()
+    # a training step reads each example's forced positions once for its token count and its mask
+    scans = []
+    skip = scanned_once(lambda ids, n: scans.append(n) or forced(ids, n), examples)
+    assert sum(trained_tokens(e, skip) for e in examples) == sft_mask.sum()
+    assert torch.equal(sft_batch([[e] for e in examples], tags, 0, False, skip)[2], sft_mask)
+    assert len(scans) == len(examples)
 
 
 def opt_sched(opt):

@@ -40,6 +40,12 @@ def test_prompt_stream_is_seeded_and_resumable():
     b = Prompts(probs, 3, position=7)
     assert [p["id"] for p in b.take(5)] == first[7:]
     assert sorted(first[:5]) == list(range(5))
+    c = Prompts(probs, 3)
+    c.take(2)
+    c.position = 7  # as a resumed run restores it, after the stream has shuffled an epoch
+    assert [p["id"] for p in c.take(5)] == first[7:]
+    c.position = 1
+    assert [p["id"] for p in c.take(3)] == first[1:4]
 
 
 @pytest.fixture(scope="module")

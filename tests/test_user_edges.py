@@ -215,8 +215,9 @@ def test_trust_remote_code_fetches_the_models_code_from_the_hub(monkeypatch, tmp
 def test_eval_under_torchrun_draws_the_samples_of_one_process(tiny_dir, tmp_path):
     """Two ranks share the samples (per-sample seeds), append to files of their own, and rank 0
     merges them and writes the results: the same samples and accuracy as one process."""
-    args = ["eval", "--model", str(tiny_dir), "--bench", "countdown", "--limit", "3", "-n", "2", "--max-tokens",
-            "24", "--compare-sequential"]  # fmt: skip
+    # batches of 4 of each mode's 12 samples: 6 batches, dealt to the ranks in turn
+    args = ["eval", "--model", str(tiny_dir), "--bench", "countdown", "--limit", "3", "-n", "4", "--max-tokens",
+            "24", "--compare-sequential", "--batch", "4"]  # fmt: skip
     one = npr(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
     torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29539", "-m", "npr"]
@@ -229,7 +230,7 @@ def test_eval_under_torchrun_draws_the_samples_of_one_process(tiny_dir, tmp_path
         rows = [json.loads(x) for x in (folder / "samples.jsonl").read_text().splitlines()]
         return [{k: v for k, v in r.items() if k not in ("wall_time", "batch_seconds")} for r in rows]
 
-    assert samples(tmp_path / "two") == samples(tmp_path / "one") and len(samples(tmp_path / "one")) == 12
+    assert samples(tmp_path / "two") == samples(tmp_path / "one") and len(samples(tmp_path / "one")) == 24
     res = [json.loads((tmp_path / f / "results.json").read_text())["benchmarks"]["countdown"] for f in ("one", "two")]
     for mode in ("parallel", "sequential"):
         assert res[0][mode]["avg@k"] == res[1][mode]["avg@k"] and res[1][mode]["wall_time_s"] > 0

@@ -30,14 +30,16 @@ class Stream:
 
     def __init__(self, items: list, seed: int, position: int = 0):
         self.items, self.seed, self.position = items, seed, position
+        self._epoch, self._order = -1, []
 
     def take(self, n: int) -> list:
         out = []
         for _ in range(n):
             epoch, i = divmod(self.position, len(self.items))
-            order = list(range(len(self.items)))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            out.append(self.items[order[i]])
+            if epoch != self._epoch:  # one shuffle per epoch, a function of (seed, epoch) alone
+                self._epoch, self._order = epoch, list(range(len(self.items)))
+                random.Random(self.seed * 1_000_003 + epoch).shuffle(self._order)
+            out.append(self.items[self._order[i]])
             self.position += 1
         return out
 

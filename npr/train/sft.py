@@ -137,6 +137,16 @@ def trained_tokens(example: Example, forced: Forced | None) -> int:
     return len(ids) - n - (len(forced(ids, n)) if forced else 0)
 
 
+def scanned_once(forced: Forced | None, batch: list[Example]) -> Forced | None:
+    """`forced` with its positions read once per example of `batch` (the token count of the
+    whole batch and this rank's loss mask both need them; a scan is a Python pass over
+    every response token)."""
+    if forced is None:
+        return None
+    positions = {id(ids): forced(ids, n) for ids, n in batch}
+    return lambda ids, n: positions[id(ids)]
+
+
 def response_mask(rows: list[list[Example]], width: int, forced: Forced | None = None) -> torch.Tensor:
     """Loss mask [B, width-1] over packed rows: 1 where the next token is a response token (and
     not one of `forced`'s)."""
@@ -211,9 +221,10 @@ def train_sft(cfg: Config, resume: bool = False, progress: bool = True, overwrit
         for step in range(start, total_steps):
             t0 = time.perf_counter()
             batch = stream.take(s.batch_size)  # the same on every rank; each trains its share
-            total = sum(trained_tokens(e, forced) for e in batch)  # trained tokens of the whole batch
+            skip = scanned_once(forced, batch)
+            total = sum(trained_tokens(e, skip) for e in batch)  # trained tokens of the whole batch
             rows = pack(batch[rank::world], s.packing, s.max_length)
-            loss_sum, norm = sft_step(policy, opt, sched, cfg, rows, total, tags, pad, forced)
+            loss_sum, norm = sft_step(policy, opt, sched, cfg, rows, total, tags, pad, skip)
             m = {
                 "step": step + 1,
                 "loss": loss_sum / total,
