@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from npr.bench import bias_tags  # noqa: F401 (the tests import it from here)
 from npr.tokens import add_npr_tokens
+
+
+def torchrun(procs: int = 2) -> list[str]:
+    """The command that starts `procs` local ranks, its rendezvous on a port the system picks:
+    a fixed port can still be held by another run's store (or another program) on the machine."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs)]
+
 
 CORPUS = [
     "the plan is a step and a guideline with a takeaway",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, torchrun
 
 from npr import rewards
 from npr.train.config import load_config
@@ -225,11 +225,10 @@ def _run(procs: int | None, *args: str, ok: bool = True):
     from pathlib import Path
 
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1")
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(procs), "--master_port", "29535"]
-    launch = [sys.executable] if procs is None else torchrun
+    launch = [sys.executable] if procs is None else torchrun(procs)
     r = subprocess.run([*launch, "-m", "npr", "train", "rl", *args], env=env, capture_output=True, text=True,
                        timeout=600)  # fmt: skip
-    assert r.returncode == 0 or not ok, r.stderr[-3000:]
+    assert r.returncode == 0 or not ok, r.stdout[-2000:] + r.stderr[-3000:]
     return r
 
 

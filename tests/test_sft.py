@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_model
+from conftest import make_model, torchrun
 
 from npr import grammar
 from npr.modeling import topology_forward
@@ -140,7 +140,6 @@ def test_distill_under_torchrun_writes_what_one_process_writes(tok, tmp_path):
     order; a run cut with parts left behind resumes in one process with nothing lost or doubled."""
     import os
     import subprocess
-    import sys
     from pathlib import Path
 
     ps = problems(7)
@@ -148,9 +147,8 @@ def test_distill_under_torchrun_writes_what_one_process_writes(tok, tmp_path):
     one = run_distill(_scripted(tok, ps, distill_script(ps)), ps, tmp_path / "one", cfg, progress=False)
     (tmp_path / "worker.py").write_text(DISTILL_WORKER)
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1")
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                        "29537", str(tmp_path / "worker.py"), str(tmp_path / "two")], env=env, capture_output=True,
-                       text=True, timeout=300)  # fmt: skip
+    r = subprocess.run([*torchrun(2), str(tmp_path / "worker.py"), str(tmp_path / "two")], env=env,
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     read = lambda folder, name: [json.loads(x) for x in (folder / name).read_text().splitlines()]  # noqa: E731
     for name in ("examples.jsonl", "attempts.jsonl"):

@@ -9,6 +9,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+from conftest import torchrun
 
 from npr.engine import SamplingParams
 
@@ -220,8 +221,8 @@ def test_eval_under_torchrun_draws_the_samples_of_one_process(tiny_dir, tmp_path
             "24", "--compare-sequential", "--batch", "4"]  # fmt: skip
     one = npr(*args, "--out", str(tmp_path / "one"))
     assert one.returncode == 0, one.stderr
-    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29539", "-m", "npr"]
-    two = subprocess.run([sys.executable, *torchrun, *args, "--out", str(tmp_path / "two")], capture_output=True,
+    ranks = [*torchrun(2), "-m", "npr"]
+    two = subprocess.run([*ranks, *args, "--out", str(tmp_path / "two")], capture_output=True,
                          text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("# NPR evaluation") == 1  # rank 0 reports
@@ -237,6 +238,6 @@ def test_eval_under_torchrun_draws_the_samples_of_one_process(tiny_dir, tmp_path
     assert not list((tmp_path / "two").glob("*.rank*")) and not list((tmp_path / "two").glob(".*rank*"))
     # rank 0's refusal (another evaluation's folder) stops both ranks, neither waits in a collective
     other = [*(("20" if a == "24" else a) for a in args), "--out", str(tmp_path / "two")]  # --max-tokens 20
-    r = subprocess.run([sys.executable, *torchrun, *other], capture_output=True, text=True, timeout=300,
+    r = subprocess.run([*ranks, *other], capture_output=True, text=True, timeout=300,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
     assert r.returncode != 0 and r.stderr.count("holds results of another evaluation") >= 2, r.stderr[-3000:]
