@@ -195,6 +195,42 @@ def test_a_preempted_request_resumes_with_the_tokens_it_had_chosen(tok, biased, 
     assert llm.pool.free_pages == llm.pool.num_pages
 
 
+def test_a_preempted_request_writes_its_tokens_back_in_chunks(tok, biased, monkeypatch):
+    """Coming back after a preemption, a request computes the tokens it had decoded a chunk at a
+    time (up to each next tag), not one a step, and ends as it would have without the preemption,
+    log-probs included (those of the tokens written back are the ones recorded the first time)."""
+    from npr.engine.request import Request
+
+    sp = [SamplingParams(max_tokens=160, seed=s, max_plans=2) for s in range(6)]
+    prompts = (PROMPTS * 2)[:6]
+    big = LLM(biased, tok, num_pages=1024, page_size=4).generate(prompts, sp)
+    llm = LLM(biased, tok, num_pages=48, page_size=4)
+    reset, back = Request.reset, {}  # request id -> [tokens to write back, tags among them, steps taken]
+
+    def preempt(req):
+        toks = [t for r in req.runs for t in r.tokens[r.offset :]]
+        back[req.id] = [len(toks), sum(t in llm.scheduler.tag_of for t in toks), None]
+        reset(req)
+
+    monkeypatch.setattr(Request, "reset", preempt)
+    ids = [llm.add_request(p, s) for p, s in zip(prompts, sp)]
+    while llm.has_work():
+        llm.step()
+        for r in llm.scheduler.running:  # count the steps until it holds its tokens again
+            if r.id in back and back[r.id][2] is None:
+                back[r.id][2] = 0
+            if r.id in back and r.total < back[r.id][0]:
+                back[r.id][2] += 1
+    long = [b for b in back.values() if b[0] >= 40]
+    assert long  # the pool was too small for requests of some length
+    for n, tags, steps in long:  # about a step per tag (each is sampled); not one per token
+        assert steps <= tags + 4 < n, (n, tags, steps)
+    for i, a in zip(ids, big):
+        o = llm.completion(i)
+        assert o.token_ids == a.token_ids and o.finish_reason == a.finish_reason
+        assert max(abs(x - y) for x, y in zip(o.logprobs, a.logprobs)) < 1e-4
+
+
 def test_pool_too_small_for_one_request_aborts_cleanly(tok, biased):
     llm = LLM(biased, tok, num_pages=3, page_size=2)
     o = llm.generate(["Let us try small cases first and compare both results"], SamplingParams(seed=0))[0]
@@ -375,8 +411,10 @@ def _left_out(llm: LLM) -> list[tuple[int, int, bool]]:
     schedule = sched.schedule
 
     def checked():
-        branches = [b for r in sched.running for b in r.branches]
-        decoding = {b for b in branches if not b.done and b.pending == 1}
+        # decoding: one token to compute, as every live branch of its request (a request coming back
+        # from a preemption computes chunks of its earlier tokens, as a prompt does)
+        decoding = {b for r in sched.running for b in r.branches if not b.done and b.pending == 1
+                    and all(c.pending <= 1 for c in r.branches if not c.done)}  # fmt: skip
         work = schedule()
         out = decoding - {b for b, _ in work}
         split = any(b.req is c.req for b in out for c in decoding - out)  # part of a request left out

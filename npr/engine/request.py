@@ -80,6 +80,7 @@ class Request:
     seed: int
     replay: list[list[int]] | None = None  # per-run token targets instead of sampling (benchmarks, tests)
     resumed: bool = False  # `replay` holds the tokens decoded before a preemption: it samples past them
+    replay_logprobs: list[list[float]] | None = None  # (resumed) the log-probs recorded with those tokens
     runs: list[Run] = field(default_factory=list)
     branches: list[Branch] = field(default_factory=list)
     blocks: list[Block] = field(default_factory=list)
@@ -100,6 +101,7 @@ class Request:
         not, and a client may already hold them (a stream)."""
         if self.replay is None or self.resumed:
             self.replay, self.resumed = [run.tokens[run.offset :] for run in self.runs], True
+            self.replay_logprobs = [run.logprobs[run.offset :] for run in self.runs]
         self.runs, self.branches, self.blocks = [], [], []
         self.total = self.max_path = 0
         self.refused = Counter()

@@ -193,6 +193,8 @@ class Scheduler:
         for b, tok, lp, target in zip(sampled, toks, lps, targets):
             if not b.dropped and b.req.finish_reason is None:
                 self._accept(b, tok, lp, target == -1)
+                if target is not None and b.req.resumed:
+                    self._write_ahead(b)
         for b, _ in work:  # the flushed branches come first; the first with a token pending ends them
             if b.pending:
                 break
@@ -215,6 +217,23 @@ class Scheduler:
             target = run.target = replay[run.index] if run.index < len(replay) else []
         j = len(run.tokens) - run.offset
         return target[j] if j < len(target) else None if b.req.resumed else -1
+
+    def _write_ahead(self, b: Branch) -> None:
+        """A request resuming after a preemption writes the tokens it had decoded, up to its run's
+        next tag, at once, with the log-probs recorded for them: the next step computes them as a
+        chunk, as it does a prompt. One a step, a request preempted at 20k tokens would take 20k
+        steps (minutes) to come back. Tags still come one a step, as sampled replay targets, so
+        forks, joins and step ends happen where they did, and a branch that ends (`done`) never
+        has more than its last token to compute. Each token goes through `_accept`: it cannot
+        stop the request or exceed a budget, since the request had accepted it before."""
+        run, req = b.run, b.req
+        target, logprobs = run.target, req.replay_logprobs[run.index]
+        j = start = len(run.tokens) - run.offset
+        while j < len(target) and target[j] not in self.tag_of and not b.done and req.finish_reason is None:
+            self._accept(b, target[j], logprobs[j], False)
+            j += 1
+        if j > start:
+            self._steady = None  # its next step computes more than one token
 
     def block_fits(self, b: Branch) -> bool:
         """Whether a minimal block still fits both budgets (counted once as a refusal when not)."""
