@@ -110,3 +110,5 @@ def test_bf16_output_head_gradient_sums_its_chunks_in_fp32():
     assert head.weight.grad.dtype == torch.bfloat16
     err = float((head.weight.grad.double() - exact.grad).norm() / exact.grad.norm())
     assert err < 0.005, err
+    with torch.no_grad():  # the old policy's log-probs: no fp32 copy of the weight, the same values
+        assert torch.equal(TokenStatsHead(head, targets, chunk=16)(hidden), out.detach())

@@ -47,6 +47,7 @@ def load_examples(source: str | Path, tokenizer, limit: int | None = None, layou
     made = json.loads(stats.read_text()).get("tag_ids") if stats.is_file() else None
     tags = tag_ids(tokenizer)
     reuse = made == tags
+    vocab = len(tokenizer)  # once: some tokenizers build their whole vocabulary to count it
     out = []
     for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -62,9 +63,9 @@ def load_examples(source: str | Path, tokenizer, limit: int | None = None, layou
             raise ValueError(f"{file}:{n}: bad example ({type(err).__name__}: {err})") from None
         if not response:
             raise ValueError(f"{file}:{n}: empty response")
-        bad = [i for i in prompt + response if not 0 <= i < len(tokenizer)]
+        bad = [i for i in prompt + response if not 0 <= i < vocab]
         if bad:
-            raise ValueError(f"{file}:{n}: token id {bad[0]} outside the vocabulary ({len(tokenizer)})")
+            raise ValueError(f"{file}:{n}: token id {bad[0]} outside the vocabulary ({vocab})")
         out.append((prompt + response, len(prompt)))
         if limit and len(out) >= limit:
             break
