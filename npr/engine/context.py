@@ -86,7 +86,7 @@ class ContextTable:
 
     def seen_rows(self, rows: list[int]) -> torch.Tensor:
         """[len(rows), vocab] bool: the tokens each row's own run has written."""
-        return self.seen[torch.tensor(rows, device=self.device), : self.vocab]
+        return self.seen[int64_rows(self.device, rows)[0], : self.vocab]
 
 
 def _widen(t: torch.Tensor, cols: int) -> torch.Tensor:

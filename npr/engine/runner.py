@@ -121,7 +121,7 @@ class ModelRunner:
         attention.STATE.pool = self.pool
         if self.kernel == "flex":  # sharing only ever reads less here: every block of siblings shares
             shared = [(blk.prefix_len, m) for (blk, n), m in siblings.items() if n == 1 and len(m) > 1]
-            attention.STATE.batch = self._flex_buckets(slot_t, sizes, group_rows, shared)
+            attention.STATE.batch = self._flex_buckets(slot_t, sizes, groups[2], group_rows, shared)
         else:
             shared = [(blk.prefix_len, m) for (blk, _), m in siblings.items() if _share(blk.prefix_len, m, lengths)]
             go_on = self._stage_for is not None and self._stage_for[0] is work and self._stage_for[1] == shared
@@ -134,7 +134,7 @@ class ModelRunner:
         try:
             with torch.inference_mode():
                 out = self.body(input_ids=ids_t[None], position_ids=pos_t[None], use_cache=False)
-                at = slice(None) if len(last) == len(ids) else torch.tensor(last, dtype=torch.int64, device=dev)
+                at = slice(None) if len(last) == len(ids) else int64_rows(dev, last)[0]  # (no sync: non-blocking)
                 hidden = out.last_hidden_state[0, at]
                 return self.head(hidden).float()
         finally:
@@ -169,7 +169,7 @@ class ModelRunner:
         starts = torch.cumsum(size_t, 0) - size_t
         for n in distinct:
             members = [g for g in (range(len(sizes)) if keep is None else keep) if sizes[g] == n]
-            idx = torch.tensor(members, device=self.device)
+            idx = int64_rows(self.device, members)[0]
             yield n, members, idx, starts[idx][:, None] + torch.arange(n, device=self.device)[None, :]
 
     def _buckets(
@@ -305,7 +305,9 @@ class ModelRunner:
         mine = self.table.slots[rows[:, None, :], cols[:, :, None]]  # [B, own, k]
         return torch.cat([self.table.slots[rows[:, 0], :most_prefix], mine.flatten(1)], 1)
 
-    def _flex_buckets(self, slot_mapping, sizes: list[int], group_rows: list[int], shared: list) -> attention.Batch:
+    def _flex_buckets(
+        self, slot_mapping, sizes: list[int], n_all: torch.Tensor, group_rows: list[int], shared: list
+    ) -> attention.Batch:
         """Block masks over the pool's pages: a group sees the written slots of its context's pages.
         The decoding steps of a block in `shared` ((prefix length, groups)) attend as one group."""
         from torch.nn.attention.flex_attention import BlockMask
@@ -315,9 +317,9 @@ class ModelRunner:
         fresh = torch.where(off == 0, page, self.pool.num_pages)  # written from its first slot: a fresh page
         self.fill[fresh] = 0
         self.fill.scatter_reduce_(0, page, off + 1, "amax")
-        n_all = torch.tensor(sizes, device=dev)
-        starts = torch.cumsum(n_all, 0) - n_all
-        group = torch.repeat_interleave(torch.arange(len(sizes), device=dev), n_all)
+        starts = torch.cumsum(n_all, 0) - n_all  # (`n_all`: `sizes` on the device)
+        # the output size given: else a GPU reads the repeats' sum back (a sync)
+        group = torch.repeat_interleave(torch.arange(len(sizes), device=dev), n_all, output_size=len(slot_mapping))
         self.new_group[slot_mapping] = group
         self.new_pos[slot_mapping] = torch.arange(len(slot_mapping), device=dev) - starts[group]
         fill, new_group, new_pos, slots = self.fill, self.new_group, self.new_pos, self.pool.num_pages * ps
@@ -371,8 +373,8 @@ class ModelRunner:
         mask_mod over the whole pool)."""
         dev, sink = self.device, self.pool.num_pages
         width = max(self.table.npages[r] for r in rows)
-        num = torch.tensor([self.table.npages[r] for r in rows], dtype=torch.int64, device=dev)
-        pages = self.table.pages[torch.tensor(rows, device=dev), :width]
+        num, at = int64_rows(dev, [self.table.npages[r] for r in rows], rows)
+        pages = self.table.pages[at, :width]
         listed = torch.arange(width, device=dev)[None, :] < num[:, None]
         sees = torch.zeros(len(rows), sink + 1, dtype=torch.bool, device=dev)
         return pages, listed, sees.scatter_(1, torch.where(listed, pages, sink), True)

@@ -179,7 +179,7 @@ def _transfer(logp, tok, extra=()) -> list[list]:
 
 
 def _at(rows: list[int] | None, dev) -> torch.Tensor | slice:
-    return slice(None) if rows is None else torch.tensor(rows, device=dev)
+    return slice(None) if rows is None else int64_rows(dev, rows)[0]
 
 
 def _choose(
