@@ -626,7 +626,8 @@ def test_sibling_steps_share_their_prefix_gather(tok, biased, monkeypatch):
 
 def _hidden_syncs(llm: LLM, n: int, tok) -> float:
     """Device->host synchronisations per step that are not the sampler's one transfer: reads of a
-    tensor's value (item, int, float) and data-dependent shapes (nonzero, boolean indexing)."""
+    tensor's value (item, int, float), data-dependent shapes (nonzero, boolean indexing) and
+    repeat_interleave without its output size (a GPU reads the repeats' sum back)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     aten = torch.ops.aten
@@ -638,6 +639,8 @@ def _hidden_syncs(llm: LLM, n: int, tok) -> float:
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             indices = args[1] if func in (aten.index.Tensor, aten.index_put_.default, aten.index_put.default) else []
             if func in data_dependent or any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices):
+                Count.hits += 1
+            if func is aten.repeat_interleave.Tensor and (kwargs or {}).get("output_size") is None:
                 Count.hits += 1
             return func(*args, **(kwargs or {}))
 
