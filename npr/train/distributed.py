@@ -3,6 +3,7 @@ summing gradients."""
 
 from __future__ import annotations
 
+import atexit
 import os
 import secrets
 import time
@@ -23,7 +24,17 @@ def init() -> tuple[int, int]:
         # ranks wait in a barrier while rank 0 writes a checkpoint (tens of GB for a 4B model's full
         # state on shared storage): more than the default 10 minutes must not kill the run
         dist.init_process_group(backend, timeout=timedelta(minutes=60))
+        atexit.register(_leave)
     return rank_world()
+
+
+def _leave() -> None:
+    """Leave the process group before the interpreter shuts down. Left to the interpreter's own
+    teardown, a gloo rank whose peer has already exited aborts (SIGABRT, "terminate called without
+    an active exception") after all its work is done, and torchrun then reports the run as failed:
+    2 of 12 two-rank runs of a broadcast and exit did here, none of 16 with this."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def rank_world() -> tuple[int, int]:
