@@ -125,7 +125,7 @@ def check_provenance(out_dir: Path, now: dict, overwrite: bool) -> None:
     """Refuse to mix samples of another model or other settings into `out_dir` (or clear it)."""
     path = out_dir / PROVENANCE
     before = json.loads(path.read_text()) if path.exists() else None
-    has_samples = (out_dir / "samples.jsonl").exists()
+    has_samples = (out_dir / SAMPLES).exists()
     if overwrite:
         for name in OUTPUTS + LEGACY:
             (out_dir / name).unlink(missing_ok=True)

@@ -125,12 +125,13 @@ class TokenStatsHead(torch.nn.Module):
         B, L, H = hidden.shape
         flat, targets = hidden.reshape(B * L, H), self.targets.reshape(B * L)
         weight, bias = self.head.weight, getattr(self.head, "bias", None)
-        if weight.dtype in (torch.bfloat16, torch.float16) and torch.is_grad_enabled():
+        if weight.dtype in (torch.bfloat16, torch.float16) and weight.requires_grad and torch.is_grad_enabled():
             # The chunks' weight gradients are summed where the weight fans out: in its own dtype,
             # ~30 bf16 roundings at 30k tokens. Fanning out from an fp32 copy sums them in fp32
             # (each chunk casts back inside its checkpoint, so no 16-bit copy outlives its chunk).
-            # Without gradients (the old policy's log-probs) the chunks use the weight as it is:
-            # the same values, without a 1.6 GB fp32 copy of Qwen3-4B's head.
+            # Without a weight gradient (the old policy's log-probs, a frozen head under LoRA) the
+            # chunks use the weight as it is: the same values, without a 1.6 GB fp32 copy of
+            # Qwen3-4B's head.
             weight = weight.float()
         parts = [
             checkpoint(

@@ -112,3 +112,5 @@ def test_bf16_output_head_gradient_sums_its_chunks_in_fp32():
     assert err < 0.005, err
     with torch.no_grad():  # the old policy's log-probs: no fp32 copy of the weight, the same values
         assert torch.equal(TokenStatsHead(head, targets, chunk=16)(hidden), out.detach())
+    head.weight.requires_grad_(False)  # a frozen head (LoRA): no copy either, the same values
+    assert torch.equal(TokenStatsHead(head, targets, chunk=16)(hidden.requires_grad_()).detach(), out.detach())

@@ -372,8 +372,9 @@ class ModelRunner:
         them for the fused kernel, and the mask_mod checks them too (the eager fallback evaluates
         mask_mod over the whole pool)."""
         dev, sink = self.device, self.pool.num_pages
-        width = max(self.table.npages[r] for r in rows)
-        num, at = int64_rows(dev, [self.table.npages[r] for r in rows], rows)
+        counts = [self.table.npages[r] for r in rows]
+        width = max(counts)
+        num, at = int64_rows(dev, counts, rows)
         pages = self.table.pages[at, :width]
         listed = torch.arange(width, device=dev)[None, :] < num[:, None]
         sees = torch.zeros(len(rows), sink + 1, dtype=torch.bool, device=dev)
