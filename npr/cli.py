@@ -617,6 +617,11 @@ def pipeline(
 
 def main() -> None:
     from npr.progress import quiet_libraries
+    from npr.train import distributed
 
     quiet_libraries()  # the commands draw their own progress
-    app()
+    try:
+        app()
+    except SystemExit as e:  # every command ends here (click's standalone mode)
+        distributed.end(e.code)  # under torchrun: exits without the interpreter's teardown
+        raise

@@ -6,6 +6,7 @@ from __future__ import annotations
 import atexit
 import os
 import secrets
+import sys
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -35,6 +36,24 @@ def _leave() -> None:
     2 of 12 two-rank runs of a broadcast and exit did here, none of 16 with this."""
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end(code) -> None:
+    """End a torchrun rank whose command has returned (`code`: sys.exit's argument) without the
+    interpreter's finalisation: the exit handlers run (leaving the process group, stopping the
+    grader, flushing logs), then the process exits. Even after `_leave`, finalisation could still
+    abort a rank while its peer left the group at the same moment (1 of 8 two-rank RL runs, the
+    ranks' objects freed in no set order); a rank that has written everything has nothing left for
+    it to do. Returns at once outside a process group."""
+    if not dist.is_initialized():
+        return
+    atexit._run_exitfuncs()  # the handlers a normal exit would run (the module has no public name for it)
+    status = code if isinstance(code, int) else 0 if code is None else 1
+    if not isinstance(code, int | None):
+        print(code, file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
 
 
 def rank_world() -> tuple[int, int]:
